@@ -1,0 +1,1 @@
+"""graft: adapt pretrained image models to your own images."""

@@ -1,0 +1,25 @@
+"""User-facing errors: each says what is wrong and how to fix it.
+
+The CLI prints any ``GraftError`` as one or two sentences on stderr (no traceback unless
+``--debug``). Anything else escaping is a bug in graft.
+"""
+
+
+class GraftError(Exception):
+    """A problem the user can fix (bad input, bad config, missing file)."""
+
+
+class ConfigError(GraftError):
+    """A config key that is unknown, has the wrong type, or conflicts with another."""
+
+
+class DataError(GraftError):
+    """A dataset folder, class folder or image file that cannot be used."""
+
+
+class WeightsError(GraftError):
+    """Weights that cannot be loaded into the requested model."""
+
+
+class SnapshotError(GraftError):
+    """A snapshot or finished run that cannot be resumed or loaded."""
