@@ -1,1 +1,3 @@
 """graft: adapt pretrained image models to your own images."""
+
+__version__ = "0.1.0"

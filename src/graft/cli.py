@@ -1,0 +1,240 @@
+"""``graft``: the command line, a thin layer over the Python API.
+
+Exit status: 0 success; 1 an unexpected error (a bug: rerun with --debug for the traceback);
+2 a usage, config or data error (the message says what to fix); 130 interrupted (a resumable
+snapshot was written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from graft import __version__
+from graft.errors import GraftError
+
+# Flags of `graft train` that set a config key (flag dest -> key).
+TRAIN_FLAGS = {
+    "data": "data.dir",
+    "model": "model.name",
+    "weights": "model.weights",
+    "strategy": "train.strategy",
+    "epochs": "train.epochs",
+    "fine_tune_epochs": "train.fine_tune_epochs",
+    "fine_tune_at": "train.fine_tune_at",
+    "img_size": "data.img_size",
+    "batch_size": "solver.batch_size",
+    "seed": "solver.seed",
+    "augment": "data.augment",
+    "device": "train.device",
+}
+
+
+def _layer(value: str) -> int | str:
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graft", description="Adapt pretrained image models to your own images.")
+    parser.add_argument("--version", action="version", version=f"graft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+
+    t = sub.add_parser("train", help="train a classifier on a folder of images", description="Train a classifier: two-phase transfer learning by default.")
+    t.add_argument("--data", metavar="DIR", help="folder of class folders, or of train/ val/ test/ folders")
+    t.add_argument("--out", metavar="RUNDIR", help="run folder to write (with --resume: default is the snapshot's run)")
+    t.add_argument("--config", metavar="FILE", help="YAML config (see examples/)")
+    t.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override a config key, e.g. solver.base_lr=0.001 (repeatable)")
+    t.add_argument("--model", metavar="NAME", help="timm backbone name (default tf_efficientnet_lite0)")
+    t.add_argument("--weights", metavar="PATH", help="start from these weights: bundled, hub, none, a file, or a run folder")
+    t.add_argument("--resume", metavar="SNAPSHOT", help="continue a run exactly from a snapshot (e.g. RUNDIR/snapshots/last)")
+    t.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
+    t.add_argument("--epochs", type=int, metavar="N", help="epochs of the first (frozen-base) phase, or of the only phase")
+    t.add_argument("--fine-tune-epochs", type=int, metavar="M", help="epochs of the fine-tuning phase of two-phase")
+    t.add_argument("--fine-tune-at", type=_layer, metavar="LAYER", help="first layer that learns when fine-tuning: index or name (see graft plan)")
+    t.add_argument("--img-size", type=int, metavar="S")
+    t.add_argument("--batch-size", type=int, metavar="B")
+    t.add_argument("--seed", type=int, metavar="K")
+    t.add_argument("--augment", choices=["none", "flip-rotate", "strong"])
+    t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps")
+    t.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in RUNDIR")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    common(t)
+
+    e = sub.add_parser("eval", help="evaluate a finished run on a labelled folder", description="Print JSON metrics of a finished run on a folder of class folders.")
+    e.add_argument("run", metavar="RUNDIR")
+    e.add_argument("--data", metavar="DIR", required=True, help="folder of class folders named like the model's classes")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--strict", action="store_true")
+    e.add_argument("--out", metavar="FILE", help="also write the JSON here")
+    common(e)
+
+    p = sub.add_parser("predict", help="classify new images", description="Classify image files or folders of images with a finished run.")
+    p.add_argument("run", metavar="RUNDIR")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    common(p)
+
+    pl = sub.add_parser("plan", help="show what learns, at which rate, before training", description="Print the phases, layers and parameter groups a config would train.")
+    pl.add_argument("--config", metavar="FILE")
+    pl.add_argument("--set", metavar="KEY=VALUE", action="append", default=[])
+    pl.add_argument("--model", metavar="NAME")
+    pl.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
+    pl.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
+    pl.add_argument("--classes", type=int, default=None, metavar="K", help="number of classes (default: from --data or 2)")
+    pl.add_argument("--data", metavar="DIR", help="count classes from this folder")
+    pl.add_argument("--layers", action="store_true", help="list every backbone layer with its index")
+    pl.add_argument("--format", choices=["text", "json"], default="text")
+    common(pl)
+
+    d = sub.add_parser("demo", help="fine-tune the bundled EfficientNet-Lite0 on real photos (no download)", description="Build a small texture dataset from photos scikit-image ships and run the two-phase recipe on it.")
+    d.add_argument("--out", metavar="RUNDIR", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--fine-tune-epochs", type=int, default=None)
+    d.add_argument("--quiet", action="store_true")
+    common(d)
+    return parser
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from graft.config import resolve_config
+    from graft.train.runner import train
+
+    flags = {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()}
+    if args.strict:
+        flags["data.strict"] = True
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in TRAIN_FLAGS and k != "data" and v is not None]
+        if args.weights:
+            raise GraftError("give either --weights (start from weights with a fresh solver) or --resume (continue a snapshot exactly), not both")
+        if args.config or args.set or given or args.strict:
+            extra = ([" --config"] if args.config else []) + (["--set"] if args.set else []) + given
+            raise GraftError(
+                f"--resume continues the snapshot's run with its saved config, so {', '.join(x.strip() for x in extra)} cannot be changed; "
+                "to train with other settings start from its weights: --weights SNAPSHOT"
+            )
+        train(None, args.out, resume=args.resume, data_dir=args.data, quiet=args.quiet)
+        return 0
+    cfg = resolve_config(args.config, args.set, flags)
+    train(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from graft.io import write_json
+    from graft.predict import load_run
+
+    run = load_run(args.run, device=args.device)
+    metrics = run.evaluate(args.data, batch_size=args.batch_size, strict=args.strict)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        write_json(args.out, metrics)
+    print(text)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from graft.predict import load_run
+
+    for item in args.inputs:
+        if not os.path.exists(item):
+            raise GraftError(f"no such file or folder: {item}")
+    run = load_run(args.run, device=args.device)
+    preds = run.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    if not preds:
+        raise GraftError(f"no image files found in {', '.join(args.inputs)}")
+    k = max(1, min(args.top_k, len(run.classes)))
+    if args.format == "json":
+        print(json.dumps([{"path": p.path, "predictions": [{"class": c, "probability": round(v, 6)} for c, v in p.top], "error": p.error} for p in preds], indent=2))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path"] + [f"{x}{i}" for i in range(1, k + 1) for x in ("class", "prob")] + ["error"])
+        for p in preds:
+            cells = [c for cv in p.top for c in (cv[0], f"{cv[1]:.6f}")]
+            w.writerow([p.path] + cells + [""] * (2 * k - len(cells)) + [p.error or ""])
+        sys.stdout.write(buf.getvalue())
+    else:
+        width = max(len(p.path) for p in preds)
+        for p in preds:
+            body = "ERROR " + p.error if p.error else "  ".join(f"{c} {100 * v:5.1f}%" for c, v in p.top)
+            print(f"{p.path:<{width}}  {body}")
+    failed = [p for p in preds if p.error]
+    if failed:
+        print(f"error: {len(failed)} of {len(preds)} file(s) could not be read (e.g. {failed[0].error})", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from graft.config import resolve_config
+    from graft.plan import describe_plan, format_plan
+
+    flags = {"model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data}
+    cfg = resolve_config(args.config, args.set, flags)
+    plan = describe_plan(cfg, num_classes=args.classes)
+    print(json.dumps(plan, indent=2) if args.format == "json" else format_plan(plan, layers=args.layers))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from graft.demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, quiet=args.quiet)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = getattr(args, "debug", False) or os.environ.get("GRAFT_DEBUG") == "1"
+    from graft.train.loop import Interrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except Interrupted as stop:
+        print(f"interrupted: a resumable snapshot is at {stop.snapshot}; continue with: graft train --resume {stop.snapshot}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except GraftError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a bug, or a failure graft did not anticipate
+        if debug:
+            raise
+        print(f"error: unexpected {type(err).__name__}: {str(err)[:300]} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The run config: typed, validated strictly, saved resolved with every run.
+
+Sections follow Caffe's split between the net (``model``) and the solver (``solver``), with
+``data`` and ``train`` (the transfer-learning recipe) beside them. Solver keys use Caffe's names
+where Caffe has one (``base_lr``, ``lr_policy``, ``gamma``, ``stepsize``, ``stepvalue``,
+``momentum``, ``weight_decay``, ``max_iter``, ``snapshot``, ``snapshot_prefix``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from graft.errors import ConfigError
+
+AugmentPreset = Literal["none", "flip-rotate", "strong"]
+Strategy = Literal["feature-extract", "fine-tune", "two-phase"]
+Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
+LRPolicy = Literal["fixed", "step", "multistep", "cosine", "one-cycle", "plateau"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dir: str | None = Field(None, description="Folder of class folders, or of train/val/test folders.")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Share of each class held out for validation when there is no val/ folder.")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of each class held out for the final test when there is no test/ folder.")
+    img_size: int | None = Field(None, ge=16, le=4096, description="Input size in pixels; default: the backbone's.")
+    mean: tuple[float, float, float] | None = Field(None, description="Normalisation mean; default: the backbone's.")
+    std: tuple[float, float, float] | None = Field(None, description="Normalisation std; default: the backbone's.")
+    interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(None, description="Resize interpolation; default: the backbone's.")
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="Evaluation centre-crop fraction; default: the backbone's.")
+    augment: AugmentPreset = Field("flip-rotate", description="none | flip-rotate (the Keras tutorial's) | strong (random-resized-crop, flip, colour jitter).")
+    hflip: bool | None = Field(None, description="Override the preset: random horizontal flip.")
+    vflip: bool | None = Field(None, description="Override the preset: random vertical flip.")
+    rotation: float | None = Field(None, ge=0.0, le=180.0, description="Override the preset: max rotation in degrees.")
+    crop_scale: tuple[float, float] | None = Field(None, description="Override the preset: random-resized-crop area range, e.g. [0.35, 1.0].")
+    color_jitter: float | None = Field(None, ge=0.0, le=1.0, description="Override the preset: brightness/contrast/saturation jitter.")
+    strict: bool = Field(False, description="Fail on any unreadable file instead of skipping and listing it.")
+    max_pixels: int | None = Field(89_478_485, ge=1, description="Decompression-bomb guard: refuse images with more pixels; null disables.")
+    num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes; default: chosen for the machine.")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_order(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (0.0 < v[0] <= v[1] <= 1.0):
+            raise ValueError("must be [min, max] with 0 < min <= max <= 1")
+        return v
+
+
+class LayerRule(_Strict):
+    """Caffe's per-layer ``lr_mult``/``decay_mult``, by name pattern (glob, or a name prefix)."""
+
+    pattern: str
+    lr_mult: float = Field(1.0, ge=0.0, description="Multiplies the phase's learning rate; 0 freezes.")
+    decay_mult: float = Field(1.0, ge=0.0, description="Multiplies the weight decay.")
+
+
+class ModelConfig(_Strict):
+    name: str = Field("tf_efficientnet_lite0", description="timm model name of the backbone.")
+    weights: str = Field("bundled", description="bundled (offline EfficientNet-Lite0) | hub (timm pretrained=True) | none | PATH (.safetensors, torch checkpoint, or a graft run folder).")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the new linear layer.")
+    freeze: list[str] = Field(default_factory=list, description="Parameter name patterns frozen in every phase.")
+    lr_mult: list[LayerRule] = Field(default_factory=list, description="Per-layer multipliers; the first matching rule applies.")
+    reinit: list[str] = Field(default_factory=list, description="Module name patterns re-initialised after loading weights (Caffe: rename a layer).")
+    frozen_bn_eval: bool = Field(True, description="Keep BatchNorm layers of frozen parts in inference mode during training.")
+
+
+class TrainConfig(_Strict):
+    strategy: Strategy = Field("two-phase", description="feature-extract | fine-tune | two-phase (the first, then the second).")
+    epochs: int = Field(5, ge=0, description="Epochs of the first (frozen-base) phase; the only phase of a single-phase strategy.")
+    fine_tune_epochs: int = Field(5, ge=0, description="Epochs of the fine-tuning phase of two-phase.")
+    fine_tune_at: int | str | None = Field(None, description="First backbone layer that learns when fine-tuning: an index into `graft plan`'s layer list (negative counts from the end) or a module name; default: the last third of the layers.")
+    fine_tune_lr_mult: float = Field(0.1, gt=0.0, description="Fine-tuning learning rate = solver.base_lr * this.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    amp: bool | Literal["auto"] = Field("auto", description="Mixed precision; auto = on for CUDA.")
+
+
+class SolverConfig(_Strict):
+    type: Optimizer = Field("adamw", description="sgd | adam | adamw | rmsprop")
+    base_lr: float = Field(1e-3, gt=0.0)
+    lr_policy: LRPolicy = Field("cosine", description="fixed | step | multistep | cosine | one-cycle | plateau")
+    gamma: float = Field(0.1, gt=0.0, description="LR factor of step, multistep and plateau.")
+    stepsize: int = Field(3, ge=1, description="step: epochs between LR drops.")
+    stepvalue: list[int] = Field(default_factory=list, description="multistep: epochs (within the phase) at which the LR drops.")
+    plateau_patience: int = Field(2, ge=0, description="plateau: epochs without val-loss improvement before a drop.")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up at the start of each phase.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD/RMSprop momentum; Adam beta1.")
+    weight_decay: float = Field(0.01, ge=0.0)
+    no_decay_bias_norm: bool = Field(True, description="No weight decay on biases and normalisation layers.")
+    max_iter: int | None = Field(None, ge=1, description="Cap on iterations per phase (Caffe's max_iter); epochs still bound it.")
+    batch_size: int = Field(32, ge=1)
+    snapshot: int = Field(1, ge=0, description="Keep a snapshot every N epochs (0: only `last`).")
+    snapshot_prefix: str = Field("epoch", description="Snapshot file names: snapshots/PREFIX-0001, ...")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("snapshot_prefix")
+    @classmethod
+    def _plain_prefix(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v.startswith(".") or v == "last":
+            raise ValueError("must be a plain file-name prefix (no '/', not starting with '.', not 'last')")
+        return v
+
+
+class GraftConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    solver: SolverConfig = Field(default_factory=SolverConfig)
+
+    @model_validator(mode="after")
+    def _phases_have_epochs(self) -> GraftConfig:
+        t = self.train
+        if t.strategy == "two-phase" and t.epochs + t.fine_tune_epochs == 0:
+            raise ValueError("train.epochs and train.fine_tune_epochs are both 0: nothing to train")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading and overriding
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_model(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = GraftConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _section_model(loc[:-1])
+            allowed = _allowed_keys(parent) if parent else []
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key '{key}'"
+            if hint:
+                msg += f" (did you mean '{'.'.join(str(p) for p in loc[:-1] + (hint[0],))}'?)"
+            if allowed:
+                msg += f"; allowed here: {', '.join(allowed)}"
+        else:
+            got = e.get("input")
+            msg = f"'{key}': {e['msg']}"
+            if got is not None and not isinstance(got, dict):
+                msg += f" (got {got!r})"
+        lines.append(msg)
+    return f"invalid config ({source}): " + "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "config") -> GraftConfig:
+    """Validate a nested dict; unknown keys and wrong types raise ConfigError naming the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config ({source}): the top level must be a mapping of sections (data, model, train, solver)")
+    try:
+        return GraftConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections (data, model, train, solver)")
+    return data
+
+
+def set_key(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b=value`` override in place; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects KEY=VALUE, e.g. solver.base_lr=0.001; got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        sections = ", ".join(_allowed_keys(GraftConfig))
+        raise ConfigError(f"--set key must be SECTION.KEY (sections: {sections}); got {key!r}")
+    section, name = parts
+    if section not in GraftConfig.model_fields:
+        hint = difflib.get_close_matches(section, _allowed_keys(GraftConfig), n=1)
+        raise ConfigError(
+            f"unknown config section '{section}' in --set {key}"
+            + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; sections: {', '.join(_allowed_keys(GraftConfig))}"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    target = data.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"config section '{section}' must be a mapping")
+    target[name] = value
+
+
+def resolve_config(
+    config_file: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, Any] | None = None,
+) -> GraftConfig:
+    """Defaults < config file < ``--set`` overrides < explicit command-line flags (``{"solver.seed": 3}``)."""
+    data = read_yaml(config_file) if config_file else {}
+    source = str(config_file) if config_file else "command line"
+    for assignment in overrides:
+        set_key(data, assignment)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            section, name = key.split(".")
+            data.setdefault(section, {})[name] = value
+    return parse_config(data, source)
+
+
+def dump_yaml(cfg: GraftConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe(model: type[BaseModel] = GraftConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every key: the config reference in the README comes from here."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe(ann, key + "."))
+            continue
+        default = field.default_factory() if field.default_factory else field.default
+        rows.append((key, yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("..."
+        ).strip(), field.description or ""))
+    return rows

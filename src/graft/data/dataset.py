@@ -1,0 +1,130 @@
+"""Datasets and loaders whose every random draw is a function of (seed, epoch, index).
+
+That is what makes resume exact: an epoch interrupted after batch ``b`` is continued by
+regenerating the same permutation and skipping ``b`` batches, and each image gets the same
+augmentation whether it is loaded in the main process or in any worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from graft.data.folder import Sample
+from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from graft.errors import DataError
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so neighbouring (epoch, index) pairs are unrelated."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (p + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) & 0xFFFFFFFFFFFFFFFF
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return x >> 1
+
+
+class ImageDataset(Dataset):
+    """``dataset[i]`` or ``dataset[(i, epoch)]`` -> ``(image tensor [3, S, S], label)``.
+
+    With an epoch key the transform runs under a torch RNG seeded from (seed, epoch, i)."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        *,
+        seed: int = 0,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        sample = self.samples[index]
+        try:
+            image = load_image(sample.path, max_pixels=self.max_pixels)
+        except ImageError as err:
+            raise DataError(f"{err} (it was readable when the dataset was scanned; did it change?)") from None
+        if epoch is None:
+            return self.transform(image), sample.label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, epoch, index))
+            return self.transform(image), sample.label
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(index, epoch)`` keys over a permutation seeded by (seed, epoch).
+
+    A final batch of one sample is dropped (BatchNorm cannot train on it); ``start_batch`` skips
+    the batches an interrupted epoch already did."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool = True) -> None:
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5EED))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def batches(self) -> list[list[int]]:
+        order = self.order()
+        out = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        if len(out) > 1 and len(out[-1]) == 1:
+            out.pop()
+        return out
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches()[self.start_batch :]:
+            yield [(i, self.epoch) for i in batch]
+
+
+def default_workers() -> int:
+    """Leave one core to the model; a few workers are enough to keep decoding ahead of it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus - 1))
+
+
+def train_loader(dataset: ImageDataset, sampler: EpochBatchSampler, *, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        # Its own generator: DataLoader otherwise draws worker seeds from the global RNG,
+        # which would shift dropout masks after a resume.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def eval_loader(dataset: ImageDataset, *, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        # Its own generator: DataLoader otherwise draws worker seeds from the global RNG,
+        # which would shift dropout masks after a resume.
+        generator=torch.Generator().manual_seed(0),
+    )

@@ -1,0 +1,272 @@
+"""The training loop: phases of epochs of steps, with side concerns as hooks.
+
+A *phase* fixes what learns (the frozen-base feature-extraction phase, the fine-tuning phase)
+and gets a fresh optimizer, as Keras recompiles between the tutorial's two phases. The loop's
+position (``LoopState``) plus model, optimizer, schedule and RNG states is everything a
+snapshot holds, so a run continues exactly from any epoch end or any interrupted batch.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from graft.data.dataset import EpochBatchSampler, ImageDataset, eval_loader, train_loader
+from graft.errors import GraftError
+from graft.evaluate import autocast, collect_outputs
+from graft.models import surgery
+from graft.models.classifier import GraftClassifier
+from graft.train import checkpoint
+from graft.train.solver import LRSchedule, make_optimizer
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # "feature-extract" or "fine-tune"
+    epochs: int
+    trainable_from: int | None  # first backbone layer that learns; None: the whole backbone is frozen
+    lr: float
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.trainable_from is None
+
+
+@dataclass
+class LoopState:
+    phase: int = 0
+    epoch_in_phase: int = 0  # completed epochs of the current phase
+    epoch: int = 0  # completed epochs of the run
+    iteration: int = 0  # optimizer steps of the run
+    phase_iteration: int = 0
+    batch: int = 0  # batches already done in an interrupted epoch
+    running: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C); a resumable snapshot was written."""
+
+    def __init__(self, snapshot: str | None) -> None:
+        super().__init__(snapshot)
+        self.snapshot = snapshot
+
+
+class Hook:
+    """Called by the loop; override what you need. ``trainer`` gives access to everything."""
+
+    def before_epoch(self, trainer: Trainer) -> None: ...
+    def after_step(self, trainer: Trainer, loss: float) -> None: ...
+    def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
+    def on_interrupt(self, trainer: Trainer) -> str | None: ...
+    def after_train(self, trainer: Trainer) -> None: ...
+
+
+def phase_param_groups(model: GraftClassifier, phase: Phase, solver: Any, freeze_patterns: list[str], lr_rules: list[Any]) -> list[dict[str, Any]]:
+    """Make exactly what ``phase`` trains require gradients; return its optimizer groups.
+    Order: everything unfrozen, then the phase's frozen layers, ``model.freeze`` patterns and
+    ``lr_mult: 0`` rules frozen."""
+    surgery.unfreeze_all(model)
+    if phase.backbone_frozen:
+        surgery.freeze_backbone(model)
+    surgery.freeze(model, before=phase.trainable_from, patterns=freeze_patterns)
+    surgery.apply_lr_mult_freezing(model, lr_rules)
+    return surgery.param_groups(model, lr=phase.lr, weight_decay=solver.weight_decay, rules=lr_rules, no_decay_bias_norm=solver.no_decay_bias_norm)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: GraftClassifier,
+        phases: list[Phase],
+        *,
+        solver: Any,
+        train_data: ImageDataset,
+        val_data: ImageDataset | None,
+        device: torch.device,
+        amp: bool = False,
+        workers: int = 0,
+        freeze_patterns: list[str] = (),
+        lr_rules: list[Any] = (),
+        label_smoothing: float = 0.0,
+        hooks: list[Hook] = (),
+    ) -> None:
+        self.model, self.phases, self.solver = model, phases, solver
+        self.train_data, self.val_data = train_data, val_data
+        self.device, self.amp, self.workers = device, amp and device.type == "cuda", workers
+        self.freeze_patterns, self.lr_rules = list(freeze_patterns), list(lr_rules)
+        self.label_smoothing = label_smoothing
+        self.hooks = list(hooks)
+        self.state = LoopState()
+        self.sampler = EpochBatchSampler(len(train_data), solver.batch_size, seed=solver.seed)
+        pin = device.type == "cuda"
+        self.loader = train_loader(train_data, self.sampler, workers=workers, pin_memory=pin)
+        self.val_loader = eval_loader(val_data, batch_size=solver.batch_size, workers=workers, pin_memory=pin) if val_data and len(val_data) else None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.schedule: LRSchedule | None = None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) if self.amp else None
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ phase set-up
+
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self.state.phase]
+
+    def configure_phase(self, phase: Phase) -> None:
+        """Set what learns for ``phase`` and build its optimizer and schedule."""
+        groups = phase_param_groups(self.model, phase, self.solver, self.freeze_patterns, self.lr_rules)
+        self.optimizer = make_optimizer(groups, self.solver)
+        per_epoch = len(self.sampler)
+        total = phase.epochs * per_epoch
+        if self.solver.max_iter:
+            total = min(total, self.solver.max_iter)
+        self.schedule = LRSchedule(self.optimizer, self.solver, total_iters=total, iters_per_epoch=per_epoch)
+
+    def phase_done(self) -> bool:
+        cap = self.solver.max_iter
+        return self.state.epoch_in_phase >= self.phase.epochs or bool(cap and self.state.phase_iteration >= cap)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: dict[str, Any] | None = None) -> LoopState:
+        """Run every remaining phase. ``resume`` is a loaded snapshot payload."""
+        if resume is not None:
+            self.state = LoopState(**resume["loop"])
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.default_int_handler:  # only where Python handles Ctrl-C itself (main thread)
+            signal.signal(signal.SIGINT, self._request_stop)
+        try:
+            while self.state.phase < len(self.phases):
+                self.configure_phase(self.phase)
+                if resume is not None:
+                    self._load_solver_state(resume)
+                    resume = None
+                while not self.phase_done():
+                    self.run_epoch()
+                    if self.stop_requested:
+                        raise Interrupted(self._on_interrupt())
+                self.state.phase += 1
+                self.state.epoch_in_phase = self.state.phase_iteration = 0
+        finally:
+            if signal.getsignal(signal.SIGINT) == self._request_stop:
+                signal.signal(signal.SIGINT, previous)
+        for hook in self.hooks:
+            hook.after_train(self)
+        return self.state
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+
+    def _on_interrupt(self) -> str | None:
+        path = None
+        for hook in self.hooks:
+            path = hook.on_interrupt(self) or path
+        return path
+
+    def run_epoch(self) -> None:
+        st = self.state
+        self.sampler.set_epoch(st.epoch, st.batch)
+        for hook in self.hooks:
+            hook.before_epoch(self)
+        self.model.train()
+        started = time.perf_counter()
+        for images, labels in self.loader:
+            loss, correct = self.step(images, labels)
+            st.iteration += 1
+            st.phase_iteration += 1
+            st.batch += 1
+            st.running["loss"] += loss * len(labels)
+            st.running["correct"] += correct
+            st.running["seen"] += len(labels)
+            for hook in self.hooks:
+                hook.after_step(self, loss)
+            if self.stop_requested or (self.solver.max_iter and st.phase_iteration >= self.solver.max_iter):
+                break
+        st.running["seconds"] += time.perf_counter() - started
+        if self.stop_requested:
+            return
+        self.finish_epoch()
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """One optimizer step on one batch; returns (mean loss, number correct)."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with autocast(self.device, self.amp):
+            logits = self.forward(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        if not torch.isfinite(loss):
+            raise GraftError(f"training diverged: the loss became {loss.item()} at iteration {self.state.iteration}; lower solver.base_lr (snapshots of earlier epochs are kept)")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.schedule.step()
+        return loss.item(), int((logits.argmax(1) == labels).sum())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits. With the backbone frozen it runs without autograd: only the head builds a
+        graph. (This is the seam where cached embeddings can replace the backbone.)"""
+        if self.phase.backbone_frozen:
+            with torch.no_grad():
+                features = self.model.backbone(images)
+            return self.model.head(features)
+        return self.model(images)
+
+    def finish_epoch(self) -> None:
+        st = self.state
+        seen = max(1.0, st.running["seen"])
+        val_loss = val_acc = None
+        if self.val_loader is not None:
+            out = collect_outputs(self.model, self.val_loader, self.device, amp=self.amp)
+            val_loss = float(out.losses.mean())
+            val_acc = float((out.preds == out.labels).mean())
+        row = {
+            "epoch": st.epoch + 1,
+            "phase": self.phase.name,
+            "lr": self.schedule.lr,
+            "train_loss": st.running["loss"] / seen,
+            "train_accuracy": st.running["correct"] / seen,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "seconds": round(st.running["seconds"], 3),
+        }
+        self.schedule.epoch_end(val_loss)
+        st.history.append(row)
+        st.epoch += 1
+        st.epoch_in_phase += 1
+        st.batch = 0
+        st.running = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+        for hook in self.hooks:
+            hook.after_epoch(self, row)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot_payload(self) -> dict[str, Any]:
+        return {
+            "loop": asdict(self.state),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": checkpoint.optimizer_state(self.optimizer),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": checkpoint.capture_rng(),
+        }
+
+    def _load_solver_state(self, payload: dict[str, Any]) -> None:
+        checkpoint.load_optimizer_state(self.optimizer, payload["optimizer"])
+        self.schedule.load_state_dict(payload["schedule"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        checkpoint.restore_rng(payload["rng"])
+

@@ -1,0 +1,196 @@
+"""From a config to a finished run folder: scan data, build the model, train, write results.
+
+``RUNDIR`` holds ``model.safetensors`` + ``model.json`` (the trained model, self-describing),
+``snapshots/``, ``history.csv``, ``metrics.json``, ``config.yaml`` (resolved), ``splits.json``,
+``weights_report.json`` and the plots.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graft import __version__
+from graft.config import GraftConfig, dump_yaml, parse_config
+from graft.data.dataset import ImageDataset, default_workers
+from graft.data.folder import DatasetSplits, scan_folder
+from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
+from graft.errors import ConfigError, DataError, SnapshotError
+from graft.io import write_json, write_text
+from graft.models import surgery
+from graft.models.backbones import build_model
+from graft.models.classifier import HEAD_LAYER, GraftClassifier
+from graft.train import checkpoint
+from graft.train.hooks import HistoryHook, ProgressHook, SnapshotHook
+from graft.train.loop import Phase, Trainer
+from graft.train.results import write_results
+
+RUN_MARKERS = ("model.json", "snapshots", "history.csv")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is '{name}' but no CUDA GPU is available here; use auto or cpu")
+    return device
+
+
+def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
+    """The recipe: which phases run, what learns in each, at which learning rate."""
+    t, base = cfg.train, cfg.solver.base_lr
+    extract = Phase("feature-extract", t.epochs, None, base)
+    at = surgery.resolve_fine_tune_at(model, t.fine_tune_at)
+    if t.strategy == "feature-extract":
+        return [extract]
+    if t.strategy == "fine-tune":
+        return [Phase("fine-tune", t.epochs, at, base * t.fine_tune_lr_mult)]
+    phases = [extract, Phase("fine-tune", t.fine_tune_epochs, at, base * t.fine_tune_lr_mult)]
+    return [p for p in phases if p.epochs > 0]
+
+
+def holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def train(
+    cfg: GraftConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    hooks: list[Any] = (),
+) -> TrainResult:
+    """Train a run into ``out``, or continue one from the snapshot ``resume``.
+
+    A resumed run keeps the snapshot's config and data split (``data_dir`` may point to the data's
+    new location); passing ``cfg`` with ``resume`` is an error, as in Caffe, where a solver state
+    only continues the solver that made it."""
+    started = time.perf_counter()
+    payload = None
+    if resume is not None:
+        if cfg is not None:
+            raise ConfigError("--resume continues the snapshot's run with its saved config; to change the solver, start from its weights with --weights SNAPSHOT instead")
+        payload = checkpoint.load_snapshot(resume)
+        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
+        splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
+        _check_files_exist(splits)
+        run_dir = Path(out) if out else checkpoint.snapshot_run_dir(payload["path"])
+    else:
+        if cfg is None:
+            raise ConfigError("train needs a config (or --resume SNAPSHOT)")
+        if data_dir is not None:
+            cfg.data.dir = str(data_dir)
+        if not cfg.data.dir:
+            raise ConfigError("no data: pass --data DIR (a folder of class folders) or set data.dir in the config")
+        if out is None:
+            raise ConfigError("no output folder: pass --out RUNDIR")
+        run_dir = Path(out)
+        if holds_run(run_dir):
+            if not overwrite:
+                raise ConfigError(f"{run_dir} already holds a run; choose another --out, continue it with --resume {run_dir}/snapshots/last, or pass --overwrite to replace it")
+            for m in RUN_MARKERS + ("model.safetensors", "metrics.json"):
+                target = run_dir / m
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        d = cfg.data
+        splits = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    for w in splits.warnings:
+        say(f"warning: {w}")
+    if splits.skipped:
+        say(f"skipped {len(splits.skipped)} unreadable file(s); listed in {run_dir / 'metrics.json'} (e.g. {splits.skipped[0].path}: {splits.skipped[0].reason})")
+
+    model, report = build_model(cfg.model, len(splits.classes), load_weights=payload is None, seed=cfg.solver.seed)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+    else:
+        write_json(run_dir / "weights_report.json", report.to_dict())
+        say(report.summary())
+    pre = preprocessing_for(model.backbone, cfg.data)
+    aug = augmentation_from_config(cfg.data)
+    device = select_device(cfg.train.device)
+    model.to(device)
+    amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+    train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
+    val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels)
+    phases = plan_phases(cfg, model)
+
+    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict()}
+    write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    write_json(run_dir / "splits.json", static["splits"])
+    say(f"data: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images; device {device}")
+    trainer = Trainer(
+        model,
+        phases,
+        solver=cfg.solver,
+        train_data=train_ds,
+        val_data=val_ds,
+        device=device,
+        amp=amp,
+        workers=workers,
+        freeze_patterns=cfg.model.freeze,
+        lr_rules=cfg.model.lr_mult,
+        label_smoothing=cfg.train.label_smoothing,
+        hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
+    )
+    state = trainer.fit(resume=payload)
+    info = run_info(cfg, splits.classes, pre, model, phases, report.source if payload is None else payload.get("weights_source", "snapshot"))
+    seconds = time.perf_counter() - started
+    metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds)
+    say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
+    return TrainResult(run_dir, metrics, state.history)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _check_files_exist(splits: DatasetSplits) -> None:
+    missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
+    if missing:
+        raise SnapshotError(
+            f"{len(missing)} image(s) of the snapshot's data split are gone (e.g. {missing[0]}); if the data moved, pass its new location with --data"
+        )
+
+
+def run_info(cfg: GraftConfig, classes: list[str], pre: Preprocessing, model: GraftClassifier, phases: list[Phase], weights_source: str) -> dict[str, Any]:
+    """``model.json``: everything needed to rebuild and use the trained model."""
+    return {
+        "format": "graft-run/1",
+        "graft_version": __version__,
+        "backbone": {"name": cfg.model.name, "weights": weights_source, "num_features": model.num_features},
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "preprocessing": pre.to_dict(),
+        "head": {"layer": HEAD_LAYER, "pool": getattr(getattr(model.backbone, "global_pool", None), "pool_type", None) or "backbone", "dropout": cfg.model.dropout},
+        "trained": {
+            "strategy": cfg.train.strategy,
+            "phases": [{"name": p.name, "epochs": p.epochs, "trainable_from_layer": p.trainable_from, "lr": p.lr} for p in phases],
+        },
+        "config": cfg.to_dict(),
+    }
