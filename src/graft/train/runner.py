@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import sys
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from graft import __version__
@@ -48,6 +50,13 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device is '{name}' but no CUDA GPU is available here; use auto or cpu")
     return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every global RNG a run draws from (dropout, drop-path; data order has its own)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
@@ -158,6 +167,8 @@ def train(
         label_smoothing=cfg.train.label_smoothing,
         hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
     )
+    if payload is None:
+        seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
     state = trainer.fit(resume=payload)
     info = run_info(cfg, splits.classes, pre, model, phases, report.source if payload is None else payload.get("weights_source", "snapshot"))
     seconds = time.perf_counter() - started
