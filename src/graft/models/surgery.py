@@ -1,8 +1,8 @@
 """Model surgery: small functions that change what learns, each returning what it changed.
 
-Name patterns (``freeze``, ``lr_mult``, ``reinit``) are shell-style globs matched against
-parameter or module names (``backbone.blocks.6.*``); a pattern without a wildcard also matches
-as a name prefix, so ``backbone.blocks.6`` means that block and everything in it.
+Name patterns (``freeze``, ``lr_mult``, ``reinit``) are names or shell-style globs matched
+against parameter or module names, component by component: ``backbone.blocks.6`` and
+``backbone.blocks.[5-6]`` mean those blocks and everything in them; ``*.bn1`` every ``bn1``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def matches(name: str, pattern: str) -> bool:
+    """Does ``pattern`` name ``name`` or a module containing it? Both plain names and globs match
+    whole dotted components: ``blocks.1`` and ``blocks.[0-3]`` match ``blocks.1.conv.weight``, not ``blocks.10``."""
     if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
+        parts = name.split(".")
+        return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
     return name == pattern or name.startswith(pattern + ".")
 
 
@@ -38,7 +41,8 @@ def backbone_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     owns parameters directly (conv, norm, linear, ...). Names are relative to ``model``."""
     layers = []
     for name, module in model.named_modules():
-        if not name.startswith("backbone."):
+        # The backbone root itself is a layer when it owns parameters (a ViT's cls_token, pos_embed).
+        if name != "backbone" and not name.startswith("backbone."):
             continue
         if any(True for _ in module.parameters(recurse=False)):
             layers.append((name, module))
@@ -102,13 +106,18 @@ def set_frozen_batchnorm_eval(model: nn.Module) -> list[str]:
     """Put BatchNorm layers whose affine parameters are all frozen into eval mode (running
     statistics used and not updated). Affine-less BatchNorm counts as frozen when the layers
     around it are, so it follows its parent module. Returns the names it set."""
+    modules = dict(model.named_modules())
     changed = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
-                module.eval()
-                changed.append(name)
+    for name, module in modules.items():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        params = list(module.parameters(recurse=False))
+        if not params:  # affine-free: frozen when everything in its parent module is
+            parent = modules.get(name.rsplit(".", 1)[0] if "." in name else "")
+            params = list(parent.parameters()) if parent is not None else []
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+            changed.append(name)
     return changed
 
 

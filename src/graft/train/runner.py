@@ -149,7 +149,8 @@ def train(
     val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels)
     phases = plan_phases(cfg, model)
 
-    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict()}
+    weights_source = report.source if payload is None else payload.get("weights_source", "snapshot")
+    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": weights_source}
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
     write_json(run_dir / "splits.json", static["splits"])
     say(f"data: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images; device {device}")
@@ -170,7 +171,7 @@ def train(
     if payload is None:
         seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
     state = trainer.fit(resume=payload)
-    info = run_info(cfg, splits.classes, pre, model, phases, report.source if payload is None else payload.get("weights_source", "snapshot"))
+    info = run_info(cfg, splits.classes, pre, model, phases, weights_source)
     seconds = time.perf_counter() - started
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
