@@ -135,12 +135,18 @@ def _allowed_keys(model: type[BaseModel]) -> list[str]:
 
 
 def _section_model(path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    import typing
+
     model: type[BaseModel] = GraftConfig
     for part in path:
+        if isinstance(part, int):  # an index into a list of sub-configs (model.lr_mult.0)
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return None
         ann = field.annotation
+        if typing.get_origin(ann) is list:
+            ann = typing.get_args(ann)[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:

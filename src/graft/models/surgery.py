@@ -60,7 +60,7 @@ def resolve_fine_tune_at(model: nn.Module, at: int | str | None) -> int:
     if isinstance(at, int):
         index = at + n if at < 0 else at
         if not 0 <= index <= n:
-            raise ConfigError(f"train.fine_tune_at={at} is out of range: the backbone has {n} layers (0..{n - 1}, or -1..-{n}); `graft plan` lists them")
+            raise ConfigError(f"train.fine_tune_at={at} is out of range: the backbone has {n} layers (0..{n - 1}, or -1..-{n}; {n} trains the head only); `graft plan --layers` lists them")
         return index
     name = at if at.startswith("backbone.") else f"backbone.{at}"
     for i, (layer_name, _) in enumerate(layers):
@@ -130,9 +130,16 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 # ------------------------------------------------------------------------------ lr_mult
 
 
-def _is_no_decay(name: str, param: torch.Tensor, module_of: dict[str, nn.Module]) -> bool:
+def _timm_no_decay(model: nn.Module) -> set[str]:
+    """Names timm marks as never decayed (a ViT's cls_token and pos_embed), as full parameter names."""
+    backbone = getattr(model, "backbone", None)
+    names = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else set()
+    return {f"backbone.{n}" for n in names}
+
+
+def _is_no_decay(name: str, param: torch.Tensor, module_of: dict[str, nn.Module], extra: set[str]) -> bool:
     owner = module_of.get(name.rsplit(".", 1)[0])
-    return param.ndim <= 1 or isinstance(owner, _NORM_TYPES)
+    return param.ndim <= 1 or isinstance(owner, _NORM_TYPES) or name in extra
 
 
 def apply_lr_mult_freezing(model: nn.Module, rules: Sequence[Any]) -> list[str]:
@@ -161,6 +168,7 @@ def param_groups(
     ``names`` (parameter names, in model order) so a snapshot can rebuild the same groups.
     Frozen parameters are left out: they get no optimizer state."""
     module_of = dict(model.named_modules())
+    extra_no_decay = _timm_no_decay(model) if no_decay_bias_norm else set()
     groups: dict[tuple[float, float], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -170,7 +178,7 @@ def param_groups(
         decay_mult = rule.decay_mult if rule else 1.0
         if lr_mult == 0:
             continue
-        if no_decay_bias_norm and _is_no_decay(name, param, module_of):
+        if no_decay_bias_norm and _is_no_decay(name, param, module_of, extra_no_decay):
             decay_mult = 0.0
         key = (lr_mult, decay_mult)
         if key not in groups:
