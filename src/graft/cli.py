@@ -36,6 +36,20 @@ TRAIN_FLAGS = {
 }
 
 
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
+def _count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
+
+
 def _layer(value: str) -> int | str:
     try:
         return int(value)
@@ -61,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", metavar="PATH", help="start from these weights: bundled, hub, none, a file, or a run folder")
     t.add_argument("--resume", metavar="SNAPSHOT", help="continue a run exactly from a snapshot (e.g. RUNDIR/snapshots/last)")
     t.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
-    t.add_argument("--epochs", type=int, metavar="N", help="epochs of the first (frozen-base) phase, or of the only phase")
-    t.add_argument("--fine-tune-epochs", type=int, metavar="M", help="epochs of the fine-tuning phase of two-phase")
+    t.add_argument("--epochs", type=_count, metavar="N", help="epochs of the first (frozen-base) phase, or of the only phase")
+    t.add_argument("--fine-tune-epochs", type=_count, metavar="M", help="epochs of the fine-tuning phase of two-phase")
     t.add_argument("--fine-tune-at", type=_layer, metavar="LAYER", help="first layer that learns when fine-tuning: index or name (see graft plan)")
-    t.add_argument("--img-size", type=int, metavar="S")
-    t.add_argument("--batch-size", type=int, metavar="B")
-    t.add_argument("--seed", type=int, metavar="K")
+    t.add_argument("--img-size", type=_positive, metavar="S")
+    t.add_argument("--batch-size", type=_positive, metavar="B")
+    t.add_argument("--seed", type=_count, metavar="K")
     t.add_argument("--augment", choices=["none", "flip-rotate", "strong"])
     t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
@@ -77,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a finished run on a labelled folder", description="Print JSON metrics of a finished run on a folder of class folders.")
     e.add_argument("run", metavar="RUNDIR")
     e.add_argument("--data", metavar="DIR", required=True, help="folder of class folders named like the model's classes")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=_positive, default=64)
     e.add_argument("--device", default="auto")
     e.add_argument("--strict", action="store_true")
     e.add_argument("--out", metavar="FILE", help="also write the JSON here")
@@ -86,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify new images", description="Classify image files or folders of images with a finished run.")
     p.add_argument("run", metavar="RUNDIR")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--top-k", type=_positive, default=1)
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--device", default="auto")
     common(p)
 
@@ -98,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", metavar="NAME")
     pl.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
     pl.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
-    pl.add_argument("--classes", type=int, default=None, metavar="K", help="number of classes (default: from --data or 2)")
+    pl.add_argument("--classes", type=_positive, default=None, metavar="K", help="number of classes (default: from --data or 2)")
     pl.add_argument("--data", metavar="DIR", help="count classes from this folder")
     pl.add_argument("--layers", action="store_true", help="list every backbone layer with its index")
     pl.add_argument("--format", choices=["text", "json"], default="text")
@@ -106,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="fine-tune the bundled EfficientNet-Lite0 on real photos (no download)", description="Build a small texture dataset from photos scikit-image ships and run the two-phase recipe on it.")
     d.add_argument("--out", metavar="RUNDIR", default="runs/demo")
-    d.add_argument("--epochs", type=int, default=None)
-    d.add_argument("--fine-tune-epochs", type=int, default=None)
+    d.add_argument("--epochs", type=_count, default=None)
+    d.add_argument("--fine-tune-epochs", type=_count, default=None)
     d.add_argument("--quiet", action="store_true")
     common(d)
     return parser
@@ -128,12 +142,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.weights:
             raise GraftError("give either --weights (start from weights with a fresh solver) or --resume (continue a snapshot exactly), not both")
         if args.config or args.set or given or args.strict:
-            extra = ([" --config"] if args.config else []) + (["--set"] if args.set else []) + given
+            extra = (["--config"] if args.config else []) + (["--set"] if args.set else []) + (["--strict"] if args.strict else []) + given
             raise GraftError(
                 f"--resume continues the snapshot's run with its saved config, so {', '.join(x.strip() for x in extra)} cannot be changed; "
                 "to train with other settings start from its weights: --weights SNAPSHOT"
             )
-        train(None, args.out, resume=args.resume, data_dir=args.data, quiet=args.quiet)
+        train(None, args.out, resume=args.resume, data_dir=args.data, overwrite=args.overwrite, quiet=args.quiet)
         return 0
     cfg = resolve_config(args.config, args.set, flags)
     train(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
@@ -144,6 +158,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from graft.io import write_json
     from graft.predict import load_run
 
+    if args.out and Path(args.out).is_dir():
+        raise GraftError(f"--out {args.out} is a folder; give a file name for the JSON, e.g. {Path(args.out) / 'eval.json'}")
     run = load_run(args.run, device=args.device)
     metrics = run.evaluate(args.data, batch_size=args.batch_size, strict=args.strict)
     text = json.dumps(metrics, indent=2)
@@ -204,6 +220,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(err: Exception) -> str:
+    """The user's message of an error, also when a DataLoader worker wrapped it in its traceback."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if last.startswith("graft.errors.") and ": " in last else last
+    return text
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "demo": cmd_demo}
 
 
@@ -227,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except GraftError as err:
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug, or a failure graft did not anticipate
         if debug:

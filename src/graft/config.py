@@ -121,6 +121,8 @@ class GraftConfig(_Strict):
         t = self.train
         if t.strategy == "two-phase" and t.epochs + t.fine_tune_epochs == 0:
             raise ValueError("train.epochs and train.fine_tune_epochs are both 0: nothing to train")
+        if t.strategy != "two-phase" and t.epochs == 0:
+            raise ValueError(f"train.epochs is 0 with strategy {t.strategy}: nothing to train")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -62,11 +62,24 @@ def demo_config(data_dir: Path, epochs: int | None = None, fine_tune_epochs: int
     )
 
 
+DEMO_MARKER = ".graft-demo"
+
+
 def run_demo(out: Path, *, epochs: int | None = None, fine_tune_epochs: int | None = None, quiet: bool = False) -> TrainResult:
-    """Build the dataset in ``out/data`` and train into ``out`` (replacing an earlier demo run there)."""
+    """Build the dataset in ``out/data`` and train into ``out``.
+
+    ``out`` must be new, empty, or an earlier demo's folder (marked by a ``.graft-demo`` file):
+    the demo replaces its own earlier run and data there, and nothing else."""
+    out = Path(out)
+    cfg = demo_config(out / "data", epochs, fine_tune_epochs)  # validate before touching anything
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; the demo needs a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        raise DataError(f"{out} is not empty and was not made by `graft demo`; choose a new --out folder (the demo replaces what it wrote before)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by `graft demo`; the demo may replace this folder's run and data/\n")
     data_dir = out / "data"
     if data_dir.exists():
         shutil.rmtree(data_dir)
     make_texture_dataset(data_dir)
-    cfg = demo_config(data_dir, epochs, fine_tune_epochs)
     return train(cfg, out, overwrite=True, quiet=quiet)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.config import GraftConfig
+from graft.errors import ConfigError, DataError
 from graft.data.transforms import augmentation_from_config, preprocessing_for
 from graft.models import surgery
 from graft.models.backbones import build_model
@@ -13,18 +14,24 @@ from graft.train.loop import phase_param_groups
 from graft.train.runner import plan_phases
 
 
-def _count_class_folders(data_dir: str) -> int | None:
+def _count_class_folders(data_dir: str) -> int:
+    """Class folders under ``data_dir`` (or its ``train/``), without reading any image."""
     root = Path(data_dir)
     if not root.is_dir():
-        return None
+        raise DataError(f"data folder {root} does not exist or is not a folder")
     base = root / "train" if (root / "train").is_dir() else root
-    return sum(1 for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    n = sum(1 for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if n < 2:
+        raise DataError(f"graft needs at least 2 classes; {base} has {n} class folder(s)")
+    return n
 
 
 def describe_plan(cfg: GraftConfig, num_classes: int | None = None) -> dict[str, Any]:
     """Phases with their trainable layers, parameter counts and optimizer groups (JSON-able)."""
     if num_classes is None and cfg.data.dir:
         num_classes = _count_class_folders(cfg.data.dir)
+    if num_classes is not None and num_classes < 2:
+        raise ConfigError(f"--classes must be 2 or more, got {num_classes}")
     num_classes = num_classes or 2
     model, _ = build_model(cfg.model, num_classes, load_weights=False, seed=cfg.solver.seed)
     if cfg.model.reinit:

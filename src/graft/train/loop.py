@@ -47,6 +47,7 @@ class LoopState:
     batch: int = 0  # batches already done in an interrupted epoch
     running: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
     history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0  # seconds spent in fit() by earlier sessions of this run
 
 
 class Interrupted(Exception):
@@ -138,6 +139,8 @@ class Trainer:
         """Run every remaining phase. ``resume`` is a loaded snapshot payload."""
         if resume is not None:
             self.state = LoopState(**resume["loop"])
+        self._fit_started = time.perf_counter()
+        self._elapsed_before = self.state.elapsed
         previous = signal.getsignal(signal.SIGINT)
         if previous is signal.default_int_handler:  # only where Python handles Ctrl-C itself (main thread)
             signal.signal(signal.SIGINT, self._request_stop)
@@ -160,6 +163,16 @@ class Trainer:
             hook.after_train(self)
         return self.state
 
+    @property
+    def session_seconds(self) -> float:
+        """Seconds this session has spent in ``fit``."""
+        started = getattr(self, "_fit_started", None)
+        return 0.0 if started is None else time.perf_counter() - started
+
+    def elapsed(self) -> float:
+        """Seconds spent in ``fit`` by every session of this run."""
+        return getattr(self, "_elapsed_before", self.state.elapsed) + self.session_seconds
+
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self.stop_requested:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
@@ -173,6 +186,8 @@ class Trainer:
 
     def run_epoch(self) -> None:
         st = self.state
+        if st.batch == 0:
+            st.running["lr"] = self.schedule.lr  # the rate the epoch starts at, for the history
         self.sampler.set_epoch(st.epoch, st.batch)
         for hook in self.hooks:
             hook.before_epoch(self)
@@ -235,7 +250,7 @@ class Trainer:
         row = {
             "epoch": st.epoch + 1,
             "phase": self.phase.name,
-            "lr": self.schedule.lr,
+            "lr": st.running.get("lr", self.schedule.lr),
             "train_loss": st.running["loss"] / seen,
             "train_accuracy": st.running["correct"] / seen,
             "val_loss": val_loss,
@@ -254,6 +269,7 @@ class Trainer:
     # ------------------------------------------------------------------ snapshots
 
     def snapshot_payload(self) -> dict[str, Any]:
+        self.state.elapsed = self.elapsed()
         return {
             "loop": asdict(self.state),
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},

@@ -72,8 +72,34 @@ def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
     return [p for p in phases if p.epochs > 0]
 
 
+RUN_FILES = RUN_MARKERS + (
+    "model.safetensors", "metrics.json", "config.yaml", "splits.json", "weights_report.json",
+    "learning_curves.png", "confusion_matrix.png", "predictions.png",
+)
+
+
 def holds_run(path: Path) -> bool:
     return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+def clear_run(path: Path) -> None:
+    """Remove a run's own files (nothing else in the folder), so no stale plot survives."""
+    for name in RUN_FILES:
+        target = path / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def check_batch_size(cfg: GraftConfig, model: GraftClassifier, phases: list[Phase]) -> None:
+    """BatchNorm in training mode cannot learn from batches of one image: say so before training."""
+    if cfg.solver.batch_size >= 2:
+        return
+    from graft.train.loop import phase_param_groups
+
+    for phase in phases:
+        phase_param_groups(model, phase, cfg.solver, cfg.model.freeze, cfg.model.lr_mult)
+        model.train()
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+            raise ConfigError(f"solver.batch_size is 1, but the {phase.name} phase trains BatchNorm layers, which need at least 2 images per batch: use --batch-size 2 or more")
 
 
 @dataclass
@@ -107,7 +133,10 @@ def train(
         cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
         splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
         _check_files_exist(splits)
-        run_dir = Path(out) if out else checkpoint.snapshot_run_dir(payload["path"])
+        source_run = checkpoint.snapshot_run_dir(payload["path"])
+        run_dir = Path(out) if out else source_run
+        replace = run_dir.resolve() != source_run.resolve() and holds_run(run_dir)
+        device = select_device(cfg.train.device)
     else:
         if cfg is None:
             raise ConfigError("train needs a config (or --resume SNAPSHOT)")
@@ -118,36 +147,44 @@ def train(
         if out is None:
             raise ConfigError("no output folder: pass --out RUNDIR")
         run_dir = Path(out)
-        if holds_run(run_dir):
-            if not overwrite:
-                raise ConfigError(f"{run_dir} already holds a run; choose another --out, continue it with --resume {run_dir}/snapshots/last, or pass --overwrite to replace it")
-            for m in RUN_MARKERS + ("model.safetensors", "metrics.json"):
-                target = run_dir / m
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        replace = holds_run(run_dir)
+        source_run = None
+        device = select_device(cfg.train.device)
+    if replace and not overwrite:
+        hint = f", continue it with --resume {run_dir}/snapshots/last," if payload is None else ""
+        raise ConfigError(f"{run_dir} already holds a run; choose another --out{hint} or pass --overwrite to replace it")
+    if payload is None:
         d = cfg.data
         splits = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)
-    run_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     for w in splits.warnings:
         say(f"warning: {w}")
     if splits.skipped:
         say(f"skipped {len(splits.skipped)} unreadable file(s); listed in {run_dir / 'metrics.json'} (e.g. {splits.skipped[0].path}: {splits.skipped[0].reason})")
+    if not splits.val:
+        say("warning: no validation images (data.val_fraction is 0 or the classes are too small to split): no validation metrics" + ("; lr_policy plateau will never lower the rate" if cfg.solver.lr_policy == "plateau" else ""))
 
     model, report = build_model(cfg.model, len(splits.classes), load_weights=payload is None, seed=cfg.solver.seed)
     if payload is not None:
         model.load_state_dict(payload["model"])
-    else:
-        write_json(run_dir / "weights_report.json", report.to_dict())
-        say(report.summary())
     pre = preprocessing_for(model.backbone, cfg.data)
     aug = augmentation_from_config(cfg.data)
-    device = select_device(cfg.train.device)
+    phases = plan_phases(cfg, model)
+    check_batch_size(cfg, model, phases)
+    # Everything is validated: only now may an earlier run in the folder be replaced.
+    if replace:
+        clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if payload is None:
+        write_json(run_dir / "weights_report.json", report.to_dict())
+        say(report.summary())
+    elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
+        shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
     model.to(device)
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
     val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels)
-    phases = plan_phases(cfg, model)
 
     weights_source = report.source if payload is None else payload.get("weights_source", "snapshot")
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": weights_source}
@@ -172,7 +209,8 @@ def train(
         seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
     state = trainer.fit(resume=payload)
     info = run_info(cfg, splits.classes, pre, model, phases, weights_source)
-    seconds = time.perf_counter() - started
+    # Training time across every session of the run, plus this session's set-up and results.
+    seconds = trainer.elapsed() + (time.perf_counter() - started - trainer.session_seconds)
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
     return TrainResult(run_dir, metrics, state.history)
