@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Caches (embeddings) go to a throwaway folder, never the user's ~/.cache.
+if "GRAFT_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["GRAFT_CACHE_DIR"] = tempfile.mkdtemp(prefix="graft-test-cache-")
 
 from helpers import make_class_folders  # noqa: E402
 

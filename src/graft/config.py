@@ -80,6 +80,9 @@ class TrainConfig(_Strict):
     fine_tune_at: int | str | None = Field(None, description="First backbone layer that learns when fine-tuning: an index into `graft plan`'s layer list (negative counts from the end) or a module name; default: the last third of the layers.")
     fine_tune_lr_mult: float = Field(0.1, gt=0.0, description="Fine-tuning learning rate = solver.base_lr * this.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    embedding_cache: bool = Field(True, description="Train frozen-backbone phases on cached backbone embeddings (computed once per image, stored on disk).")
+    cache_views: int = Field(4, ge=1, le=64, description="With augmentation: augmented views per training image in the embedding cache; each epoch draws one.")
+    cache_dir: str | None = Field(None, description="Where caches live; default $GRAFT_CACHE_DIR, else ~/.cache/graft.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: bool | Literal["auto"] = Field("auto", description="Mixed precision; auto = on for CUDA.")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from graft.data.dataset import EpochBatchSampler, ImageDataset, eval_loader, train_loader
 from graft.errors import GraftError
@@ -35,6 +36,17 @@ class Phase:
     @property
     def backbone_frozen(self) -> bool:
         return self.trainable_from is None
+
+
+@dataclass
+class PhaseData:
+    """What a phase trains and validates on: images, or (``embeddings=True``) cached backbone
+    embeddings, in which case only the head runs."""
+
+    train: Dataset
+    val: Dataset | None
+    embeddings: bool = False
+    workers: int | None = None  # None: the trainer's
 
 
 @dataclass
@@ -96,6 +108,7 @@ class Trainer:
         lr_rules: list[Any] = (),
         label_smoothing: float = 0.0,
         hooks: list[Hook] = (),
+        data_for_phase: Any = None,
     ) -> None:
         self.model, self.phases, self.solver = model, phases, solver
         self.train_data, self.val_data = train_data, val_data
@@ -105,9 +118,9 @@ class Trainer:
         self.hooks = list(hooks)
         self.state = LoopState()
         self.sampler = EpochBatchSampler(len(train_data), solver.batch_size, seed=solver.seed)
-        pin = device.type == "cuda"
-        self.loader = train_loader(train_data, self.sampler, workers=workers, pin_memory=pin)
-        self.val_loader = eval_loader(val_data, batch_size=solver.batch_size, workers=workers, pin_memory=pin) if val_data and len(val_data) else None
+        self.data_for_phase = data_for_phase or (lambda phase: None)
+        self.data: PhaseData | None = None
+        self.loader = self.val_loader = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: LRSchedule | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) if self.amp else None
@@ -122,6 +135,12 @@ class Trainer:
     def configure_phase(self, phase: Phase) -> None:
         """Set what learns for ``phase`` and build its optimizer and schedule."""
         groups = phase_param_groups(self.model, phase, self.solver, self.freeze_patterns, self.lr_rules)
+        self.data = self.data_for_phase(phase) or PhaseData(self.train_data, self.val_data)
+        workers = self.workers if self.data.workers is None else self.data.workers
+        pin = self.device.type == "cuda"
+        self.loader = train_loader(self.data.train, self.sampler, workers=workers, pin_memory=pin)
+        val = self.data.val
+        self.val_loader = eval_loader(val, batch_size=self.solver.batch_size, workers=workers, pin_memory=pin) if val is not None and len(val) else None
         self.optimizer = make_optimizer(groups, self.solver)
         per_epoch = len(self.sampler)
         total = phase.epochs * per_epoch
@@ -232,7 +251,9 @@ class Trainer:
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits. With the backbone frozen it runs without autograd: only the head builds a
-        graph. (This is the seam where cached embeddings can replace the backbone.)"""
+        graph; with cached embeddings it does not run at all."""
+        if self.data.embeddings:
+            return self.model.head(images)
         if self.phase.backbone_frozen:
             with torch.no_grad():
                 features = self.model.backbone(images)
@@ -244,7 +265,7 @@ class Trainer:
         seen = max(1.0, st.running["seen"])
         val_loss = val_acc = None
         if self.val_loader is not None:
-            out = collect_outputs(self.model, self.val_loader, self.device, amp=self.amp)
+            out = collect_outputs(self.model.head if self.data.embeddings else self.model, self.val_loader, self.device, amp=self.amp)
             val_loss = float(out.losses.mean())
             val_acc = float((out.preds == out.labels).mean())
         row = {

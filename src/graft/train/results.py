@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,12 +59,20 @@ def write_results(
     amp: bool,
     workers: int,
     train_seconds: float,
+    outputs_for: Callable[[GraftClassifier, list[Sample]], Outputs] | None = None,
 ) -> dict[str, Any]:
-    """Write model, metrics and plots; returns the metrics (also in ``metrics.json``)."""
+    """Write model, metrics and plots; returns the metrics (also in ``metrics.json``).
+    ``outputs_for`` computes model outputs some cheaper way (cached embeddings) when it can."""
     classes = splits.classes
     pre = Preprocessing.from_dict(info["preprocessing"])
-    val = evaluate_samples(model, splits.val, pre, device=device, amp=amp, workers=workers)
-    test = evaluate_samples(model, splits.test, pre, device=device, amp=amp, workers=workers) if splits.test else None
+
+    def outputs(samples: list[Sample]) -> Outputs:
+        if outputs_for is not None:
+            return outputs_for(model, samples)
+        return evaluate_samples(model, samples, pre, device=device, amp=amp, workers=workers)
+
+    val = outputs(splits.val)
+    test = outputs(splits.test) if splits.test else None
     val_m = metrics_from_outputs(val, classes)
     test_m = metrics_from_outputs(test, classes) if test is not None else None
     final = test_m or val_m

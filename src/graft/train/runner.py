@@ -11,7 +11,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,19 @@ import torch
 
 from graft import __version__
 from graft.config import GraftConfig, dump_yaml, parse_config
-from graft.data.dataset import ImageDataset, default_workers
+from graft.data.dataset import ImageDataset, default_workers, eval_loader
 from graft.data.folder import DatasetSplits, scan_folder
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
 from graft.errors import ConfigError, DataError, SnapshotError
+from graft.evaluate import Outputs, collect_outputs
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.backbones import build_model
 from graft.models.classifier import HEAD_LAYER, GraftClassifier
 from graft.train import checkpoint
 from graft.train.hooks import HistoryHook, ProgressHook, SnapshotHook
-from graft.train.loop import Phase, Trainer
+from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, default_cache_dir
+from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import write_results
 
 RUN_MARKERS = ("model.json", "snapshots", "history.csv")
@@ -186,6 +188,7 @@ def train(
     train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
     val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels)
 
+    cached = embedding_data(cfg, model, splits, pre, aug, device, workers, say)
     weights_source = report.source if payload is None else payload.get("weights_source", "snapshot")
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": weights_source}
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -204,6 +207,7 @@ def train(
         lr_rules=cfg.model.lr_mult,
         label_smoothing=cfg.train.label_smoothing,
         hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
+        data_for_phase=cached.phase_data if cached else None,
     )
     if payload is None:
         seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
@@ -211,9 +215,69 @@ def train(
     info = run_info(cfg, splits.classes, pre, model, phases, weights_source)
     # Training time across every session of the run, plus this session's set-up and results.
     seconds = trainer.elapsed() + (time.perf_counter() - started - trainer.session_seconds)
-    metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds)
+    # After a frozen-backbone last phase the backbone is unchanged: evaluate on cached embeddings.
+    head_outputs = cached.outputs if cached and phases[-1].backbone_frozen else None
+    metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
     return TrainResult(run_dir, metrics, state.history)
+
+
+class CachedEmbeddings:
+    """Embedding-cache data for the frozen-backbone phase, built on first use."""
+
+    def __init__(self, cache: EmbeddingCache, cfg: GraftConfig, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, say: Any) -> None:
+        self.cache, self.cfg, self.splits, self.pre, self.aug, self.device, self.say = cache, cfg, splits, pre, aug, device, say
+        self._data: PhaseData | None = None
+
+    def phase_data(self, phase: Phase) -> PhaseData | None:
+        if not phase.backbone_frozen:
+            return None
+        if self._data is None:
+            self._data = self._build(phase)
+        return self._data
+
+    def _build(self, phase: Phase) -> PhaseData:
+        cfg, splits, pre, aug = self.cfg, self.splits, self.pre, self.aug
+        before = self.cache.computed
+        started = time.perf_counter()
+        if aug.is_identity:
+            train_emb = self.cache.embed(splits.train, eval_transform(pre)).unsqueeze(1)
+        else:
+            tf, spec = train_transform(pre, aug), asdict(aug)
+            # Never more views than epochs: then the cache costs at most what the slow path would.
+            n_views = max(1, min(cfg.train.cache_views, phase.epochs))
+            views = [self.cache.embed(splits.train, tf, view=v, augmentation=spec, seed=cfg.solver.seed) for v in range(1, n_views + 1)]
+            train_emb = torch.stack(views, 1)
+        val_emb = self.cache.embed(splits.val, eval_transform(pre))
+        computed = self.cache.computed - before
+        where = self.cache.store.root if self.cache.store else "memory"
+        self.say(f"embedding cache: {computed} image views through the backbone ({time.perf_counter() - started:.1f}s), {train_emb.shape[0] * train_emb.shape[1] + len(val_emb) - computed} reused; stored in {where}")
+        train = EmbeddingDataset(train_emb, [s.label for s in splits.train], seed=cfg.solver.seed)
+        val = EmbeddingDataset(val_emb, [s.label for s in splits.val])
+        return PhaseData(train, val, embeddings=True, workers=0)
+
+    def outputs(self, model: GraftClassifier, samples: list) -> Outputs:
+        emb = self.cache.embed(samples, eval_transform(self.pre))
+        loader = eval_loader(EmbeddingDataset(emb, [s.label for s in samples]), batch_size=256, workers=0)
+        return collect_outputs(model.head, loader, self.device)
+
+
+def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, workers: int, say: Any) -> CachedEmbeddings | None:
+    """The embedding cache applies when a frozen backbone is a fixed function of the image: its
+    BatchNorm stays in inference mode (``model.frozen_bn_eval``)."""
+    if not (cfg.train.embedding_cache and cfg.model.frozen_bn_eval):
+        return None
+    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
+    cache = EmbeddingCache(
+        model.backbone,
+        root=root,
+        spec={"preprocessing": pre.to_dict(), "backbone": cfg.model.name},
+        device=device,
+        batch_size=max(32, cfg.solver.batch_size),
+        workers=workers,
+        max_pixels=cfg.data.max_pixels,
+    )
+    return CachedEmbeddings(cache, cfg, splits, pre, aug, device, say)
 
 
 def _pct(x: float | None) -> str:
