@@ -46,6 +46,7 @@ class DataConfig(_Strict):
     strict: bool = Field(False, description="Fail on any unreadable file instead of skipping and listing it.")
     max_pixels: int | None = Field(89_478_485, ge=1, description="Decompression-bomb guard: refuse images with more pixels; null disables.")
     num_workers: int | None = Field(None, ge=0, description="DataLoader worker processes; default: chosen for the machine.")
+    decode_cache_mb: float = Field(2048, ge=0, description="Memory for decoded, resized images (each file decoded once per run); beyond it they go to disk. 0 disables.")
 
     @field_validator("crop_scale")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -39,11 +40,13 @@ class ImageDataset(Dataset):
         *,
         seed: int = 0,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        decoded: Any = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.seed = seed
         self.max_pixels = max_pixels
+        self.decoded = decoded  # a DecodedImages over the same samples, or None to read the files
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,7 +55,7 @@ class ImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         try:
-            image = load_image(sample.path, max_pixels=self.max_pixels)
+            image = self.decoded[index] if self.decoded is not None else load_image(sample.path, max_pixels=self.max_pixels)
         except ImageError as err:
             raise DataError(f"{err} (it was readable when the dataset was scanned; did it change?)") from None
         if epoch is None:

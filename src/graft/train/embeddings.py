@@ -112,8 +112,8 @@ class EmbeddingStore:
 class _ViewDataset(Dataset):
     """Images under one transform; augmented views are seeded by (seed, view, file digest)."""
 
-    def __init__(self, samples: Sequence[Sample], digests: Sequence[str], transform: Any, *, seed: int, view: int, max_pixels: int | None) -> None:
-        self.images = ImageDataset(samples, transform, max_pixels=max_pixels)
+    def __init__(self, samples: Sequence[Sample], digests: Sequence[str], transform: Any, *, seed: int, view: int, max_pixels: int | None, decoded: Any = None) -> None:
+        self.images = ImageDataset(samples, transform, max_pixels=max_pixels, decoded=decoded)
         self.digests, self.seed, self.view = list(digests), seed, view
 
     def __len__(self) -> int:
@@ -144,10 +144,10 @@ class EmbeddingCache:
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
     @torch.inference_mode()
-    def _compute(self, samples: Sequence[Sample], digests: Sequence[str], transform: Any, *, seed: int, view: int) -> list[torch.Tensor]:
+    def _compute(self, samples: Sequence[Sample], digests: Sequence[str], transform: Any, *, seed: int, view: int, decoded: Any = None) -> list[torch.Tensor]:
         was_training = self.backbone.training
         self.backbone.eval()
-        ds = _ViewDataset(samples, digests, transform, seed=seed, view=view, max_pixels=self.max_pixels)
+        ds = _ViewDataset(samples, digests, transform, seed=seed, view=view, max_pixels=self.max_pixels, decoded=decoded)
         out: list[torch.Tensor] = []
         try:
             for images, _ in eval_loader(ds, batch_size=self.batch_size, workers=self.workers, pin_memory=self.device.type == "cuda"):
@@ -157,9 +157,10 @@ class EmbeddingCache:
         self.computed += len(samples)
         return out
 
-    def embed(self, samples: Sequence[Sample], transform: Any, *, view: int = 0, augmentation: dict[str, Any] | None = None, seed: int = 0) -> torch.Tensor:
+    def embed(self, samples: Sequence[Sample], transform: Any, *, view: int = 0, augmentation: dict[str, Any] | None = None, seed: int = 0, decoded: Any = None) -> torch.Tensor:
         """``[N, D]`` embeddings of ``samples`` (view 0: the evaluation transform; view v > 0: the v-th
-        augmented copy under ``transform``). Only rows missing from the store are computed."""
+        augmented copy under ``transform``). Only rows missing from the store are computed;
+        ``decoded`` (a DecodedImages over ``samples``) saves decoding the files again."""
         digests = [file_digest(s.path) for s in samples]
         key = self.key(view, augmentation, seed)
         if key not in self.memory:
@@ -168,7 +169,10 @@ class EmbeddingCache:
         missing = [i for i, d in enumerate(digests) if d not in rows]
         if missing:
             unique = {digests[i]: i for i in missing}
-            new = self._compute([samples[i] for i in unique.values()], list(unique), transform, seed=seed, view=view)
+            subset = None
+            if decoded is not None and len(unique) == len(samples):
+                subset = decoded
+            new = self._compute([samples[i] for i in unique.values()], list(unique), transform, seed=seed, view=view, decoded=subset)
             rows.update(zip(unique, new))
             if self.store:
                 self.store.save(key, rows)

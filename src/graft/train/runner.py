@@ -185,10 +185,12 @@ def train(
     model.to(device)
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
-    train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
-    val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels)
-
     cached = embedding_data(cfg, model, splits, pre, aug, device, workers, say)
+    decoded_train, decoded_val = decoded_images(cfg, phases, cached, aug, splits, pre, say)
+    if cached is not None:
+        cached.decoded = decoded_train
+    train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels, decoded=decoded_train)
+    val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels, decoded=decoded_val)
     weights_source = report.source if payload is None else payload.get("weights_source", "snapshot")
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": weights_source}
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -228,6 +230,7 @@ class CachedEmbeddings:
     def __init__(self, cache: EmbeddingCache, cfg: GraftConfig, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, say: Any) -> None:
         self.cache, self.cfg, self.splits, self.pre, self.aug, self.device, self.say = cache, cfg, splits, pre, aug, device, say
         self._data: PhaseData | None = None
+        self.decoded: Any = None  # DecodedImages of the training split, when images are decoded more than once
 
     def phase_data(self, phase: Phase) -> PhaseData | None:
         if not phase.backbone_frozen:
@@ -246,7 +249,7 @@ class CachedEmbeddings:
             tf, spec = train_transform(pre, aug), asdict(aug)
             # Never more views than epochs: then the cache costs at most what the slow path would.
             n_views = max(1, min(cfg.train.cache_views, phase.epochs))
-            views = [self.cache.embed(splits.train, tf, view=v, augmentation=spec, seed=cfg.solver.seed) for v in range(1, n_views + 1)]
+            views = [self.cache.embed(splits.train, tf, view=v, augmentation=spec, seed=cfg.solver.seed, decoded=self.decoded) for v in range(1, n_views + 1)]
             train_emb = torch.stack(views, 1)
         val_emb = self.cache.embed(splits.val, eval_transform(pre))
         computed = self.cache.computed - before
@@ -260,6 +263,28 @@ class CachedEmbeddings:
         emb = self.cache.embed(samples, eval_transform(self.pre))
         loader = eval_loader(EmbeddingDataset(emb, [s.label for s in samples]), batch_size=256, workers=0)
         return collect_outputs(model.head, loader, self.device)
+
+
+def decoded_images(cfg: GraftConfig, phases: list[Phase], cached: CachedEmbeddings | None, aug: Any, splits: DatasetSplits, pre: Preprocessing, say: Any) -> tuple[Any, Any]:
+    """Decode each image once up front when the run would otherwise decode it more than once
+    (image epochs, or several augmented views for the embedding cache)."""
+    if cfg.data.decode_cache_mb <= 0:
+        return None, None
+    on_embeddings = [p for p in phases if p.backbone_frozen and cached is not None]
+    image_epochs = sum(p.epochs for p in phases if p not in on_embeddings)
+    view_passes = max((min(cfg.train.cache_views, p.epochs) for p in on_embeddings if not aug.is_identity), default=0)
+    if image_epochs <= 1 and view_passes <= 1:
+        return None, None
+    from graft.data.decoded import DecodedImages
+
+    started = time.perf_counter()
+    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
+    total = max(1, len(splits.train) + len(splits.val))
+    budget = cfg.data.decode_cache_mb
+    train = DecodedImages(splits.train, pre, budget_mb=budget * len(splits.train) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill()
+    val = DecodedImages(splits.val, pre, budget_mb=budget * len(splits.val) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill() if image_epochs > 1 else None
+    say(f"decoded images once ({time.perf_counter() - started:.1f}s): train {train.describe()}" + (f"; val {val.describe()}" if val else ""))
+    return train, val
 
 
 def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, workers: int, say: Any) -> CachedEmbeddings | None:
