@@ -16,9 +16,8 @@ import pytest
 import yaml
 
 from graft.cli import main
-from helpers import make_class_folders, make_image, tiny_config
+from helpers import make_class_folders, tiny_config
 
-import numpy as np
 
 GRAFT = [sys.executable, "-m", "graft.cli"]
 

@@ -83,6 +83,8 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     embedding_cache: bool = Field(True, description="Train frozen-backbone phases on cached backbone embeddings (computed once per image, stored on disk).")
     cache_views: int = Field(4, ge=1, le=64, description="With augmentation: augmented views per training image in the embedding cache; each epoch draws one.")
+    prefix_cache: bool = Field(True, description="Fine-tuning without augmentation: compute the frozen layers' activations once and run only the layers that learn.")
+    prefix_cache_mb: float = Field(1024, ge=0, description="Memory limit for those activations (half precision); over it, the whole network runs each epoch.")
     cache_dir: str | None = Field(None, description="Where caches live; default $GRAFT_CACHE_DIR, else ~/.cache/graft.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: bool | Literal["auto"] = Field("auto", description="Mixed precision; auto = on for CUDA.")

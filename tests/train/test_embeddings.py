@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +9,7 @@ from safetensors.torch import load_file
 
 from graft.config import ModelConfig, parse_config
 from graft.data.folder import scan_folder
-from graft.data.transforms import Preprocessing, eval_transform, preprocessing_for
+from graft.data.transforms import Preprocessing, eval_transform
 from graft.models.backbones import build_model
 from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, EmbeddingStore
 from graft.train.runner import train

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 
 from graft.data.dataset import EpochBatchSampler, ImageDataset, eval_loader, train_loader
@@ -40,12 +41,13 @@ class Phase:
 
 @dataclass
 class PhaseData:
-    """What a phase trains and validates on: images, or (``embeddings=True``) cached backbone
-    embeddings, in which case only the head runs."""
+    """What a phase trains and validates on. With ``forward`` set, the batches are something the
+    part of the network below it already computed once (cached embeddings or activations) and
+    ``forward`` maps them to logits; otherwise they are images and the whole model runs."""
 
     train: Dataset
     val: Dataset | None
-    embeddings: bool = False
+    forward: nn.Module | None = None
     workers: int | None = None  # None: the trainer's
 
 
@@ -251,9 +253,9 @@ class Trainer:
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits. With the backbone frozen it runs without autograd: only the head builds a
-        graph; with cached embeddings it does not run at all."""
-        if self.data.embeddings:
-            return self.model.head(images)
+        graph; with cached embeddings or activations the cached part does not run at all."""
+        if self.data.forward is not None:
+            return self.data.forward(images)
         if self.phase.backbone_frozen:
             with torch.no_grad():
                 features = self.model.backbone(images)
@@ -265,7 +267,7 @@ class Trainer:
         seen = max(1.0, st.running["seen"])
         val_loss = val_acc = None
         if self.val_loader is not None:
-            out = collect_outputs(self.model.head if self.data.embeddings else self.model, self.val_loader, self.device, amp=self.amp)
+            out = collect_outputs(self.data.forward or self.model, self.val_loader, self.device, amp=self.amp)
             val_loss = float(out.losses.mean())
             val_acc = float((out.preds == out.labels).mean())
         row = {

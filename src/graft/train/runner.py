@@ -11,7 +11,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,18 @@ import torch
 
 from graft import __version__
 from graft.config import GraftConfig, dump_yaml, parse_config
-from graft.data.dataset import ImageDataset, default_workers, eval_loader
+from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, scan_folder
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
-from graft.errors import ConfigError, DataError, SnapshotError
-from graft.evaluate import Outputs, collect_outputs
+from graft.errors import ConfigError, SnapshotError
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.backbones import build_model
 from graft.models.classifier import HEAD_LAYER, GraftClassifier
 from graft.train import checkpoint
 from graft.train.hooks import HistoryHook, ProgressHook, SnapshotHook
-from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, default_cache_dir
-from graft.train.loop import Phase, PhaseData, Trainer
+from graft.train.caches import decoded_images, embedding_data, phase_sources, prefix_data
+from graft.train.loop import Phase, Trainer
 from graft.train.results import write_results
 
 RUN_MARKERS = ("model.json", "snapshots", "history.csv")
@@ -189,6 +188,7 @@ def train(
     decoded_train, decoded_val = decoded_images(cfg, phases, cached, aug, splits, pre, say)
     if cached is not None:
         cached.decoded = decoded_train
+    prefix = prefix_data(cfg, model, splits, pre, aug, device, say, (decoded_train, decoded_val))
     train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels, decoded=decoded_train)
     val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels, decoded=decoded_val)
     weights_source = report.source if payload is None else payload.get("weights_source", "snapshot")
@@ -209,7 +209,7 @@ def train(
         lr_rules=cfg.model.lr_mult,
         label_smoothing=cfg.train.label_smoothing,
         hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
-        data_for_phase=cached.phase_data if cached else None,
+        data_for_phase=phase_sources(cached, prefix),
     )
     if payload is None:
         seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
@@ -219,90 +219,11 @@ def train(
     seconds = trainer.elapsed() + (time.perf_counter() - started - trainer.session_seconds)
     # After a frozen-backbone last phase the backbone is unchanged: evaluate on cached embeddings.
     head_outputs = cached.outputs if cached and phases[-1].backbone_frozen else None
+    if head_outputs is None and prefix is not None and prefix.cut > 0:
+        head_outputs = prefix.outputs  # the frozen prefix is unchanged: reuse its activations
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
     return TrainResult(run_dir, metrics, state.history)
-
-
-class CachedEmbeddings:
-    """Embedding-cache data for the frozen-backbone phase, built on first use."""
-
-    def __init__(self, cache: EmbeddingCache, cfg: GraftConfig, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, say: Any) -> None:
-        self.cache, self.cfg, self.splits, self.pre, self.aug, self.device, self.say = cache, cfg, splits, pre, aug, device, say
-        self._data: PhaseData | None = None
-        self.decoded: Any = None  # DecodedImages of the training split, when images are decoded more than once
-
-    def phase_data(self, phase: Phase) -> PhaseData | None:
-        if not phase.backbone_frozen:
-            return None
-        if self._data is None:
-            self._data = self._build(phase)
-        return self._data
-
-    def _build(self, phase: Phase) -> PhaseData:
-        cfg, splits, pre, aug = self.cfg, self.splits, self.pre, self.aug
-        before = self.cache.computed
-        started = time.perf_counter()
-        if aug.is_identity:
-            train_emb = self.cache.embed(splits.train, eval_transform(pre)).unsqueeze(1)
-        else:
-            tf, spec = train_transform(pre, aug), asdict(aug)
-            # Never more views than epochs: then the cache costs at most what the slow path would.
-            n_views = max(1, min(cfg.train.cache_views, phase.epochs))
-            views = [self.cache.embed(splits.train, tf, view=v, augmentation=spec, seed=cfg.solver.seed, decoded=self.decoded) for v in range(1, n_views + 1)]
-            train_emb = torch.stack(views, 1)
-        val_emb = self.cache.embed(splits.val, eval_transform(pre))
-        computed = self.cache.computed - before
-        where = self.cache.store.root if self.cache.store else "memory"
-        self.say(f"embedding cache: {computed} image views through the backbone ({time.perf_counter() - started:.1f}s), {train_emb.shape[0] * train_emb.shape[1] + len(val_emb) - computed} reused; stored in {where}")
-        train = EmbeddingDataset(train_emb, [s.label for s in splits.train], seed=cfg.solver.seed)
-        val = EmbeddingDataset(val_emb, [s.label for s in splits.val])
-        return PhaseData(train, val, embeddings=True, workers=0)
-
-    def outputs(self, model: GraftClassifier, samples: list) -> Outputs:
-        emb = self.cache.embed(samples, eval_transform(self.pre))
-        loader = eval_loader(EmbeddingDataset(emb, [s.label for s in samples]), batch_size=256, workers=0)
-        return collect_outputs(model.head, loader, self.device)
-
-
-def decoded_images(cfg: GraftConfig, phases: list[Phase], cached: CachedEmbeddings | None, aug: Any, splits: DatasetSplits, pre: Preprocessing, say: Any) -> tuple[Any, Any]:
-    """Decode each image once up front when the run would otherwise decode it more than once
-    (image epochs, or several augmented views for the embedding cache)."""
-    if cfg.data.decode_cache_mb <= 0:
-        return None, None
-    on_embeddings = [p for p in phases if p.backbone_frozen and cached is not None]
-    image_epochs = sum(p.epochs for p in phases if p not in on_embeddings)
-    view_passes = max((min(cfg.train.cache_views, p.epochs) for p in on_embeddings if not aug.is_identity), default=0)
-    if image_epochs <= 1 and view_passes <= 1:
-        return None, None
-    from graft.data.decoded import DecodedImages
-
-    started = time.perf_counter()
-    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
-    total = max(1, len(splits.train) + len(splits.val))
-    budget = cfg.data.decode_cache_mb
-    train = DecodedImages(splits.train, pre, budget_mb=budget * len(splits.train) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill()
-    val = DecodedImages(splits.val, pre, budget_mb=budget * len(splits.val) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill() if image_epochs > 1 else None
-    say(f"decoded images once ({time.perf_counter() - started:.1f}s): train {train.describe()}" + (f"; val {val.describe()}" if val else ""))
-    return train, val
-
-
-def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, workers: int, say: Any) -> CachedEmbeddings | None:
-    """The embedding cache applies when a frozen backbone is a fixed function of the image: its
-    BatchNorm stays in inference mode (``model.frozen_bn_eval``)."""
-    if not (cfg.train.embedding_cache and cfg.model.frozen_bn_eval):
-        return None
-    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
-    cache = EmbeddingCache(
-        model.backbone,
-        root=root,
-        spec={"preprocessing": pre.to_dict(), "backbone": cfg.model.name},
-        device=device,
-        batch_size=max(32, cfg.solver.batch_size),
-        workers=workers,
-        max_pixels=cfg.data.max_pixels,
-    )
-    return CachedEmbeddings(cache, cfg, splits, pre, aug, device, say)
 
 
 def _pct(x: float | None) -> str:

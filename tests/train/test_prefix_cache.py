@@ -1,0 +1,69 @@
+"""The frozen-prefix cache: fine-tuning the top without augmentation runs only the top each epoch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graft.config import ModelConfig, parse_config
+from graft.models.backbones import build_model
+from graft.train.caches import backbone_units, chain_matches
+from graft.train.runner import train
+from helpers import make_class_folders, tiny_config
+
+
+@pytest.mark.parametrize("name, supported", [("test_efficientnet", True), ("test_resnet", True), ("tf_efficientnet_lite0", True), ("test_vit", False)])
+def test_known_block_structures_are_recognised_and_checked(name, supported):
+    model, _ = build_model(ModelConfig(name=name, weights="none"), 2)
+    units = backbone_units(model.backbone)
+    assert (units is not None and chain_matches(model.backbone, units, 64)) == supported
+
+
+def test_a_chain_that_differs_from_the_forward_is_rejected():
+    model, _ = build_model(ModelConfig(name="test_resnet", weights="none"), 2)
+    units = backbone_units(model.backbone)
+    assert chain_matches(model.backbone, units, 64)
+    assert not chain_matches(model.backbone, units[:-1], 64)  # pooling left out
+    assert not chain_matches(model.backbone, units[:5] + units[6:], 64)  # a residual block left out
+
+
+def fine_tune(data, tmp_path, name, *, prefix_cache=True, augment="none", budget=1024, hooks=(), **train_opts):
+    cfg = tiny_config(data, model={"name": "test_resnet"}, data={"augment": augment}, train={"strategy": "fine-tune", "epochs": 3, "fine_tune_at": -6, "prefix_cache": prefix_cache, "prefix_cache_mb": budget, **train_opts}, solver={"base_lr": 0.01})
+    return train(parse_config(cfg), tmp_path / name, hooks=list(hooks))
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_class_folders(tmp_path / "data", per_class=8)
+
+
+def test_prefix_cache_trains_like_the_whole_network(data, tmp_path, capsys):
+    fast = fine_tune(data, tmp_path, "fast")
+    log = capsys.readouterr().err
+    slow = fine_tune(data, tmp_path, "slow", prefix_cache=False)
+    assert "prefix cache:" in log and "computed once" in log
+    assert fast.metrics["val_accuracy"] == slow.metrics["val_accuracy"]
+    for a, b in zip(fast.history, slow.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-2, abs=2e-3)
+    wf, ws = load_file(str(fast.run_dir / "model.safetensors")), load_file(str(slow.run_dir / "model.safetensors"))
+    assert torch.equal(wf["backbone.conv1.0.weight"], ws["backbone.conv1.0.weight"])  # the frozen bottom is untouched in both
+    torch.testing.assert_close(wf["head.fc.weight"], ws["head.fc.weight"], atol=5e-3, rtol=5e-2)  # fp16 activations: close, not equal
+
+
+def test_over_budget_falls_back_to_the_whole_network(data, tmp_path, capsys):
+    result = fine_tune(data, tmp_path, "b", budget=0.001)
+    assert "exceed train.prefix_cache_mb" in capsys.readouterr().err
+    assert result.metrics["val_accuracy"] is not None
+
+
+def test_never_used_with_augmentation(data, tmp_path, capsys):
+    fine_tune(data, tmp_path, "aug", augment="flip-rotate")
+    assert "prefix cache:" not in capsys.readouterr().err
+
+
+def test_resume_with_the_prefix_cache_is_exact(data, tmp_path):
+    full = fine_tune(data, tmp_path, "full")
+    resumed = train(None, tmp_path / "resumed", resume=full.run_dir / "snapshots" / "epoch-0001", quiet=True)
+    a, b = load_file(str(full.run_dir / "model.safetensors")), load_file(str(resumed.run_dir / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
