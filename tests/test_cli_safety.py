@@ -55,10 +55,13 @@ def test_resume_into_another_run_folder_needs_overwrite(run, tmp_path, capsys):
 
 def test_resumed_run_reports_total_training_time_and_epoch_start_lr(run, tmp_path):
     data, cfg, out = run
-    first = json.loads((out / "metrics.json").read_text())
+    from graft.train.checkpoint import load_snapshot
+
+    before = load_snapshot(out / "snapshots" / "epoch-0001")["loop"]["elapsed"]
+    assert before > 0
     assert main(["train", "--resume", str(out / "snapshots" / "epoch-0001"), "--out", str(tmp_path / "r"), "--quiet"]) == 0
     again = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert again["train_seconds"] >= 0.5 * first["train_seconds"]  # includes the epoch done before the resume
+    assert again["train_seconds"] >= before  # the time of the epoch done before the resume is counted
     rows = (out / "history.csv").read_text().splitlines()
     header = rows[0].split(",")
     first_lr = float(rows[1].split(",")[header.index("lr")])

@@ -26,16 +26,25 @@ def skimage_photo(name: str) -> Path:
         import skimage
     except ImportError as err:
         raise DataError("the demo needs scikit-image, which ships its photos (pip install scikit-image)") from err
-    path = Path(skimage.__file__).parent / "data" / f"{name}.png"
-    if not path.is_file():
-        raise DataError(f"scikit-image's photo {path} is missing; reinstall scikit-image")
-    return path
+    folder = Path(skimage.__file__).parent / "data"
+    for ext in (".png", ".jpg"):
+        if (folder / f"{name}{ext}").is_file():
+            return folder / f"{name}{ext}"
+    raise DataError(f"scikit-image's photo {name} is missing from {folder}; reinstall scikit-image")
 
 
-def make_texture_dataset(root: Path, *, train_per_class: int = 40, val_per_class: int = 15, seed: int = 0) -> Path:
-    """Write ``root/{train,val}/{brick,grass,gravel}/*.jpg``; returns ``root``."""
+def make_texture_dataset(
+    root: Path,
+    *,
+    train_per_class: int = 40,
+    val_per_class: int = 15,
+    seed: int = 0,
+    photos: tuple[str, ...] = TEXTURES,
+    sizes: tuple[int, int] = (80, 160),
+) -> Path:
+    """Write ``root/{train,val}/PHOTO/*.jpg`` (patches of side ``sizes``); returns ``root``."""
     rng = random.Random(seed)
-    for name in TEXTURES:
+    for name in photos:
         photo = Image.open(skimage_photo(name)).convert("RGB")
         w, h = photo.size
         cut = int(h * 0.75)
@@ -43,7 +52,7 @@ def make_texture_dataset(root: Path, *, train_per_class: int = 40, val_per_class
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                size = rng.randint(80, min(160, bottom - top))
+                size = rng.randint(sizes[0], min(sizes[1], bottom - top))
                 x = rng.randint(0, w - size)
                 y = rng.randint(top, bottom - size)
                 photo.crop((x, y, x + size, y + size)).save(folder / f"{name}_{i:03d}.jpg", quality=92)

@@ -60,6 +60,7 @@ def write_results(
     workers: int,
     train_seconds: float,
     outputs_for: Callable[[GraftClassifier, list[Sample]], Outputs] | None = None,
+    batch_size: int = 32,
 ) -> dict[str, Any]:
     """Write model, metrics and plots; returns the metrics (also in ``metrics.json``).
     ``outputs_for`` computes model outputs some cheaper way (cached embeddings) when it can."""
@@ -69,7 +70,7 @@ def write_results(
     def outputs(samples: list[Sample]) -> Outputs:
         if outputs_for is not None:
             return outputs_for(model, samples)
-        return evaluate_samples(model, samples, pre, device=device, amp=amp, workers=workers)
+        return evaluate_samples(model, samples, pre, device=device, amp=amp, workers=workers, batch_size=batch_size)
 
     val = outputs(splits.val)
     test = outputs(splits.test) if splits.test else None

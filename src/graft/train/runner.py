@@ -221,7 +221,7 @@ def train(
     head_outputs = cached.outputs if cached and phases[-1].backbone_frozen else None
     if head_outputs is None and prefix is not None and prefix.cut > 0:
         head_outputs = prefix.outputs  # the frozen prefix is unchanged: reuse its activations
-    metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs)
+    metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs, batch_size=cfg.solver.batch_size)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
     return TrainResult(run_dir, metrics, state.history)
 
