@@ -88,6 +88,7 @@ class TrainConfig(_Strict):
     cache_dir: str | None = Field(None, description="Where caches live; default $GRAFT_CACHE_DIR, else ~/.cache/graft.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: bool | Literal["auto"] = Field("auto", description="Mixed precision; auto = on for CUDA.")
+    channels_last: bool | Literal["auto"] = Field("auto", description="Channels-last memory format for convolutions; auto = on for CUDA, where it is faster.")
 
 
 class SolverConfig(_Strict):

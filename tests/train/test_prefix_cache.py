@@ -67,3 +67,12 @@ def test_resume_with_the_prefix_cache_is_exact(data, tmp_path):
     resumed = train(None, tmp_path / "resumed", resume=full.run_dir / "snapshots" / "epoch-0001", quiet=True)
     a, b = load_file(str(full.run_dir / "model.safetensors")), load_file(str(resumed.run_dir / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_channels_last_trains_to_the_same_result(data, tmp_path):
+    """The memory format (on by default on CUDA) changes layout, not what is learned."""
+    a = fine_tune(data, tmp_path, "cl", prefix_cache=False, channels_last=True)
+    b = fine_tune(data, tmp_path, "nchw", prefix_cache=False, channels_last=False)
+    wa, wb = load_file(str(a.run_dir / "model.safetensors")), load_file(str(b.run_dir / "model.safetensors"))
+    torch.testing.assert_close(wa["head.fc.weight"], wb["head.fc.weight"], atol=1e-4, rtol=1e-3)
+    assert a.metrics["val_accuracy"] == b.metrics["val_accuracy"]

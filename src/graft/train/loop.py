@@ -111,6 +111,7 @@ class Trainer:
         label_smoothing: float = 0.0,
         hooks: list[Hook] = (),
         data_for_phase: Any = None,
+        channels_last: bool = False,
     ) -> None:
         self.model, self.phases, self.solver = model, phases, solver
         self.train_data, self.val_data = train_data, val_data
@@ -127,6 +128,9 @@ class Trainer:
         self.schedule: LRSchedule | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) if self.amp else None
         self.stop_requested = False
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------ phase set-up
 
@@ -234,6 +238,8 @@ class Trainer:
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         """One optimizer step on one batch; returns (mean loss, number correct)."""
         images = images.to(self.device, non_blocking=True)
+        if images.ndim == 4:
+            images = images.contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp):
             logits = self.forward(images)

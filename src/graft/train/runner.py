@@ -210,6 +210,7 @@ def train(
         label_smoothing=cfg.train.label_smoothing,
         hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
         data_for_phase=phase_sources(cached, prefix),
+        channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
     )
     if payload is None:
         seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
