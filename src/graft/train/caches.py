@@ -249,7 +249,7 @@ class PrefixActivations:
         prefix.eval()
         try:
             ds = ImageDataset(samples, eval_transform(self.pre), max_pixels=self.cfg.data.max_pixels, decoded=decoded)
-            chunks = [prefix(images.to(self.device)).half().cpu() for images, _ in eval_loader(ds, batch_size=64, workers=0)]
+            chunks = [prefix(images.to(self.device)).half().cpu() for images, _ in eval_loader(ds, batch_size=self.cfg.solver.batch_size, workers=0)]
         finally:
             prefix.train(was)
         return torch.cat(chunks) if chunks else torch.zeros(0)
