@@ -316,7 +316,7 @@ def test_hub_loader_with_local_file(tmp_path, no_network):
     state = source.state_dict()
     path = tmp_path / "test_efficientnet.pth"
     torch.save(state, path)
-    loaded = create_backbone("test_efficientnet", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    loaded = create_backbone("test_efficientnet", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))  # offline: HF_HUB_OFFLINE, sockets refused
     expected = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     assert_same(loaded.state_dict(), expected)
     assert loaded.num_classes == 0
@@ -324,7 +324,7 @@ def test_hub_loader_with_local_file(tmp_path, no_network):
 
 def test_hub_offline_is_a_weights_error(no_network):
     with pytest.raises(WeightsError) as info:
-        create_backbone("test_efficientnet", pretrained=True)
+        create_backbone("test_efficientnet", pretrained=True)  # offline: HF_HUB_OFFLINE, sockets refused
     msg = str(info.value)
     assert "test_efficientnet" in msg
     assert "download them elsewhere" in msg and "--weights" in msg
