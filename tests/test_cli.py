@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import io
 import json
 import os
@@ -222,3 +223,11 @@ def test_ctrl_c_writes_a_resumable_snapshot_and_exits_130(tmp_path):
     snap = load_snapshot(run / "snapshots" / "last")
     assert snap["loop"]["epoch"] >= 2 and snap["loop"]["phase"] == 0
     assert not (run / "model.safetensors").exists()
+
+
+def test_predict_table_is_the_default(trained, capsys):
+    _, data, run = trained
+    assert main(["predict", str(run), str(data / "green" / "green_03.png"), "--top-k", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(str(data / "green" / "green_03.png"))
+    assert len(re.findall(r"(red|green|blue) +\d+\.\d%", line)) == 2
