@@ -58,7 +58,7 @@ class TrainedModel:
         try:
             info = read_json(info_path)
             cfg = parse_config(info["config"], str(info_path))
-            model, _ = build_model(cfg.model, int(info["num_classes"]), load_weights=False)
+            model, _ = build_model(cfg.model, int(info["num_classes"]), load_weights=False, head_blocks=info.get("head", {}).get("blocks"))
             model.load_state_dict(load_file(str(weights_path)))
         except SnapshotError:
             raise

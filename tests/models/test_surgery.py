@@ -576,3 +576,85 @@ def test_affine_free_batchnorm_in_trainable_backbone_trains():
     model = affine_free_model()
     model.train()
     assert model.backbone[1].training
+
+
+# ------------------------------------------------------------------------------ widen_head
+
+
+def test_widen_head_keeps_old_logits_bit_for_bit_and_counts_what_is_new():
+    """K -> K + N: the old rows are copied, the old logits are bit-identical on every input, and only
+    N * in_features + N parameters are new (the reference answer's 1024x90 -> 1024x92 case, scaled)."""
+    import torch
+
+    from graft.config import ModelConfig
+    from graft.models.backbones import build_model
+    from graft.models.surgery import widen_head
+
+    model, _ = build_model(ModelConfig(name="test_resnet", weights="none"), 90)
+    model.eval()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    embeddings = torch.randn(33, model.num_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before, before_emb = model(x), model.head(embeddings)
+    old_weight, old_bias = model.head.fc.weight.clone(), model.head.fc.bias.clone()
+    counts = widen_head(model, 2, seed=7)
+    assert counts == {"old_classes": 90, "new_classes": 2, "new_parameters": 2 * model.num_features + 2}
+    with torch.no_grad():
+        after, after_emb = model(x), model.head(embeddings)
+    assert after.shape == (5, 92)
+    assert torch.equal(after[:, :90], before) and torch.equal(after_emb[:, :90], before_emb)
+    assert torch.equal(model.head.fc.weight[:90], old_weight) and torch.equal(model.head.fc.bias[:90], old_bias)
+    assert model.head.block_sizes == [90, 2]
+
+
+def test_widening_twice_keeps_every_earlier_block():
+    import torch
+
+    from graft.config import ModelConfig
+    from graft.models.backbones import build_model
+    from graft.models.surgery import widen_head
+
+    model, _ = build_model(ModelConfig(name="test_resnet", weights="none"), 3)
+    model.eval()
+    e = torch.randn(8, model.num_features, generator=torch.Generator().manual_seed(0))
+    first = model.head(e).detach()
+    widen_head(model, 2, seed=1)
+    second = model.head(e).detach()
+    widen_head(model, 1, seed=2)
+    third = model.head(e).detach()
+    assert model.head.block_sizes == [3, 2, 1]
+    assert torch.equal(third[:, :3], first) and torch.equal(third[:, :5], second)
+
+
+def test_a_widened_model_saves_and_loads_as_a_finished_run(tmp_path):
+    """model.json records the head blocks; load_run rebuilds them and predicts identically."""
+    import torch
+    from safetensors.torch import save_file
+
+    from graft.config import GraftConfig
+    from graft.io import write_json
+    from graft.models.backbones import build_model
+    from graft.models.surgery import widen_head
+    from graft.predict import load_run
+
+    cfg = GraftConfig.model_validate({"model": {"name": "test_resnet", "weights": "none"}})
+    model, _ = build_model(cfg.model, 3)
+    widen_head(model, 2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    write_json(tmp_path / "model.json", {"classes": list("abcde"), "num_classes": 5, "config": cfg.to_dict(), "head": {"layer": "head.fc", "blocks": [3, 2]},
+                                         "preprocessing": {"input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear", "crop_pct": 1.0}})
+    run = load_run(tmp_path, device="cpu")
+    assert run.model.head.block_sizes == [3, 2]
+    e = torch.randn(4, model.num_features)
+    with torch.no_grad():
+        assert torch.equal(run.model.head.eval()(e), model.head.eval()(e))
+
+
+def test_widen_head_needs_a_new_class():
+    from graft.config import ModelConfig
+    from graft.models.backbones import build_model
+    from graft.models.surgery import widen_head
+
+    model, _ = build_model(ModelConfig(name="test_resnet", weights="none"), 3)
+    with pytest.raises(ConfigError, match="at least one new class"):
+        widen_head(model, 0)

@@ -190,17 +190,18 @@ def _arch(model: GraftClassifier) -> str:
     return cfg.get("architecture", type(model.backbone).__name__)
 
 
-def build_model(cfg: Any, num_classes: int, *, load_weights: bool = True, seed: int = 0) -> tuple[GraftClassifier, WeightsReport]:
+def build_model(cfg: Any, num_classes: int, *, load_weights: bool = True, seed: int = 0, head_blocks: list[int] | None = None) -> tuple[GraftClassifier, WeightsReport]:
     """Build the classifier for ``cfg`` (a ``ModelConfig``) with ``num_classes`` outputs.
 
     ``load_weights=False`` builds the architecture only (weights come next from a snapshot or a
-    finished run). The head is initialised from ``seed``, so two builds with the same seed are identical."""
+    finished run). The head is initialised from ``seed``, so two builds with the same seed are identical.
+    ``head_blocks``: the class blocks of a head that was widened (see ``surgery.widen_head``)."""
     weights = cfg.weights
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pretrained_hub = load_weights and weights == "hub"
         backbone = create_backbone(cfg.name, pretrained=pretrained_hub)
-        model = GraftClassifier(backbone, num_classes, cfg.dropout, frozen_bn_eval=cfg.frozen_bn_eval)
+        model = GraftClassifier(backbone, num_classes, cfg.dropout, frozen_bn_eval=cfg.frozen_bn_eval, head_blocks=head_blocks)
     if not load_weights:
         report = WeightsReport(source="(architecture only)")
     elif weights == "hub":

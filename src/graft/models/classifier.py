@@ -10,13 +10,51 @@ from graft.models import surgery
 HEAD_LAYER = "head.fc"
 
 
-class Head(nn.Module):
-    """Dropout then one linear layer: ``[N, in_features] -> [N, num_classes]`` logits."""
+class BlockLinear(nn.Module):
+    """A linear layer stored as row blocks, one ``nn.Linear`` per block of classes; the logits are
+    the blocks' outputs side by side. Classes added to a trained model get a block of their own,
+    so the old classes' logits come from the very same matrix product as before: bit for bit
+    (one wider matrix would not guarantee that: the GEMM's blocking depends on its width)."""
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_features: int, block_sizes: list[int]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(in_features, n) for n in block_sizes)
+        self.in_features = in_features
+        self.out_features = sum(block_sizes)
+
+    @property
+    def block_sizes(self) -> list[int]:
+        return [b.out_features for b in self.blocks]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([b.weight for b in self.blocks])
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return torch.cat([b.bias for b in self.blocks])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b(x) for b in self.blocks], dim=1)
+
+
+class Head(nn.Module):
+    """Dropout then one linear layer: ``[N, in_features] -> [N, num_classes]`` logits.
+    ``block_sizes`` (a model whose classes were added in steps) makes the layer a ``BlockLinear``."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0, block_sizes: list[int] | None = None) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_features, num_classes)
+        if block_sizes and len(block_sizes) > 1:
+            if sum(block_sizes) != num_classes:
+                raise ValueError(f"head blocks {block_sizes} do not add up to {num_classes} classes")
+            self.fc: nn.Module = BlockLinear(in_features, block_sizes)
+        else:
+            self.fc = nn.Linear(in_features, num_classes)
+
+    @property
+    def block_sizes(self) -> list[int]:
+        return self.fc.block_sizes if isinstance(self.fc, BlockLinear) else [self.fc.out_features]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(features))
@@ -27,11 +65,11 @@ class GraftClassifier(nn.Module):
     embeddings ``[N, num_features]``. Keeping the head separate lets a frozen backbone's
     embeddings be computed once and the head trained on them."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2, *, frozen_bn_eval: bool = True) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2, *, frozen_bn_eval: bool = True, head_blocks: list[int] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_features = int(backbone.num_features)
-        self.head = Head(self.num_features, num_classes, dropout)
+        self.head = Head(self.num_features, num_classes, dropout, head_blocks)
         self.frozen_bn_eval = frozen_bn_eval
 
     @property

@@ -226,3 +226,31 @@ def reinit(model: nn.Module, patterns: Sequence[str], *, generator_seed: int | N
     if unused:
         raise ConfigError(f"model.reinit pattern(s) {unused} match no layer; `graft plan` lists the layer names")
     return done
+
+
+# ------------------------------------------------------------------------------ widen the head
+
+
+def widen_head(model: nn.Module, new_classes: int, *, seed: int = 0) -> dict[str, int]:
+    """Add ``new_classes`` outputs to ``model.head.fc`` (K -> K + N). The old K rows, weights and
+    bias, are kept as they are (as their own block, so their logits stay bit-identical) and the N
+    new rows are initialised from ``seed``. Returns the counts of what changed."""
+    from graft.models.classifier import BlockLinear
+
+    if new_classes < 1:
+        raise ConfigError(f"widen_head needs at least one new class, got {new_classes}")
+    fc = model.head.fc
+    old_blocks = list(fc.blocks) if isinstance(fc, BlockLinear) else [fc]
+    in_features = old_blocks[0].in_features
+    old = sum(b.out_features for b in old_blocks)
+    widened = BlockLinear(in_features, [b.out_features for b in old_blocks] + [new_classes])
+    with torch.no_grad():
+        for target, source in zip(widened.blocks, old_blocks):
+            target.weight.copy_(source.weight)
+            target.bias.copy_(source.bias)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            widened.blocks[-1].reset_parameters()
+    widened.to(old_blocks[0].weight.device)
+    model.head.fc = widened
+    return {"old_classes": old, "new_classes": new_classes, "new_parameters": new_classes * in_features + new_classes}

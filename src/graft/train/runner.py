@@ -248,7 +248,7 @@ def run_info(cfg: GraftConfig, classes: list[str], pre: Preprocessing, model: Gr
         "classes": list(classes),
         "num_classes": len(classes),
         "preprocessing": pre.to_dict(),
-        "head": {"layer": HEAD_LAYER, "pool": getattr(getattr(model.backbone, "global_pool", None), "pool_type", None) or "backbone", "dropout": cfg.model.dropout},
+        "head": {"layer": HEAD_LAYER, "pool": getattr(getattr(model.backbone, "global_pool", None), "pool_type", None) or "backbone", "dropout": cfg.model.dropout, "blocks": model.head.block_sizes},
         "trained": {
             "strategy": cfg.train.strategy,
             "phases": [{"name": p.name, "epochs": p.epochs, "trainable_from_layer": p.trainable_from, "lr": p.lr} for p in phases],
