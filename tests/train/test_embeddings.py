@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -143,3 +144,45 @@ def test_a_second_run_reuses_the_stored_embeddings(tmp_path, capsys):
     second = capsys.readouterr().err
     assert "embedding cache: 0 image views through the backbone" in second
     assert "embedding cache: 0 image views" not in first
+
+
+def test_random_resized_crops_give_the_same_run_with_or_without_the_decoded_cache(tmp_path):
+    """The strong preset crops from the full-resolution file: caching must not change the result."""
+    data = make_class_folders(tmp_path / "data", per_class=6)
+    histories = []
+    for mb in (2048, 0):
+        cfg = tiny_config(data, model={"name": "test_resnet", "dropout": 0.0}, data={"augment": "strong", "decode_cache_mb": mb}, train={"strategy": "two-phase", "epochs": 2, "fine_tune_epochs": 2, "cache_dir": str(tmp_path / f"cache-{mb}")})
+        histories.append([{k: v for k, v in r.items() if k != "seconds"} for r in train(parse_config(cfg), tmp_path / f"run-{mb}", quiet=True).history])
+    assert histories[0] == histories[1]
+
+
+def test_swapped_rows_in_a_store_file_are_detected(setup):
+    """The checksum covers which row belongs to which file, not only the numbers."""
+    tmp, _, samples, model, pre = setup
+    cache = make_cache(model, tmp / "c", pre)
+    cache.embed(samples, eval_transform(pre))
+    path = cache.store.path(cache.key(0, None, 0))
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    digests = json.loads(meta["digests"])
+    digests[0], digests[1] = digests[1], digests[0]
+    meta["digests"] = json.dumps(digests)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    assert EmbeddingStore(tmp / "c").load(cache.key(0, None, 0)) == {}
+
+
+def test_a_rewritten_file_with_its_old_timestamp_gets_a_new_digest(tmp_path):
+    import os
+
+    from graft.train.embeddings import file_digest
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"one")
+    first = file_digest(f)
+    stat = os.stat(f)
+    f.write_bytes(b"two")
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p / rsync -a do
+    assert file_digest(f) != first

@@ -76,3 +76,13 @@ def test_channels_last_trains_to_the_same_result(data, tmp_path):
     wa, wb = load_file(str(a.run_dir / "model.safetensors")), load_file(str(b.run_dir / "model.safetensors"))
     torch.testing.assert_close(wa["head.fc.weight"], wb["head.fc.weight"], atol=1e-4, rtol=1e-3)
     assert a.metrics["val_accuracy"] == b.metrics["val_accuracy"]
+
+
+def test_over_budget_final_metrics_do_not_build_activations(data, tmp_path, monkeypatch):
+    from graft.train.caches import PrefixActivations
+
+    built = []
+    real = PrefixActivations._activations
+    monkeypatch.setattr(PrefixActivations, "_activations", lambda self, *a, **k: built.append(1) or real(self, *a, **k))
+    result = fine_tune(data, tmp_path, "nb", budget=0.001)
+    assert built == [] and result.metrics["val_accuracy"] is not None

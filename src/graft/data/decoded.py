@@ -2,8 +2,8 @@
 
 Images are stored as uint8 arrays already resized by the pipeline's own first ``Resize`` (short
 side ``input_size / crop_pct``), so the pipeline's resize of a cached image is an identity and
-its output is bit-identical to decoding the file again. (The ``strong`` preset's
-random-resized-crop then crops from that resized image rather than the full-resolution file.)
+its output is bit-identical to decoding the file again. Pipelines that start with a
+random-resized crop (the ``strong`` preset) need the full-resolution file and are not cached.
 Arrays live in memory up to a budget; the rest go to ``.npy`` files on disk (keyed by file
 content and size, so later runs reuse them), memory-mapped when read.
 """

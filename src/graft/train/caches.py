@@ -83,13 +83,19 @@ def decoded_images(cfg: GraftConfig, phases: list[Phase], cached: CachedEmbeddin
         return None, None
     from graft.data.decoded import DecodedImages
 
+    # A random-resized crop must see the full-resolution file, not the pipeline-resized copy:
+    # training images are then decoded per epoch, so caching never changes a result.
+    train_decodable = not aug.crop_scale
+    if not train_decodable and image_epochs <= 1:
+        return None, None
     started = time.perf_counter()
     root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
     total = max(1, len(splits.train) + len(splits.val))
     budget = cfg.data.decode_cache_mb
-    train = DecodedImages(splits.train, pre, budget_mb=budget * len(splits.train) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill()
+    train = DecodedImages(splits.train, pre, budget_mb=budget * len(splits.train) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill() if train_decodable else None
     val = DecodedImages(splits.val, pre, budget_mb=budget * len(splits.val) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill() if image_epochs > 1 else None
-    say(f"decoded images once ({time.perf_counter() - started:.1f}s): train {train.describe()}" + (f"; val {val.describe()}" if val else ""))
+    parts = [f"train {train.describe()}" if train else "train: decoded per epoch (random-resized crops need the full image)"] + ([f"val {val.describe()}"] if val else [])
+    say(f"decoded images once ({time.perf_counter() - started:.1f}s): " + "; ".join(parts))
     return train, val
 
 
@@ -217,7 +223,6 @@ class PrefixActivations:
         cut = trainable.index(True) if True in trainable else len(self.units)
         if cut == 0:
             return None
-        self.cut = cut
         prefix = nn.Sequential(*[u for _, u in self.units[:cut]])
         per_image = self._activation_numel(prefix) * 2  # float16
         need = per_image * (len(self.splits.train) + len(self.splits.val))
@@ -228,6 +233,10 @@ class PrefixActivations:
         started = time.perf_counter()
         train = self._activations(prefix, self.splits.train, self.decoded[0])
         val = self._activations(prefix, self.splits.val, self.decoded[1])
+        if not (torch.isfinite(train).all() and torch.isfinite(val).all()):
+            self.say("prefix cache: activations overflow half precision; running the whole network each epoch")
+            return None
+        self.cut = cut
         self.memo = {id(self.splits.val): val}
         self.say(f"prefix cache: {self.units[cut - 1][0]} and below are frozen; their activations for {len(train) + len(val)} images computed once ({time.perf_counter() - started:.1f}s, {need / 2**20:.0f} MiB); each epoch runs only the layers above")
         forward = SuffixHead(self.model, [u for _, u in self.units[cut:]])
@@ -255,11 +264,13 @@ class PrefixActivations:
         return torch.cat(chunks) if chunks else torch.zeros(0)
 
     def outputs(self, model: GraftClassifier, samples: list[Sample]) -> Outputs:
-        """Final metrics on cached activations (the prefix did not change)."""
-        prefix = nn.Sequential(*[u for _, u in self.units[: self.cut]])
+        """Final metrics: on the cached validation activations (the prefix did not change); any
+        other split (test) runs through the whole network, batch by batch, as without the cache."""
         acts = self.memo.get(id(samples))
         if acts is None:
-            acts = self._activations(prefix, samples, None)
+            from graft.train.results import evaluate_samples
+
+            return evaluate_samples(model, samples, self.pre, device=self.device, amp=False, workers=0, batch_size=self.cfg.solver.batch_size)
         loader = eval_loader(ActivationDataset(acts, [s.label for s in samples]), batch_size=64, workers=0)
         return collect_outputs(SuffixHead(model, [u for _, u in self.units[self.cut :]]), loader, self.device)
 

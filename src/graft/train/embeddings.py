@@ -51,13 +51,14 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
     return h.hexdigest()
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS: dict[tuple, str] = {}
 
 
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes (memoised per path, size and modification time)."""
     st = os.stat(path)
-    memo_key = (str(path), st.st_size, st.st_mtime_ns)
+    # ctime and inode too: copying tools restore mtime, but a rewrite always moves ctime.
+    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if memo_key not in _DIGESTS:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -67,8 +68,12 @@ def file_digest(path: str | os.PathLike) -> str:
     return _DIGESTS[memo_key]
 
 
-def _checksum(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+def _checksum(key: str, digests: list[str], t: torch.Tensor) -> str:
+    """Covers the key, which row belongs to which file, and the numbers."""
+    h = hashlib.sha256(key.encode())
+    h.update(json.dumps(digests).encode())
+    h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class EmbeddingStore:
@@ -93,7 +98,7 @@ class EmbeddingStore:
             tensors = load_file(str(path))
             emb = tensors["embeddings"]
             digests = json.loads(meta["digests"])
-            if meta.get("format") != FORMAT or meta.get("key") != key or len(digests) != len(emb) or meta.get("sha256") != _checksum(emb):
+            if meta.get("format") != FORMAT or meta.get("key") != key or len(digests) != len(emb) or meta.get("sha256") != _checksum(key, digests, emb):
                 raise ValueError("metadata does not match the contents")
         except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError, RuntimeError):
             path.unlink(missing_ok=True)
@@ -105,7 +110,7 @@ class EmbeddingStore:
             return
         digests = sorted(rows)
         emb = torch.stack([rows[d] for d in digests]).float().contiguous()
-        meta = {"format": FORMAT, "key": key, "digests": json.dumps(digests), "sha256": _checksum(emb)}
+        meta = {"format": FORMAT, "key": key, "digests": json.dumps(digests), "sha256": _checksum(key, digests, emb)}
         atomic_write(self.path(key), lambda tmp: save_file({"embeddings": emb}, str(tmp), metadata=meta))
 
 
