@@ -1,6 +1,6 @@
 """graft: adapt pretrained image models to your own images.
 
-The Python API in five names::
+The Python API in six names::
 
     import graft
     cfg = graft.config(data={"dir": "pets/"}, train={"strategy": "two-phase", "epochs": 5})
@@ -8,6 +8,7 @@ The Python API in five names::
     run = graft.load_run("runs/pets")               # a finished run
     run.predict(["photo.jpg"], top_k=3)             # -> [Prediction(path, top=[(class, prob), ...])]
     run.evaluate("more_pets/")                      # -> {"accuracy", "loss", "per_class", ...}
+    graft.expand("runs/pets", "new_pets/", "runs/pets+2")  # add classes, keep the old ones
 
 Lower levels (data scanning, model building, surgery, the loop) are importable from their
 modules: ``graft.data.folder.scan_folder``, ``graft.models.backbones.build_model``,
@@ -36,6 +37,32 @@ def fit(cfg: Any, out: str, *, resume: str | None = None, overwrite: bool = Fals
     return train(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet)
 
 
+def expand(
+    run: str,
+    data: str,
+    out: str,
+    *,
+    mode: str = "frozen",
+    exemplars: int | None = None,
+    file: str | None = None,
+    overrides: list[str] = (),
+    overwrite: bool = False,
+    quiet: bool = False,
+    **sections: dict[str, Any],
+):
+    """Add the classes in ``data`` (folders not named like one of ``run``'s classes) to the finished
+    run ``run``, writing the expanded run to ``out``; returns an ``ExpandResult`` whose
+    ``expand_metrics`` says how the old classes fared. ``sections`` override config keys as in ``config``."""
+    from graft.expansion import expand as _expand
+    from graft.expansion.source import expand_config, load_source
+
+    flags = {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+    flags.update({"expand.mode": mode, "expand.exemplars": exemplars})
+    source = load_source(run)
+    cfg = expand_config(source, data, config_file=file, overrides=list(overrides), flags=flags)
+    return _expand(cfg, out, overwrite=overwrite, quiet=quiet)
+
+
 def load_run(run_dir: str, device: str = "auto"):
     """A finished run as a ``TrainedModel`` with ``predict`` and ``evaluate``."""
     from graft.predict import load_run as _load
@@ -43,4 +70,4 @@ def load_run(run_dir: str, device: str = "auto"):
     return _load(run_dir, device)
 
 
-__all__ = ["__version__", "config", "fit", "load_run"]
+__all__ = ["__version__", "config", "expand", "fit", "load_run"]

@@ -117,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--format", choices=["text", "json"], default="text")
     common(pl)
 
+    x = sub.add_parser(
+        "expand",
+        help="add classes to a trained run without forgetting the old ones",
+        description="Widen a finished run's last layer with the classes in --data (folders not named like an old class); "
+        "folders named like old classes are optional rehearsal images. Writes a new run with expand_metrics.json.",
+    )
+    x.add_argument("run", metavar="RUNDIR", nargs="?", help="the finished run to expand (not needed with --resume)")
+    x.add_argument("--data", metavar="DIR", help="folder of class folders: the new classes, and optionally some old ones")
+    x.add_argument("--out", metavar="RUNDIR", help="run folder to write the expanded model to")
+    x.add_argument("--mode", choices=["frozen", "fine-tune"], help="frozen (default): only the new rows learn; fine-tune: the backbone's top adapts too, with distillation")
+    x.add_argument("--exemplars", type=_count, metavar="N", help="old-class images kept per class for rehearsal (herding), from old-class folders in --data or else the original training images")
+    x.add_argument("--config", metavar="FILE", help="YAML config overriding the run's own (see examples/)")
+    x.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override a config key, e.g. expand.calibrate=norm (repeatable)")
+    x.add_argument("--resume", metavar="SNAPSHOT", help="continue an expansion exactly from its snapshot")
+    x.add_argument("--epochs", type=_count, metavar="N", help="epochs of the new rows on cached embeddings (default 30)")
+    x.add_argument("--fine-tune-epochs", type=_count, metavar="M", help="fine-tune mode: epochs of adapting the backbone (default 5)")
+    x.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
+    x.add_argument("--batch-size", type=_positive, metavar="B")
+    x.add_argument("--seed", type=_count, metavar="K")
+    x.add_argument("--augment", choices=["none", "flip-rotate", "strong"])
+    x.add_argument("--device", metavar="DEV")
+    x.add_argument("--strict", action="store_true")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--quiet", action="store_true")
+    common(x)
+
     d = sub.add_parser("demo", help="fine-tune the bundled EfficientNet-Lite0 on real photos (no download)", description="Build a small texture dataset from photos scikit-image ships and run the two-phase recipe on it.")
     d.add_argument("--out", metavar="RUNDIR", default="runs/demo")
     d.add_argument("--epochs", type=_count, default=None)
@@ -212,6 +238,44 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPAND_FLAGS = {
+    "mode": "expand.mode",
+    "exemplars": "expand.exemplars",
+    "epochs": "train.epochs",
+    "fine_tune_epochs": "train.fine_tune_epochs",
+    "fine_tune_at": "train.fine_tune_at",
+    "batch_size": "solver.batch_size",
+    "seed": "solver.seed",
+    "augment": "data.augment",
+    "device": "train.device",
+}
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from graft.expansion import expand
+    from graft.expansion.source import expand_config, load_source
+
+    flags = {key: getattr(args, dest) for dest, key in EXPAND_FLAGS.items()}
+    if args.strict:
+        flags["data.strict"] = True
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None] + (["RUNDIR"] if args.run else []) + (["--data"] if args.data else [])
+        if args.config or args.set or given:
+            raise GraftError("--resume continues the snapshot's expansion with its saved settings; give only --resume (and --out, --overwrite, --quiet)")
+        expand(None, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+        return 0
+    if not args.run:
+        raise GraftError("which run? graft expand RUNDIR --data NEW_CLASSES --out NEW_RUNDIR")
+    if not args.data:
+        raise GraftError("no data: pass --data DIR, a folder with a subfolder of images per new class")
+    if not args.out:
+        raise GraftError("no output folder: pass --out RUNDIR for the expanded run")
+    source = load_source(args.run)
+    cfg = expand_config(source, args.data, config_file=args.config, overrides=args.set, flags=flags)
+    expand(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from graft.demo import run_demo
 
@@ -228,7 +292,7 @@ def one_line(err: Exception) -> str:
     return text
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "expand": cmd_expand, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,7 @@ class TrainConfig(_Strict):
     cache_views: int = Field(4, ge=1, le=64, description="With augmentation: augmented views per training image in the embedding cache; each epoch draws one.")
     prefix_cache: bool = Field(True, description="Fine-tuning without augmentation: compute the frozen layers' activations once and run only the layers that learn.")
     prefix_cache_mb: float = Field(1024, ge=0, description="Memory limit for those activations (half precision); over it, the whole network runs each epoch.")
+    class_stats: bool = Field(True, description="Store per-class statistics of the trained model's embeddings in the run (class_stats.safetensors), so `graft expand` can add classes later without the old images.")
     cache_dir: str | None = Field(None, description="Where caches live; default $GRAFT_CACHE_DIR, else ~/.cache/graft.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: bool | Literal["auto"] = Field("auto", description="Mixed precision; auto = on for CUDA.")
@@ -117,11 +118,25 @@ class SolverConfig(_Strict):
         return v
 
 
+class ExpandConfig(_Strict):
+    """How `graft expand` adds classes to a trained run (ignored by `graft train`)."""
+
+    mode: Literal["frozen", "fine-tune"] = Field("frozen", description="frozen: backbone and old rows unchanged (old logits bit-identical), only the new rows learn | fine-tune: then also adapt the backbone's top, keeping the old classes by distillation.")
+    exemplars: int | None = Field(None, ge=0, description="Old-class images kept per class for rehearsal, chosen by herding: from old-class folders in the new data, else from the original run's training images; null: every old-class image given, none taken from the original run.")
+    negatives_per_class: int | None = Field(None, ge=0, description="Samples drawn per old class and epoch from the stored class statistics; null: as many as the largest new class has training views, at least 64.")
+    calibrate: Literal["bias", "norm", "none"] = Field("bias", description="bias: align weight norms, then fit a scale and shift of the new logits on held-out data | norm: align weight norms only | none.")
+    max_old_loss: float = Field(0.005, ge=0.0, le=1.0, description="Calibration guard: the new rows may take at most this share of the correctly classified old-class held-out samples.")
+    distill_weight: float = Field(1.0, ge=0.0, description="fine-tune mode: weight of the distillation loss on the old classes' outputs.")
+    distill_temperature: float = Field(2.0, gt=0.0, description="fine-tune mode: softmax temperature of the distillation.")
+    source: str | None = Field(None, description="The run being expanded (set by graft expand).")
+
+
 class GraftConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     solver: SolverConfig = Field(default_factory=SolverConfig)
+    expand: ExpandConfig = Field(default_factory=ExpandConfig)
 
     @model_validator(mode="after")
     def _phases_have_epochs(self) -> GraftConfig:
@@ -191,7 +206,7 @@ def parse_config(data: dict[str, Any] | None, source: str = "config") -> GraftCo
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"invalid config ({source}): the top level must be a mapping of sections (data, model, train, solver)")
+        raise ConfigError(f"invalid config ({source}): the top level must be a mapping of sections (data, model, train, solver, expand)")
     try:
         return GraftConfig.model_validate(data)
     except ValidationError as err:
@@ -211,7 +226,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of sections (data, model, train, solver)")
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections (data, model, train, solver, expand)")
     return data
 
 
@@ -246,9 +261,19 @@ def resolve_config(
     config_file: str | os.PathLike | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     flags: dict[str, Any] | None = None,
+    *,
+    base: dict[str, Any] | None = None,
 ) -> GraftConfig:
-    """Defaults < config file < ``--set`` overrides < explicit command-line flags (``{"solver.seed": 3}``)."""
-    data = read_yaml(config_file) if config_file else {}
+    """Defaults < ``base`` (e.g. the config of the run being expanded) < config file < ``--set``
+    overrides < explicit command-line flags (``{"solver.seed": 3}``)."""
+    import copy
+
+    data = copy.deepcopy(base) if base else {}
+    for section, values in (read_yaml(config_file) if config_file else {}).items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section].update(values)
+        else:
+            data[section] = values
     source = str(config_file) if config_file else "command line"
     for assignment in overrides:
         set_key(data, assignment)

@@ -126,8 +126,13 @@ def scan_folder(
     strict: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
+    min_classes: int = 2,
+    empty_ok: bool = True,
 ) -> DatasetSplits:
     """Scan a training folder (either layout), check every image, and split it.
+
+    ``min_classes``: fewer usable classes is a DataError. ``empty_ok=False``: a class folder
+    without usable images is a DataError instead of a warning (classes being added on purpose).
 
     Unusable files are listed in ``skipped`` (or, with ``strict``, raise DataError). With
     class-folders, val/test are a stratified split seeded by ``seed``; with split-folders, ``val/``
@@ -145,13 +150,14 @@ def scan_folder(
     subdirs = [p.name for p in _children(root) if p.is_dir()]
     if "train" in subdirs and set(subdirs) <= _SPLIT_FOLDERS:
         return _scan_split_folders(
-            root, subdirs, val_fraction, test_fraction, seed, strict, max_pixels, workers
+            root, subdirs, val_fraction, test_fraction, seed, strict, max_pixels, workers,
+            min_classes, empty_ok,
         )
 
     listing = _list_class_folders(root)
     skipped = _validate([listing], max_pixels, workers)
     _raise_if_strict(strict, skipped)
-    classes = _usable_classes(root, listing)
+    classes = _usable_classes(root, listing, min_classes, empty_ok)
     train, val, test = _stratified_split(
         classes, listing, val_fraction, test_fraction, seed, listing.warnings
     )
@@ -348,13 +354,20 @@ def _no_images(listing: _Listing) -> str:
     return msg
 
 
-def _usable_classes(root: Path, listing: _Listing) -> list[str]:
-    """The sorted classes that have usable images; DataError unless there are at least 2."""
+def _usable_classes(root: Path, listing: _Listing, min_classes: int = 2, empty_ok: bool = True) -> list[str]:
+    """The sorted classes that have usable images; DataError unless there are ``min_classes``."""
+    if not empty_ok:
+        empty = sorted(name for name, files in listing.files.items() if not files)
+        if empty:
+            folder = listing.folder / empty[0]
+            bad = [s for s in listing.skipped if folder in s.path.parents]
+            detail = f" ({len(bad)} file(s) skipped, e.g. {bad[0].path.name}: {bad[0].reason})" if bad else ""
+            raise DataError(f"class folder {folder} has no usable images{detail}; add images to it or remove it")
     _drop_unusable(listing)
     classes = sorted(listing.files)
     if not classes:
         raise DataError(_no_images(listing))
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataError(
             f"graft needs at least 2 classes; found only {classes[0]!r} in {root} "
             f"(add a folder of images for each other class)"
@@ -421,6 +434,8 @@ def _scan_split_folders(
     strict: bool,
     max_pixels: int | None,
     workers: int | None,
+    min_classes: int = 2,
+    empty_ok: bool = True,
 ) -> DatasetSplits:
     """DATA/train (required), DATA/val|valid|validation and DATA/test (optional): class folders."""
     val_dirs = [d for d in VAL_ALIASES if d in subdirs]
@@ -440,7 +455,7 @@ def _scan_split_folders(
 
     skipped = _validate([train, *others.values()], max_pixels, workers)
     _raise_if_strict(strict, skipped)
-    classes = _usable_classes(root / "train", train)
+    classes = _usable_classes(root / "train", train, min_classes, empty_ok)
     for listing in others.values():
         _drop_unusable(listing, warn=False)  # reported below as classes missing from that split
         _require_in_train(listing, set(classes), root / "train")

@@ -26,7 +26,8 @@ from graft.data.transforms import Preprocessing, eval_transform, train_transform
 from graft.evaluate import Outputs, collect_outputs
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
-from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, default_cache_dir
+from graft.train.class_stats import ClassStats
+from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir
 from graft.train.loop import Phase, PhaseData
 
 
@@ -64,6 +65,12 @@ class CachedEmbeddings:
         train = EmbeddingDataset(train_emb, [s.label for s in splits.train], seed=cfg.solver.seed)
         val = EmbeddingDataset(val_emb, [s.label for s in splits.val])
         return PhaseData(train, val, forward=self.head, workers=0)
+
+    def train_embeddings(self, phase: Phase) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached training embedding (all views) ``[N*V, D]`` and its label."""
+        data = self.phase_data(phase)
+        emb = data.train.embeddings
+        return emb.reshape(-1, emb.shape[-1]), data.train.labels.repeat_interleave(emb.shape[1])
 
     def outputs(self, model: GraftClassifier, samples: list) -> Outputs:
         emb = self.cache.embed(samples, eval_transform(self.pre))
@@ -116,6 +123,18 @@ def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSpli
     )
     return CachedEmbeddings(cache, model.head, cfg, splits, pre, aug, device, say)
 
+
+def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, cached: CachedEmbeddings | None, last: Phase, device: torch.device, workers: int) -> ClassStats:
+    """Statistics of the trained model's embeddings of the training images: free from the cache
+    when the backbone stayed frozen, else one inference pass over the training split."""
+    fingerprint = backbone_fingerprint(model.backbone)
+    if cached is not None and last.backbone_frozen:
+        emb, labels = cached.train_embeddings(last)
+    else:
+        cache = EmbeddingCache(model.backbone, root=None, spec={}, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
+        emb = cache.embed(splits.train, eval_transform(pre))
+        labels = torch.tensor([s.label for s in splits.train])
+    return ClassStats.fit(emb, labels, splits.classes, fingerprint)
 
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ class Phase:
     epochs: int
     trainable_from: int | None  # first backbone layer that learns; None: the whole backbone is frozen
     lr: float
+    freeze: tuple[str, ...] = ()  # parameter name patterns frozen in this phase only (e.g. a head's old rows)
 
     @property
     def backbone_frozen(self) -> bool:
@@ -49,6 +51,7 @@ class PhaseData:
     val: Dataset | None
     forward: nn.Module | None = None
     workers: int | None = None  # None: the trainer's
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (logits, labels, inputs) -> loss; None: cross-entropy
 
 
 @dataclass
@@ -89,7 +92,7 @@ def phase_param_groups(model: GraftClassifier, phase: Phase, solver: Any, freeze
     surgery.unfreeze_all(model)
     if phase.backbone_frozen:
         surgery.freeze_backbone(model)
-    surgery.freeze(model, before=phase.trainable_from, patterns=freeze_patterns)
+    surgery.freeze(model, before=phase.trainable_from, patterns=[*freeze_patterns, *phase.freeze])
     surgery.apply_lr_mult_freezing(model, lr_rules)
     return surgery.param_groups(model, lr=phase.lr, weight_decay=solver.weight_decay, rules=lr_rules, no_decay_bias_norm=solver.no_decay_bias_norm)
 
@@ -120,7 +123,7 @@ class Trainer:
         self.label_smoothing = label_smoothing
         self.hooks = list(hooks)
         self.state = LoopState()
-        self.sampler = EpochBatchSampler(len(train_data), solver.batch_size, seed=solver.seed)
+        self.sampler = EpochBatchSampler(len(train_data), solver.batch_size, seed=solver.seed)  # rebuilt per phase
         self.data_for_phase = data_for_phase or (lambda phase: None)
         self.data: PhaseData | None = None
         self.loader = self.val_loader = None
@@ -142,6 +145,8 @@ class Trainer:
         """Set what learns for ``phase`` and build its optimizer and schedule."""
         groups = phase_param_groups(self.model, phase, self.solver, self.freeze_patterns, self.lr_rules)
         self.data = self.data_for_phase(phase) or PhaseData(self.train_data, self.val_data)
+        # A phase may train on more samples than there are images (e.g. sampled negatives).
+        self.sampler = EpochBatchSampler(len(self.data.train), self.solver.batch_size, seed=self.solver.seed)
         workers = self.workers if self.data.workers is None else self.data.workers
         pin = self.device.type == "cuda"
         self.loader = train_loader(self.data.train, self.sampler, workers=workers, pin_memory=pin)
@@ -243,7 +248,10 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         with autocast(self.device, self.amp):
             logits = self.forward(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            if self.data.loss is not None:
+                loss = self.data.loss(logits.float(), labels, images)
+            else:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         if not torch.isfinite(loss):
             raise GraftError(f"training diverged: the loss became {loss.item()} at iteration {self.state.iteration}; lower solver.base_lr (snapshots of earlier epochs are kept)")
         self.optimizer.zero_grad(set_to_none=True)

@@ -61,6 +61,7 @@ def write_results(
     train_seconds: float,
     outputs_for: Callable[[GraftClassifier, list[Sample]], Outputs] | None = None,
     batch_size: int = 32,
+    blocks: list[tuple[str, int, int]] | None = None,
 ) -> dict[str, Any]:
     """Write model, metrics and plots; returns the metrics (also in ``metrics.json``).
     ``outputs_for`` computes model outputs some cheaper way (cached embeddings) when it can."""
@@ -101,7 +102,7 @@ def write_results(
     if history:
         plot_learning_curves(history, run_dir / "learning_curves.png", title=f"{info['backbone']['name']} on {len(classes)} classes")
     which = "test" if test_m else "validation"
-    plot_confusion_matrix(final["confusion_matrix"], classes, run_dir / "confusion_matrix.png", title=f"Confusion matrix ({which})")
+    plot_confusion_matrix(final["confusion_matrix"], classes, run_dir / "confusion_matrix.png", title=f"Confusion matrix ({which})", blocks=blocks)
     shown = (splits.test, test) if test is not None else (splits.val, val)
     items = prediction_items(shown[0], shown[1], classes) if len(shown[0]) else []
     if items:

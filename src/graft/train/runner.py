@@ -30,7 +30,8 @@ from graft.models.backbones import build_model
 from graft.models.classifier import HEAD_LAYER, GraftClassifier
 from graft.train import checkpoint
 from graft.train.hooks import HistoryHook, ProgressHook, SnapshotHook
-from graft.train.caches import decoded_images, embedding_data, phase_sources, prefix_data
+from graft.train.caches import class_statistics, decoded_images, embedding_data, phase_sources, prefix_data
+from graft.train.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.train.loop import Phase, Trainer
 from graft.train.results import write_results
 
@@ -75,7 +76,7 @@ def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
 
 RUN_FILES = RUN_MARKERS + (
     "model.safetensors", "metrics.json", "config.yaml", "splits.json", "weights_report.json",
-    "learning_curves.png", "confusion_matrix.png", "predictions.png",
+    "learning_curves.png", "confusion_matrix.png", "predictions.png", CLASS_STATS_FILE, "expand_metrics.json",
 )
 
 
@@ -131,6 +132,10 @@ def train(
         if cfg is not None:
             raise ConfigError("--resume continues the snapshot's run with its saved config; to change the solver, start from its weights with --weights SNAPSHOT instead")
         payload = checkpoint.load_snapshot(resume)
+        if "expand" in payload:  # an expansion's snapshot continues as an expansion
+            from graft.expansion import expand
+
+            return expand(None, out, resume=resume, overwrite=overwrite, quiet=quiet, hooks=hooks)
         cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
         splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
         _check_files_exist(splits)
@@ -222,6 +227,10 @@ def train(
     head_outputs = cached.outputs if cached and phases[-1].backbone_frozen else None
     if head_outputs is None and prefix is not None and prefix.cut > 0:
         head_outputs = prefix.outputs  # the frozen prefix is unchanged: reuse its activations
+    if cfg.train.class_stats:
+        stats = class_statistics(cfg, model, splits, pre, cached, phases[-1], device, workers)
+        stats.save(run_dir / CLASS_STATS_FILE)
+        info["class_stats"] = {"file": CLASS_STATS_FILE, "embeddings": int(stats.counts.sum()), "backbone": stats.backbone}
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs, batch_size=cfg.solver.batch_size)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
     return TrainResult(run_dir, metrics, state.history)

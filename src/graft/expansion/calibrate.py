@@ -1,0 +1,111 @@
+"""Calibrating the new rows of a widened head against the old ones.
+
+New rows trained on few images tend to produce logits on a different scale from the old rows, so
+they either steal old-class images or never fire. Calibration rescales and shifts the new logits
+only (``a * z_new + b``, folded into the new rows' weights and bias), so the old rows, and in
+frozen mode the old logits, stay exactly as they were:
+
+- ``norm``: weight aligning, ``a`` = mean norm of the old rows / mean norm of the new rows.
+- ``bias``: that, then ``a`` and ``b`` fitted on held-out data to minimise class-balanced
+  cross-entropy (BiC, Wu et al. 2019).
+
+Both are then capped by a guard: ``b`` is lowered until the new rows take at most
+``max_old_loss`` of the old-class held-out samples that the old rows classified correctly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from graft.expansion.negatives import balanced_weights
+
+
+@dataclass
+class Calibration:
+    method: str
+    scale: float = 1.0
+    shift: float = 0.0
+    old_samples: int = 0  # old-class held-out samples it was checked on
+    old_taken: float | None = None  # share of them the new rows take after calibration
+    new_samples: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def apply(self, block: nn.Linear) -> None:
+        with torch.no_grad():
+            block.weight.mul_(self.scale)
+            block.bias.mul_(self.scale).add_(self.shift)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def norm_ratio(old_weight: torch.Tensor, new_weight: torch.Tensor) -> float:
+    old_weight, new_weight = old_weight.detach(), new_weight.detach()
+    return float(old_weight.norm(dim=1).mean() / new_weight.norm(dim=1).mean().clamp_min(1e-12))
+
+
+def fit_calibration(
+    old_logits: torch.Tensor,
+    new_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    method: str,
+    norm_scale: float,
+    max_old_loss: float,
+) -> Calibration:
+    """``old_logits [M, K]`` (fixed), ``new_logits [M, N]`` before calibration, ``labels [M]`` in
+    ``0..K+N-1``: held-out samples of old and new classes."""
+    k = old_logits.shape[1]
+    cal = Calibration(method, old_samples=int((labels < k).sum()), new_samples=int((labels >= k).sum()))
+    if method == "none":
+        return cal
+    cal.scale = norm_scale
+    if method == "bias":
+        if cal.new_samples == 0 or cal.old_samples == 0:
+            cal.notes.append("no held-out samples of the " + ("new" if cal.new_samples == 0 else "old") + " classes to fit on: weight aligning only")
+        else:
+            cal.scale, cal.shift = _fit_scale_shift(old_logits, new_logits, labels, norm_scale)
+    _guard(cal, old_logits, new_logits, labels, max_old_loss)
+    return cal
+
+
+def _fit_scale_shift(old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor, scale: float) -> tuple[float, float]:
+    old, new = old.double(), new.double()
+    weights = balanced_weights(torch.bincount(labels, minlength=old.shape[1] + new.shape[1]).double())
+    log_a = torch.tensor(float(torch.tensor(scale).log()), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_a, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = torch.cat([old, log_a.exp() * new + b], 1)
+        loss = F.cross_entropy(logits, labels, weight=weights)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(log_a.exp()), float(b)
+
+
+def _guard(cal: Calibration, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor, max_old_loss: float) -> None:
+    k = old.shape[1]
+    is_old = labels < k
+    if not is_old.any():
+        return
+    o, n, y = old[is_old].double(), cal.scale * new[is_old].double(), labels[is_old]
+    right = o.argmax(1) == y
+    # A correctly classified old sample is taken when the shift exceeds its margin.
+    margins, _ = (o.max(1).values - n.max(1).values)[right].sort()
+    allowed = int(max_old_loss * len(y))
+    if allowed < len(margins) and cal.shift >= float(margins[allowed]):
+        limit = float(margins[allowed]) - 1e-4 * max(1.0, abs(float(margins[allowed])))
+        cal.notes.append(f"shift lowered from {cal.shift:.4g} to {limit:.4g} so the new rows take at most {100 * max_old_loss:g}% of the old-class held-out samples")
+        cal.shift = limit
+    taken = (n.max(1).values + cal.shift > o.max(1).values).float()
+    cal.old_taken = float(taken.mean())

@@ -1,0 +1,72 @@
+"""What the new rows learn from in the frozen embedding space: the new classes' embeddings, and
+old-class negatives (rehearsal embeddings, and draws from the stored class statistics)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from graft.data.dataset import _mix
+from graft.train.class_stats import ClassStats
+
+
+class ExpandEmbeddings(Dataset):
+    """Real embeddings ``[N, V, D]`` (``ds[(i, epoch)]`` draws one of image i's V views, as the
+    embedding cache does), followed by ``per_class`` draws per class of ``stats``, fresh each
+    epoch and seeded by (seed, epoch, index) so that a resumed run draws the same ones."""
+
+    def __init__(self, real: torch.Tensor, labels: Sequence[int], *, stats: ClassStats | None = None, stat_labels: Sequence[int] = (), per_class: int = 0, seed: int = 0) -> None:
+        if real.ndim == 2:
+            real = real.unsqueeze(1)
+        self.real, self.labels = real, torch.as_tensor(list(labels), dtype=torch.long)
+        self.stats, self.stat_labels = stats, list(stat_labels)
+        self.per_class = per_class if stats is not None else 0
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.real) + self.per_class * len(self.stat_labels)
+
+    def label_counts(self, num_classes: int) -> torch.Tensor:
+        """Samples per class in one epoch."""
+        counts = torch.bincount(self.labels, minlength=num_classes).float()
+        for label in self.stat_labels:
+            counts[label] += self.per_class
+        return counts
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        if index < len(self.real):
+            views = self.real.shape[1]
+            view = 0 if views == 1 else _mix(self.seed, epoch, index) % views
+            return self.real[index, view], int(self.labels[index])
+        c = (index - len(self.real)) // self.per_class
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch, index, 0x57A75))
+        return self.stats.sample(torch.tensor([c]), g)[0], self.stat_labels[c]
+
+
+def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Per-class loss weights giving every class present the same total weight."""
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    return weights
+
+
+def herding(embeddings: torch.Tensor, k: int) -> list[int]:
+    """iCaRL's exemplar choice: ``k`` row indices, picked one by one so that the mean of those picked
+    stays as close as possible to the mean of all rows."""
+    x = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    target = x.mean(0)
+    chosen: list[int] = []
+    total = torch.zeros_like(target)
+    available = torch.ones(len(x), dtype=torch.bool)
+    for step in range(1, min(k, len(x)) + 1):
+        distance = ((target - (total + x) / step) ** 2).sum(1)
+        distance[~available] = float("inf")
+        i = int(distance.argmin())
+        chosen.append(i)
+        available[i] = False
+        total += x[i]
+    return chosen

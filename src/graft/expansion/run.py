@@ -1,0 +1,469 @@
+"""``graft expand``: a finished run plus a folder of new classes -> an expanded run.
+
+The expanded run is a run like any other (model, snapshots, history, metrics, plots, class
+statistics), resumable from its snapshots, plus ``expand_metrics.json``: how the old classes fared
+(the original model's accuracy on them against the expanded model's) and how the new ones learned.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from graft.config import GraftConfig, dump_yaml, parse_config
+from graft.data.dataset import ImageDataset, default_workers
+from graft.data.folder import DatasetSplits, Sample, scan_folder
+from graft.data.transforms import (
+    augmentation_from_config,
+    eval_transform,
+    train_transform,
+)
+from graft.errors import ConfigError, DataError, SnapshotError
+from graft.evaluate import Outputs, collect_outputs
+from graft.expansion.calibrate import Calibration, fit_calibration, norm_ratio
+from graft.expansion.classes import plan_classes
+from graft.expansion.negatives import ExpandEmbeddings, balanced_weights, herding
+from graft.expansion.source import Source, load_source
+from graft.io import write_json, write_text
+from graft.models import surgery
+from graft.models.classifier import GraftClassifier
+from graft.train import checkpoint
+from graft.train.class_stats import FILE_NAME as STATS_FILE
+from graft.train.class_stats import ClassStats
+from graft.train.embeddings import (
+    EmbeddingCache,
+    EmbeddingDataset,
+    backbone_fingerprint,
+    default_cache_dir,
+)
+from graft.train.hooks import HistoryHook, ProgressHook, SnapshotHook
+from graft.train.loop import Phase, PhaseData, Trainer
+from graft.train.results import write_results
+from graft.train.runner import (
+    TrainResult,
+    clear_run,
+    holds_run,
+    run_info,
+    seed_everything,
+    select_device,
+)
+
+CALIBRATION_DRAWS = 256  # old-class samples drawn per class from the statistics for calibration
+
+
+@dataclass
+class ExpandResult(TrainResult):
+    expand_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def expand(
+    cfg: GraftConfig | None,
+    out: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    hooks: list[Any] = (),
+) -> ExpandResult:
+    """Expand the run ``cfg.expand.source`` with the new classes in ``cfg.data.dir`` into ``out``
+    (make ``cfg`` with ``graft.expansion.source.expand_config``), or continue an expansion from its
+    snapshot ``resume``."""
+    started = time.perf_counter()
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    payload = None
+    if resume is not None:
+        if cfg is not None:
+            raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")
+        payload = checkpoint.load_snapshot(resume)
+        if "expand" not in payload:
+            raise SnapshotError(f"{payload['path']} is a training snapshot, not an expansion's: continue it with graft train --resume")
+        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
+        spec = payload["expand"]
+        source = load_source(cfg.expand.source)
+        if source.digest != spec["source_sha256"]:
+            raise SnapshotError(f"the model in {source.dir} changed since this expansion started; it cannot be continued (start it again from the run)")
+        splits = DatasetSplits.from_json(payload["splits"])
+        source_run = checkpoint.snapshot_run_dir(payload["path"])
+        run_dir = Path(out) if out else source_run
+        replace = run_dir.resolve() != source_run.resolve() and holds_run(run_dir)
+    else:
+        if cfg is None or cfg.expand.source is None:
+            raise ConfigError("expand needs a config made by graft.expansion.source.expand_config (or --resume SNAPSHOT)")
+        if out is None:
+            raise ConfigError("no output folder: pass --out RUNDIR")
+        run_dir = Path(out)
+        source = load_source(cfg.expand.source)
+        if run_dir.resolve() == source.dir.resolve():
+            raise ConfigError(f"--out {run_dir} is the run being expanded; write the expanded run to a new folder")
+        replace = holds_run(run_dir)
+    if replace and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
+    device = select_device(cfg.train.device)
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+    pre, aug = source.preprocessing, augmentation_from_config(cfg.data)
+    teacher = source.model.to(device).eval()
+    cache_root = (Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()) if cfg.train.embedding_cache else None
+    spec_key = {"preprocessing": pre.to_dict(), "backbone": cfg.model.name}
+    source_cache = EmbeddingCache(teacher.backbone, root=cache_root, spec=spec_key, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
+    if payload is None:
+        splits, spec = gather_data(cfg, source, source_cache, say)
+    old, new = spec["old_classes"], spec["new_classes"]
+    k = len(old)
+
+    model = copy.deepcopy(source.model)
+    added = surgery.widen_head(model, len(new), seed=cfg.solver.seed)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+    phases = plan_phases(cfg, model)
+    if replace:
+        clear_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for w in splits.warnings:
+        say(f"warning: {w}")
+    say(f"expanding {source.dir} ({k} classes) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}; "
+        f"{len(splits.train)} training images ({sum(s.label < k for s in splits.train)} of old classes), {len(splits.val)} held out; device {device}")
+
+    amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
+    stats = source.stats.select([c for c in old if c in source.stats.classes]) if source.stats is not None else None
+    train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
+    val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels)
+    sources = PhaseSources(cfg, model, teacher, splits, pre, source_cache, stats, say)
+    static = {
+        "config": cfg.to_dict(),
+        "classes": splits.classes,
+        "splits": splits.to_json(),
+        "preprocessing": pre.to_dict(),
+        "weights_source": str(source.dir),
+        "expand": spec,
+    }
+    write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    write_json(run_dir / "splits.json", static["splits"])
+    trainer = Trainer(
+        model,
+        phases,
+        solver=cfg.solver,
+        train_data=train_ds,
+        val_data=val_ds,
+        device=device,
+        amp=amp,
+        workers=workers,
+        freeze_patterns=cfg.model.freeze,
+        lr_rules=cfg.model.lr_mult,
+        hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
+        data_for_phase=sources.phase_data,
+        channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
+    )
+    if payload is None:
+        seed_everything(cfg.solver.seed)
+    state = trainer.fit(resume=payload)
+
+    final_cache = EmbeddingCache(model.backbone, root=cache_root, spec=spec_key, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
+    original_heldout = set(spec["original_heldout"])
+    calibration_samples = [s for s in splits.val if str(s.path) not in original_heldout]
+    cal = calibrate(cfg, model, final_cache, calibration_samples, stats if cfg.expand.mode == "frozen" else None, splits.classes, k, pre)
+    cal.apply(model.head.fc.blocks[-1])
+    say(f"calibration ({cal.method}): new logits x{cal.scale:.3g} {cal.shift:+.3g}; on {cal.old_samples} old-class held-out samples the new rows take "
+        + ("n/a" if cal.old_taken is None else f"{100 * cal.old_taken:.2f}%") + "".join(f"; {n}" for n in cal.notes))
+
+    def outputs_of(net: GraftClassifier, cache: EmbeddingCache, samples: list[Sample]) -> Outputs:
+        emb = cache.embed(samples, eval_transform(pre))
+        return collect_outputs(net.head, [(emb, torch.tensor([s.label for s in samples]))] if samples else [], device)
+
+    memo: dict[int, Outputs] = {}
+
+    def expanded_outputs(net: GraftClassifier, samples: list[Sample]) -> Outputs:
+        if id(samples) not in memo:
+            memo[id(samples)] = outputs_of(net, final_cache, samples)
+        return memo[id(samples)]
+
+    info = run_info(cfg, splits.classes, pre, model, phases, str(source.dir))
+    lineage = list(source.info.get("expanded_from", []))
+    info["expanded_from"] = lineage + [{"run": str(source.dir), "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode, "calibration": cal.to_dict()}]
+    if cfg.train.class_stats:
+        new_stats = class_statistics(cfg, model, splits, final_cache, stats, k, pre)
+        if new_stats is not None:
+            new_stats.save(run_dir / STATS_FILE)
+            info["class_stats"] = {"file": STATS_FILE, "classes": new_stats.classes, "backbone": new_stats.backbone}
+    seconds = trainer.elapsed() + (time.perf_counter() - started - trainer.session_seconds)
+    blocks = [("old", 0, k), ("new", k, k + len(new))]
+    metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=expanded_outputs, batch_size=cfg.solver.batch_size, blocks=blocks)
+
+    split_name, samples = evaluation_split(splits, k)
+    after = expanded_outputs(model, samples)
+    before = outputs_of(teacher, source_cache, [s for s in samples if s.label < k])
+    result = expansion_metrics(old, new, samples, before, after, split_name)
+    result.update(
+        mode=cfg.expand.mode,
+        source=str(source.dir),
+        parameters=parameter_changes(source.model, model, added),
+        calibration=cal.to_dict(),
+        negatives=spec["negatives"],
+        rehearsal=spec["rehearsal"],
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    write_json(run_dir / "expand_metrics.json", result)
+    say(f"done: old classes {_pct(result['old_accuracy_before'])} -> {_pct(result['old_accuracy_after'])}, new classes {_pct(result['new_accuracy'])}, "
+        f"overall {_pct(result['overall_accuracy'])} on the {split_name} images; results in {run_dir}")
+    return ExpandResult(run_dir, metrics, state.history, result)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def gather_data(cfg: GraftConfig, source: Source, cache: EmbeddingCache, say: Any) -> tuple[DatasetSplits, dict[str, Any]]:
+    """The expanded run's split and the record of where its parts came from.
+
+    train: the new classes' images and the old-class rehearsal images (old-class folders in the
+    data, or with ``expand.exemplars`` the herding choice among those or the original run's training
+    images). val/test: the new data's held-out images plus the original run's held-out images that
+    are still on disk; the latter only measure, they are never trained or calibrated on."""
+    d, old = cfg.data, source.classes
+    scanned = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels, min_classes=1, empty_ok=False)
+    new, rehearsal = plan_classes(old, scanned.classes, Path(d.dir))
+    classes = old + new
+    index = {name: i for i, name in enumerate(classes)}
+
+    def relabel(samples: list[Sample]) -> list[Sample]:
+        return [Sample(s.path, index[scanned.classes[s.label]]) for s in samples]
+
+    train, val, test = relabel(scanned.train), relabel(scanned.val), relabel(scanned.test)
+    exemplar_source = None
+    n = cfg.expand.exemplars
+    if n is not None:
+        given = [s for s in train if s.label < len(old)]
+        pool = given
+        if not given:
+            if source.splits is None:
+                raise DataError(f"--exemplars {n}: no old-class folders in {d.dir} and no record of the original training images ({source.dir / 'splits.json'} is missing)")
+            pool = [Sample(s.path, s.label) for s in source.splits.train if s.path.is_file()]
+            if not pool and n > 0:
+                raise DataError(f"--exemplars {n}: none of the original training images listed in {source.dir / 'splits.json'} is on disk, and {d.dir} has no old-class folders; add some images of the old classes to {d.dir}/CLASS/")
+            exemplar_source = str(source.dir / "splits.json")
+        else:
+            exemplar_source = str(d.dir)
+        chosen = choose_exemplars(pool, n, len(old), cache, source.preprocessing)
+        train = [s for s in train if s.label >= len(old)] + chosen
+        say(f"exemplars: {len(chosen)} old-class images ({n} per class at most, chosen by herding) from {exemplar_source}")
+    original_heldout: list[Sample] = []
+    if source.splits is not None:
+        taken = {s.path for s in train + val + test}
+        for part, target in ((source.splits.val, val), (source.splits.test, test)):
+            extra = [Sample(s.path, s.label) for s in part if s.path not in taken and s.path.is_file()]
+            target.extend(extra)
+            original_heldout.extend(extra)
+    has_old = {s.label for s in train if s.label < len(old)}
+    if source.stats is None and not has_old:
+        raise DataError(
+            f"{source.dir} has no class statistics ({STATS_FILE}) and {d.dir} has no old-class images: the new classes "
+            "would learn with nothing that tells them apart from the old ones. Add a few images of each old class to "
+            f"{d.dir}/<old class>/, pass --exemplars N to reuse the original training images, or retrain {source.dir} (it stores them by default)"
+        )
+    uncovered = [c for i, c in enumerate(old) if i not in has_old and (source.stats is None or c not in source.stats.classes)]
+    warnings = list(scanned.warnings)
+    if uncovered:
+        warnings.append(f"old class(es) {', '.join(uncovered)} have neither stored statistics nor images here: the new rows learn nothing against them")
+    if not any(s.label < len(old) for s in val + test):
+        warnings.append("no held-out images of the old classes (neither old-class folders here nor the original run's held-out images on disk): forgetting cannot be measured")
+    splits = DatasetSplits(scanned.root, scanned.layout, classes, train, val, test, scanned.skipped, warnings)
+    spec = {
+        "source_sha256": source.digest,
+        "old_classes": old,
+        "new_classes": new,
+        "rehearsal": {"classes": rehearsal if exemplar_source is None else sorted({old[s.label] for s in train if s.label < len(old)}), "images": sum(s.label < len(old) for s in train), "from": exemplar_source or (str(d.dir) if rehearsal else None)},
+        "negatives": {"class_statistics": source.stats is not None, "classes": [c for c in old if source.stats is not None and c in source.stats.classes]},
+        "original_heldout": [str(s.path) for s in original_heldout],
+    }
+    return splits, spec
+
+
+def choose_exemplars(pool: list[Sample], n: int, k: int, cache: EmbeddingCache, pre: Any) -> list[Sample]:
+    """Up to ``n`` images per old class, by herding on the original model's embeddings."""
+    chosen: list[Sample] = []
+    for c in range(k):
+        members = [s for s in pool if s.label == c]
+        if not members or n == 0:
+            continue
+        if len(members) <= n:
+            chosen.extend(members)
+            continue
+        emb = cache.embed(members, eval_transform(pre))
+        chosen.extend(members[i] for i in sorted(herding(emb, n)))
+    return chosen
+
+
+def evaluation_split(splits: DatasetSplits, k: int) -> tuple[str, list[Sample]]:
+    """The split expand_metrics.json reports on: test when it has old and new classes, else val."""
+    labels = {s.label < k for s in splits.test}
+    return ("test", splits.test) if labels == {True, False} else ("val", splits.val)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
+    """frozen: the new rows learn on cached embeddings, backbone and old rows frozen. fine-tune:
+    that, then the backbone's top and the whole head at the lower rate, with distillation."""
+    old_blocks = tuple(f"head.fc.blocks.{i}" for i in range(len(model.head.fc.blocks) - 1))
+    base = cfg.solver.base_lr
+    phases = [Phase("feature-extract", cfg.train.epochs, None, base, freeze=old_blocks)]
+    if cfg.expand.mode == "fine-tune":
+        at = surgery.resolve_fine_tune_at(model, cfg.train.fine_tune_at)
+        phases.append(Phase("fine-tune", cfg.train.fine_tune_epochs, at, base * cfg.train.fine_tune_lr_mult))
+    return phases
+
+
+class PhaseSources:
+    """Each expansion phase's data and loss."""
+
+    def __init__(self, cfg: GraftConfig, model: GraftClassifier, teacher: GraftClassifier, splits: DatasetSplits, pre: Any, cache: EmbeddingCache, stats: ClassStats | None, say: Any) -> None:
+        self.cfg, self.model, self.teacher, self.splits, self.pre, self.cache, self.stats, self.say = cfg, model, teacher, splits, pre, cache, stats, say
+        self.k = teacher.num_classes
+        self.num_classes = len(splits.classes)
+
+    def phase_data(self, phase: Phase) -> PhaseData:
+        return self._frozen(phase) if phase.backbone_frozen else self._fine_tune()
+
+    def _frozen(self, phase: Phase) -> PhaseData:
+        cfg, splits = self.cfg, self.splits
+        pre, aug = self.pre, augmentation_from_config(cfg.data)
+        started, before = time.perf_counter(), self.cache.computed
+        if aug.is_identity:
+            real = self.cache.embed(splits.train, eval_transform(pre)).unsqueeze(1)
+        else:
+            views = max(1, min(cfg.train.cache_views, phase.epochs))
+            tf, spec = train_transform(pre, aug), asdict(aug)
+            real = torch.stack([self.cache.embed(splits.train, tf, view=v, augmentation=spec, seed=cfg.solver.seed) for v in range(1, views + 1)], 1)
+        val = self.cache.embed(splits.val, eval_transform(pre))
+        labels = [s.label for s in splits.train]
+        new_counts = torch.bincount(torch.tensor(labels), minlength=self.num_classes)[self.k :]
+        per_class = cfg.expand.negatives_per_class if cfg.expand.negatives_per_class is not None else max(64, int(new_counts.max()))
+        stat_labels = [self.splits.classes.index(c) for c in self.stats.classes] if self.stats is not None else []
+        train = ExpandEmbeddings(real, labels, stats=self.stats, stat_labels=stat_labels, per_class=per_class, seed=cfg.solver.seed)
+        weights = balanced_weights(train.label_counts(self.num_classes))
+        self.say(f"new rows: {len(real)} images ({self.cache.computed - before} image views through the backbone, {time.perf_counter() - started:.1f}s), "
+                 f"{per_class * len(stat_labels)} old-class samples drawn from class statistics per epoch")
+
+        def loss(logits: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits, y, weight=weights.to(logits.device))
+
+        return PhaseData(train, EmbeddingDataset(val, [s.label for s in splits.val]), forward=self.model.head, workers=0, loss=loss)
+
+    def _fine_tune(self) -> PhaseData:
+        cfg, splits, k = self.cfg, self.splits, self.k
+        pre, aug = self.pre, augmentation_from_config(cfg.data)
+        train = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
+        val = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels)
+        weights = balanced_weights(torch.bincount(torch.tensor([s.label for s in splits.train]), minlength=self.num_classes).float())
+        t, lam, teacher = cfg.expand.distill_temperature, cfg.expand.distill_weight, self.teacher
+
+        def loss(logits: torch.Tensor, y: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+            ce = F.cross_entropy(logits, y, weight=weights.to(logits.device))
+            if lam == 0:
+                return ce
+            with torch.no_grad():
+                target = teacher(images).float()[:, :k]
+            kd = F.kl_div(F.log_softmax(logits[:, :k] / t, 1), F.log_softmax(target / t, 1), reduction="batchmean", log_target=True)
+            return ce + lam * t * t * kd
+
+        return PhaseData(train, val, loss=loss)
+
+
+# ---------------------------------------------------------------------------- after training
+
+
+def calibrate(cfg: GraftConfig, model: GraftClassifier, cache: EmbeddingCache, samples: list[Sample], stats: ClassStats | None, classes: list[str], k: int, pre: Any) -> Calibration:
+    """Fit the new rows' calibration on held-out images of the new data and, in frozen mode, fresh
+    draws from the old classes' statistics (the embedding space they describe is unchanged)."""
+    emb = cache.embed(samples, eval_transform(pre))
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    if stats is not None and len(stats.classes):
+        g = torch.Generator().manual_seed(cfg.solver.seed + 0xCA1)
+        which = torch.arange(len(stats.classes)).repeat_interleave(CALIBRATION_DRAWS)
+        emb = torch.cat([emb.reshape(-1, stats.dim), stats.sample(which, g)])
+        index = [classes.index(c) for c in stats.classes]
+        labels = torch.cat([labels, torch.tensor([index[i] for i in which.tolist()], dtype=torch.long)])
+    fc = model.head.fc  # no dropout here: the head's dropout sits before it
+    with torch.no_grad():
+        logits = fc(emb.to(fc.blocks[0].weight.device)).float().cpu() if len(emb) else torch.zeros(0, fc.out_features)
+    old_weight = torch.cat([b.weight for b in fc.blocks[:-1]])
+    scale = norm_ratio(old_weight, fc.blocks[-1].weight) if cfg.expand.calibrate != "none" else 1.0
+    return fit_calibration(logits[:, :k], logits[:, k:], labels, method=cfg.expand.calibrate, norm_scale=scale, max_old_loss=cfg.expand.max_old_loss)
+
+
+def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, cache: EmbeddingCache, old_stats: ClassStats | None, k: int, pre: Any) -> ClassStats | None:
+    """The expanded run's statistics, so it can be expanded again: in frozen mode the old classes'
+    stored ones (the backbone did not change) plus the new classes' from their images; after
+    fine-tuning, all from the training images of the adapted backbone."""
+    fingerprint = backbone_fingerprint(model.backbone)
+    frozen = cfg.expand.mode == "frozen"
+    fit_on = [s for s in splits.train if s.label >= k or not frozen or old_stats is None or splits.classes[s.label] not in old_stats.classes]
+    names = sorted({s.label for s in fit_on})
+    fitted = None
+    if fit_on:
+        emb = cache.embed(fit_on, eval_transform(pre))
+        remap = {label: i for i, label in enumerate(names)}
+        fitted = ClassStats.fit(emb, torch.tensor([remap[s.label] for s in fit_on]), [splits.classes[i] for i in names], fingerprint)
+    if frozen and old_stats is not None:
+        keep = old_stats.select([c for c in old_stats.classes if fitted is None or c not in fitted.classes])
+        merged = keep.merge(fitted) if fitted is not None else keep
+        order = [c for c in splits.classes if c in merged.classes]
+        return merged.select(order)
+    return fitted
+
+
+def expansion_metrics(old: list[str], new: list[str], samples: list[Sample], before: Outputs, after: Outputs, split: str) -> dict[str, Any]:
+    k = len(old)
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    preds = torch.as_tensor(after.preds) if len(samples) else torch.zeros(0, dtype=torch.long)
+    is_old = labels < k
+    old_before = torch.as_tensor(before.preds) if is_old.any() else torch.zeros(0, dtype=torch.long)
+
+    def acc(mask: torch.Tensor) -> float | None:
+        return float((preds[mask] == labels[mask]).double().mean()) if mask.any() else None
+
+    before_acc = float((old_before == labels[is_old]).double().mean()) if is_old.any() else None
+    after_acc = acc(is_old)
+    return {
+        "split": split,
+        "old_classes": old,
+        "new_classes": new,
+        "old_images": int(is_old.sum()),
+        "new_images": int((~is_old).sum()),
+        "old_accuracy_before": before_acc,
+        "old_accuracy_after": after_acc,
+        "forgetting": None if before_acc is None or after_acc is None else before_acc - after_acc,
+        "old_predictions_kept": float((preds[is_old] == old_before).double().mean()) if is_old.any() else None,
+        "old_taken_by_new": float((preds[is_old] >= k).double().mean()) if is_old.any() else None,
+        "new_accuracy": acc(~is_old),
+        "new_taken_by_old": float((preds[~is_old] < k).double().mean()) if (~is_old).any() else None,
+        "overall_accuracy": acc(torch.ones_like(is_old)),
+    }
+
+
+def parameter_changes(original: GraftClassifier, expanded: GraftClassifier, added: dict[str, int]) -> dict[str, int]:
+    """Counted by comparing tensors: the old parameters whose value changed, and the new ones."""
+    before = dict(original.named_parameters())
+    plain_head = not hasattr(original.head.fc, "blocks")
+    changed = unchanged = new = 0
+    for name, param in expanded.named_parameters():
+        old_name = name.replace("head.fc.blocks.0.", "head.fc.") if plain_head else name
+        if old_name in before and before[old_name].shape == param.shape:
+            diff = int((before[old_name].detach().cpu() != param.detach().cpu()).sum())
+            changed += diff
+            unchanged += param.numel() - diff
+        else:
+            new += param.numel()
+    buffers_before = dict(original.named_buffers())
+    buffers_changed = sum(int((buffers_before[n].cpu() != b.cpu()).sum()) for n, b in expanded.named_buffers() if n in buffers_before and b.is_floating_point())
+    return {"total": changed + unchanged + new, "added": new, "old_changed": changed, "old_unchanged": unchanged, "changed": changed + new, "buffers_changed": buffers_changed, "expected_added": added["new_parameters"]}
