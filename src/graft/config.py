@@ -125,7 +125,7 @@ class ExpandConfig(_Strict):
     exemplars: int | None = Field(None, ge=0, description="Old-class images kept per class for rehearsal, chosen by herding: from old-class folders in the new data, else from the original run's training images; null: every old-class image given, none taken from the original run.")
     negatives_per_class: int | None = Field(None, ge=0, description="Samples drawn per old class and epoch from the stored class statistics; null: as many as the largest new class has training views, at least 64.")
     calibrate: Literal["bias", "norm", "none"] = Field("bias", description="bias: align weight norms, then fit a scale and shift of the new logits on held-out data | norm: align weight norms only | none.")
-    max_old_loss: float = Field(0.005, ge=0.0, le=1.0, description="Calibration guard: the new rows may take at most this share of the correctly classified old-class held-out samples.")
+    max_old_loss: float = Field(0.0, ge=0.0, le=1.0, description="Calibration guard: the new rows may take at most this share of the old-class held-out samples the old rows classify correctly; raise it to trade old-class accuracy for new-class accuracy.")
     distill_weight: float = Field(1.0, ge=0.0, description="fine-tune mode: weight of the distillation loss on the old classes' outputs.")
     distill_temperature: float = Field(2.0, gt=0.0, description="fine-tune mode: softmax temperature of the distillation.")
     source: str | None = Field(None, description="The run being expanded (set by graft expand).")

@@ -90,7 +90,7 @@ def _fit_scale_shift(old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor,
 
     with torch.enable_grad():
         opt.step(closure)
-    return float(log_a.exp()), float(b)
+    return float(log_a.detach().exp()), float(b.detach())
 
 
 def _guard(cal: Calibration, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor, max_old_loss: float) -> None:

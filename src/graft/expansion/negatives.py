@@ -52,21 +52,3 @@ def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
     weights = torch.zeros_like(counts)
     weights[present] = counts[present].sum() / (present.sum() * counts[present])
     return weights
-
-
-def herding(embeddings: torch.Tensor, k: int) -> list[int]:
-    """iCaRL's exemplar choice: ``k`` row indices, picked one by one so that the mean of those picked
-    stays as close as possible to the mean of all rows."""
-    x = torch.nn.functional.normalize(embeddings.double(), dim=1)
-    target = x.mean(0)
-    chosen: list[int] = []
-    total = torch.zeros_like(target)
-    available = torch.ones(len(x), dtype=torch.bool)
-    for step in range(1, min(k, len(x)) + 1):
-        distance = ((target - (total + x) / step) ** 2).sum(1)
-        distance[~available] = float("inf")
-        i = int(distance.argmin())
-        chosen.append(i)
-        available[i] = False
-        total += x[i]
-    return chosen

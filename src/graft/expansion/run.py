@@ -29,14 +29,14 @@ from graft.errors import ConfigError, DataError, SnapshotError
 from graft.evaluate import Outputs, collect_outputs
 from graft.expansion.calibrate import Calibration, fit_calibration, norm_ratio
 from graft.expansion.classes import plan_classes
-from graft.expansion.negatives import ExpandEmbeddings, balanced_weights, herding
+from graft.expansion.negatives import ExpandEmbeddings, balanced_weights
 from graft.expansion.source import Source, load_source
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
 from graft.train import checkpoint
 from graft.train.class_stats import FILE_NAME as STATS_FILE
-from graft.train.class_stats import ClassStats
+from graft.train.class_stats import ClassStats, herding
 from graft.train.embeddings import (
     EmbeddingCache,
     EmbeddingDataset,
@@ -187,7 +187,7 @@ def expand(
     lineage = list(source.info.get("expanded_from", []))
     info["expanded_from"] = lineage + [{"run": str(source.dir), "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode, "calibration": cal.to_dict()}]
     if cfg.train.class_stats:
-        new_stats = class_statistics(cfg, model, splits, final_cache, stats, k, pre)
+        new_stats = class_statistics(cfg, model, splits, calibration_samples, final_cache, stats, k, pre)
         if new_stats is not None:
             new_stats.save(run_dir / STATS_FILE)
             info["class_stats"] = {"file": STATS_FILE, "classes": new_stats.classes, "backbone": new_stats.backbone}
@@ -210,7 +210,7 @@ def expand(
     )
     write_json(run_dir / "expand_metrics.json", result)
     say(f"done: old classes {_pct(result['old_accuracy_before'])} -> {_pct(result['old_accuracy_after'])}, new classes {_pct(result['new_accuracy'])}, "
-        f"overall {_pct(result['overall_accuracy'])} on the {split_name} images; results in {run_dir}")
+        f"overall {_pct(result['overall_accuracy'])} ({split_name} images); results in {run_dir}")
     return ExpandResult(run_dir, metrics, state.history, result)
 
 
@@ -303,9 +303,14 @@ def choose_exemplars(pool: list[Sample], n: int, k: int, cache: EmbeddingCache, 
 
 
 def evaluation_split(splits: DatasetSplits, k: int) -> tuple[str, list[Sample]]:
-    """The split expand_metrics.json reports on: test when it has old and new classes, else val."""
-    labels = {s.label < k for s in splits.test}
-    return ("test", splits.test) if labels == {True, False} else ("val", splits.val)
+    """The images expand_metrics.json reports on: for the old and for the new classes, their test
+    images when there are any, else their validation images."""
+    names, samples = [], []
+    for part, wanted in (("old", lambda s: s.label < k), ("new", lambda s: s.label >= k)):
+        test = [s for s in splits.test if wanted(s)]
+        names.append(f"{part}: {'test' if test else 'val'}")
+        samples += test or [s for s in splits.val if wanted(s)]
+    return ", ".join(names), samples
 
 
 # ---------------------------------------------------------------------------- training
@@ -346,13 +351,21 @@ class PhaseSources:
             real = torch.stack([self.cache.embed(splits.train, tf, view=v, augmentation=spec, seed=cfg.solver.seed) for v in range(1, views + 1)], 1)
         val = self.cache.embed(splits.val, eval_transform(pre))
         labels = [s.label for s in splits.train]
-        new_counts = torch.bincount(torch.tensor(labels), minlength=self.num_classes)[self.k :]
+        anchors = 0
+        if self.stats is not None:  # the old classes' stored training embeddings, as one more view-less image each
+            keep = ~self.stats.anchor_heldout
+            index = torch.tensor([self.splits.classes.index(c) for c in self.stats.classes], dtype=torch.long)
+            rows = self.stats.anchors[keep].unsqueeze(1).expand(-1, real.shape[1], -1)
+            real = torch.cat([real, rows])
+            labels += index[self.stats.anchor_labels[keep]].tolist()
+            anchors = len(rows)
+        new_counts = torch.bincount(torch.tensor([s.label for s in splits.train]), minlength=self.num_classes)[self.k :]
         per_class = cfg.expand.negatives_per_class if cfg.expand.negatives_per_class is not None else max(64, int(new_counts.max()))
         stat_labels = [self.splits.classes.index(c) for c in self.stats.classes] if self.stats is not None else []
         train = ExpandEmbeddings(real, labels, stats=self.stats, stat_labels=stat_labels, per_class=per_class, seed=cfg.solver.seed)
         weights = balanced_weights(train.label_counts(self.num_classes))
-        self.say(f"new rows: {len(real)} images ({self.cache.computed - before} image views through the backbone, {time.perf_counter() - started:.1f}s), "
-                 f"{per_class * len(stat_labels)} old-class samples drawn from class statistics per epoch")
+        self.say(f"new rows: {len(real) - anchors} images ({self.cache.computed - before} image views through the backbone, {time.perf_counter() - started:.1f}s), "
+                 f"{anchors} stored old-class embeddings, {per_class * len(stat_labels)} old-class samples drawn from class statistics per epoch")
 
         def loss(logits: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits, y, weight=weights.to(logits.device))
@@ -388,11 +401,16 @@ def calibrate(cfg: GraftConfig, model: GraftClassifier, cache: EmbeddingCache, s
     emb = cache.embed(samples, eval_transform(pre))
     labels = torch.tensor([s.label for s in samples], dtype=torch.long)
     if stats is not None and len(stats.classes):
-        g = torch.Generator().manual_seed(cfg.solver.seed + 0xCA1)
-        which = torch.arange(len(stats.classes)).repeat_interleave(CALIBRATION_DRAWS)
-        emb = torch.cat([emb.reshape(-1, stats.dim), stats.sample(which, g)])
-        index = [classes.index(c) for c in stats.classes]
-        labels = torch.cat([labels, torch.tensor([index[i] for i in which.tolist()], dtype=torch.long)])
+        index = torch.tensor([classes.index(c) for c in stats.classes], dtype=torch.long)
+        heldout = stats.anchor_heldout
+        if heldout.any():  # real embeddings of images neither the old nor the new rows trained on
+            extra, which = stats.anchors[heldout], stats.anchor_labels[heldout]
+        else:
+            g = torch.Generator().manual_seed(cfg.solver.seed + 0xCA1)
+            which = torch.arange(len(stats.classes)).repeat_interleave(CALIBRATION_DRAWS)
+            extra = stats.sample(which, g)
+        emb = torch.cat([emb.reshape(-1, stats.dim), extra])
+        labels = torch.cat([labels, index[which]])
     fc = model.head.fc  # no dropout here: the head's dropout sits before it
     with torch.no_grad():
         logits = fc(emb.to(fc.blocks[0].weight.device)).float().cpu() if len(emb) else torch.zeros(0, fc.out_features)
@@ -401,7 +419,7 @@ def calibrate(cfg: GraftConfig, model: GraftClassifier, cache: EmbeddingCache, s
     return fit_calibration(logits[:, :k], logits[:, k:], labels, method=cfg.expand.calibrate, norm_scale=scale, max_old_loss=cfg.expand.max_old_loss)
 
 
-def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, cache: EmbeddingCache, old_stats: ClassStats | None, k: int, pre: Any) -> ClassStats | None:
+def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, heldout: list[Sample], cache: EmbeddingCache, old_stats: ClassStats | None, k: int, pre: Any) -> ClassStats | None:
     """The expanded run's statistics, so it can be expanded again: in frozen mode the old classes'
     stored ones (the backbone did not change) plus the new classes' from their images; after
     fine-tuning, all from the training images of the adapted backbone."""
@@ -413,7 +431,11 @@ def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSp
     if fit_on:
         emb = cache.embed(fit_on, eval_transform(pre))
         remap = {label: i for i, label in enumerate(names)}
-        fitted = ClassStats.fit(emb, torch.tensor([remap[s.label] for s in fit_on]), [splits.classes[i] for i in names], fingerprint)
+        held = [s for s in heldout if s.label in remap]
+        fitted = ClassStats.fit(
+            emb, torch.tensor([remap[s.label] for s in fit_on]), [splits.classes[i] for i in names], fingerprint,
+            heldout=cache.embed(held, eval_transform(pre)), heldout_labels=torch.tensor([remap[s.label] for s in held], dtype=torch.long),
+        )
     if frozen and old_stats is not None:
         keep = old_stats.select([c for c in old_stats.classes if fitted is None or c not in fitted.classes])
         merged = keep.merge(fitted) if fitted is not None else keep

@@ -130,11 +130,13 @@ def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSp
     fingerprint = backbone_fingerprint(model.backbone)
     if cached is not None and last.backbone_frozen:
         emb, labels = cached.train_embeddings(last)
+        cache = cached.cache
     else:
         cache = EmbeddingCache(model.backbone, root=None, spec={}, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
         emb = cache.embed(splits.train, eval_transform(pre))
         labels = torch.tensor([s.label for s in splits.train])
-    return ClassStats.fit(emb, labels, splits.classes, fingerprint)
+    heldout = cache.embed(splits.val, eval_transform(pre))
+    return ClassStats.fit(emb, labels, splits.classes, fingerprint, heldout=heldout, heldout_labels=torch.tensor([s.label for s in splits.val], dtype=torch.long))
 
 
 

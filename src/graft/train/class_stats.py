@@ -4,8 +4,12 @@ added later without the old images (``graft expand``).
 For each class: the mean embedding, the variance of every dimension, and the class's main
 directions of spread (principal components scaled by their standard deviations). Samples from the
 Gaussian these describe stand in for old-class images when the new rows of a widened head learn
-what they must not fire on. The statistics belong to one backbone (its weights fingerprint): after
-fine-tuning they describe nothing, so they are checked before use.
+what they must not fire on. A Gaussian is a tidy picture, though: real images of a class that
+resemble another class lie in its tails. So a few real embeddings per class are kept too
+(*anchors*, half precision): training images chosen by herding, to learn against, and held-out
+images the model never trained on, to check the new rows on. The statistics belong to one
+backbone (its weights fingerprint): after fine-tuning they describe nothing, so they are checked
+before use.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from graft.io import atomic_write
 FORMAT = "graft-class-stats/1"
 FILE_NAME = "class_stats.safetensors"
 RANK = 16  # principal directions kept per class
+ANCHORS = 64  # real embeddings kept per class and split (training, held-out)
 
 
 @dataclass
@@ -37,10 +42,25 @@ class ClassStats:
     low: torch.Tensor  # [D] smallest value seen in each dimension (samples are clamped to the range)
     high: torch.Tensor  # [D]
     backbone: str  # fingerprint of the backbone the embeddings came from
+    anchors: torch.Tensor  # [M, D] real embeddings
+    anchor_labels: torch.Tensor  # [M] indices into classes
+    anchor_heldout: torch.Tensor  # [M] bool: from images the model was not trained on
 
     @classmethod
-    def fit(cls, embeddings: torch.Tensor, labels: torch.Tensor, classes: list[str], backbone: str, rank: int = RANK) -> ClassStats:
-        """``embeddings [N, D]`` with ``labels [N]`` indexing ``classes``; every class needs one image."""
+    def fit(
+        cls,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        classes: list[str],
+        backbone: str,
+        rank: int = RANK,
+        *,
+        heldout: torch.Tensor | None = None,
+        heldout_labels: torch.Tensor | None = None,
+        anchors: int = ANCHORS,
+    ) -> ClassStats:
+        """``embeddings [N, D]`` with ``labels [N]`` indexing ``classes``; every class needs one image.
+        ``heldout`` (with its labels): embeddings of images the model never trained on."""
         x = embeddings.double()
         labels = torch.as_tensor(labels)
         k, d = len(classes), x.shape[1]
@@ -59,7 +79,22 @@ class ClassStats:
                 _, s, vh = torch.linalg.svd(centred, full_matrices=False)
                 r = min(rank, len(s))
                 components[c, :r] = s[:r, None] * vh[:r]
-        return cls(list(classes), mean.float(), var.float(), components.float(), counts, embeddings.min(0).values.float(), embeddings.max(0).values.float(), backbone)
+        picked, picked_labels, picked_heldout = [], [], []
+        for c in range(k):
+            members = embeddings[labels == c]
+            chosen = herding(members, anchors)
+            picked.append(members[chosen])
+            picked_labels += [c] * len(chosen)
+            picked_heldout += [False] * len(chosen)
+            if heldout is not None:
+                extra = heldout[torch.as_tensor(heldout_labels) == c][:anchors]
+                picked.append(extra)
+                picked_labels += [c] * len(extra)
+                picked_heldout += [True] * len(extra)
+        return cls(
+            list(classes), mean.float(), var.float(), components.float(), counts, embeddings.min(0).values.float(), embeddings.max(0).values.float(), backbone,
+            torch.cat(picked).half().float(), torch.tensor(picked_labels, dtype=torch.long), torch.tensor(picked_heldout, dtype=torch.bool),
+        )
 
     @property
     def dim(self) -> int:
@@ -79,7 +114,13 @@ class ClassStats:
 
     def select(self, names: list[str]) -> ClassStats:
         index = [self.classes.index(n) for n in names]
-        return ClassStats(list(names), self.mean[index], self.var[index], self.components[index], self.counts[index], self.low, self.high, self.backbone)
+        remap = torch.full((len(self.classes),), -1, dtype=torch.long)
+        remap[index] = torch.arange(len(index))
+        keep = remap[self.anchor_labels] >= 0
+        return ClassStats(
+            list(names), self.mean[index], self.var[index], self.components[index], self.counts[index], self.low, self.high, self.backbone,
+            self.anchors[keep], remap[self.anchor_labels[keep]], self.anchor_heldout[keep],
+        )
 
     def merge(self, other: ClassStats) -> ClassStats:
         """This run's classes followed by ``other``'s (same backbone, same rank)."""
@@ -99,12 +140,16 @@ class ClassStats:
             torch.minimum(self.low, other.low),
             torch.maximum(self.high, other.high),
             self.backbone,
+            torch.cat([self.anchors, other.anchors]),
+            torch.cat([self.anchor_labels, other.anchor_labels + len(self.classes)]),
+            torch.cat([self.anchor_heldout, other.anchor_heldout]),
         )
 
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike) -> Path:
-        tensors = {"mean": self.mean, "var": self.var, "components": self.components, "counts": self.counts, "low": self.low, "high": self.high}
+        tensors = {"mean": self.mean, "var": self.var, "components": self.components, "counts": self.counts, "low": self.low, "high": self.high,
+                   "anchors": self.anchors.half(), "anchor_labels": self.anchor_labels, "anchor_heldout": self.anchor_heldout}
         meta = {"format": FORMAT, "classes": json.dumps(self.classes), "backbone": self.backbone}
         return atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta))
 
@@ -116,10 +161,31 @@ class ClassStats:
                 t = {k: f.get_tensor(k) for k in f.keys()}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT}")
-            stats = cls(json.loads(meta["classes"]), t["mean"], t["var"], t["components"], t["counts"], t["low"], t["high"], meta["backbone"])
+            stats = cls(json.loads(meta["classes"]), t["mean"], t["var"], t["components"], t["counts"], t["low"], t["high"], meta["backbone"],
+                        t["anchors"].float(), t["anchor_labels"], t["anchor_heldout"])
             k, d = stats.mean.shape
-            if len(stats.classes) != k or stats.var.shape != (k, d) or stats.components.shape[::2] != (k, d) or stats.counts.shape != (k,):
+            m = len(stats.anchors)
+            if len(stats.classes) != k or stats.var.shape != (k, d) or stats.components.shape[::2] != (k, d) or stats.counts.shape != (k,) \
+                    or stats.anchors.shape != (m, d) or stats.anchor_labels.shape != (m,) or stats.anchor_heldout.shape != (m,) or (m and int(stats.anchor_labels.max()) >= k):
                 raise ValueError("tensor shapes do not match the class list")
         except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
             raise SnapshotError(f"cannot read class statistics {path}: {err}") from None
         return stats
+
+
+def herding(embeddings: torch.Tensor, k: int) -> list[int]:
+    """iCaRL's exemplar choice: up to ``k`` row indices, picked one by one so that the mean of
+    those picked stays as close as possible to the mean of all rows."""
+    x = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    target = x.mean(0)
+    chosen: list[int] = []
+    total = torch.zeros_like(target)
+    available = torch.ones(len(x), dtype=torch.bool)
+    for step in range(1, min(k, len(x)) + 1):
+        distance = ((target - (total + x) / step) ** 2).sum(1)
+        distance[~available] = float("inf")
+        i = int(distance.argmin())
+        chosen.append(i)
+        available[i] = False
+        total += x[i]
+    return chosen

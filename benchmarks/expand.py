@@ -1,0 +1,198 @@
+"""Adding classes without forgetting: graft expand against the usual recipes, on real labelled data.
+
+    .venv/bin/python benchmarks/expand.py [--old 7] [--img-size 160] [--rehearsal 20]
+
+Data: scikit-learn's handwritten digits (1797 labelled 8x8 scans, bundled with scikit-learn, no
+download), each class split 60/20/20 into train/val/test. A model is trained on the first ``--old``
+digits (graft train, bundled EfficientNet-Lite0, feature extraction) and then given the other
+digits. Prints one JSON line per method, all scored on the same test images of all ten digits:
+
+- ``naive-fresh-head``: a new K+N head trained on the new classes' images alone;
+- ``copy-rows``: the bare recipe: widen the head, copy the old rows, train the new rows on the new images;
+- ``graft-frozen``: graft expand, no old images (negatives from the stored class statistics);
+- ``graft-frozen-rehearsal``: graft expand with ``--rehearsal`` images per old class in the new data;
+- ``graft-fine-tune``: graft expand --mode fine-tune --exemplars ``--rehearsal``;
+- ``joint``: graft train on all classes with the original recipe (the upper bound).
+
+The two baselines train the same linear layer on the same cached embeddings with the same solver
+as graft expand (AdamW, cosine, 30 epochs), so the differences are the method's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_digits(root: Path, seed: int = 0) -> dict[str, dict[int, list[Path]]]:
+    """PNG files of the digits, 60/20/20 per class; returns {split: {digit: [paths]}}."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[int, list[Path]]] = {"train": {}, "val": {}, "test": {}}
+    for d in range(10):
+        idx = rng.permutation(np.flatnonzero(digits.target == d))
+        n = len(idx)
+        parts = {"train": idx[: int(0.6 * n)], "val": idx[int(0.6 * n) : int(0.8 * n)], "test": idx[int(0.8 * n) :]}
+        for split, ids in parts.items():
+            paths = []
+            for i in ids:
+                pixels = (255 - digits.images[i] * 255 / 16).astype(np.uint8)  # dark ink on white paper
+                path = root / "all" / split / f"digit{d}" / f"{i:04d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).resize((64, 64), Image.BILINEAR).convert("RGB").save(path)
+                paths.append(path)
+            out[split][d] = paths
+    return out
+
+
+def link_folder(target: Path, files: dict[str, dict[int, list[Path]]], digits: list[int], splits: tuple[str, ...], limit: int | None = None) -> Path:
+    for split in splits:
+        for d in digits:
+            for p in files[split][d][:limit]:
+                dest = target / split / f"digit{d}" / p.name if len(splits) > 1 else target / f"digit{d}" / p.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(p, dest)
+    return target
+
+
+def cli(*args: str) -> float:
+    from graft.cli import main
+
+    started = time.perf_counter()
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise SystemExit(f"graft {' '.join(map(str, args))} failed with exit code {code}")
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--old", type=int, default=7, help="digits 0..old-1 are the original classes")
+    parser.add_argument("--img-size", type=int, default=160)
+    parser.add_argument("--rehearsal", type=int, default=20, help="old-class images per class for the rehearsal methods")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--fine-tune-epochs", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="graft-expand-bench-"))
+    os.environ["GRAFT_CACHE_DIR"] = str(work / "cache")
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    files = write_digits(work)
+    old, new = list(range(args.old)), list(range(args.old, 10))
+    common = ["--quiet", "--set", f"data.img_size={args.img_size}", "--augment", "none", "--seed", "0"]
+    original_data = link_folder(work / "old", files, old, ("train", "val", "test"))
+    new_data = link_folder(work / "new", files, new, ("train", "val"))
+    secs_original = cli("train", "--data", original_data, "--out", work / "runs/original", "--strategy", "feature-extract", "--epochs", args.epochs, *common)
+    print(json.dumps({"step": "original", "classes": len(old), "seconds": round(secs_original, 1)}), flush=True)
+
+    from graft.data.folder import scan_class_folders
+    from graft.data.images import load_image
+    from graft.data.transforms import eval_transform
+    from graft.predict import load_run
+    from graft.train.embeddings import EmbeddingCache, backbone_fingerprint
+
+    original = load_run(work / "runs/original", device="cpu")
+    classes = original.classes + [f"digit{d}" for d in new]
+    _, test, _, _ = scan_class_folders(work / "all/test", classes=classes)
+    labels = torch.tensor([s.label for s in test])
+    is_old = labels < len(old)
+    cache = EmbeddingCache(original.model.backbone, root=work / "cache", spec={}, device=torch.device("cpu"), batch_size=64)
+    test_emb = cache.embed(test, eval_transform(original.preprocessing))
+    with torch.no_grad():
+        before = original.model.head.fc(test_emb).argmax(1)
+    old_before = float((before[is_old] == labels[is_old]).double().mean())
+
+    def score(method: str, logits: torch.Tensor, seconds: float, **extra) -> None:
+        pred = logits.argmax(1)
+        acc = lambda m: round(float((pred[m] == labels[m]).double().mean()), 4)  # noqa: E731
+        row = {"method": method, "old_accuracy_before": round(old_before, 4), "old_accuracy_after": acc(is_old), "new_accuracy": acc(~is_old), "overall_accuracy": acc(torch.ones_like(is_old)), "seconds": round(seconds, 1), **extra}
+        print(json.dumps(row), flush=True)
+
+    def run_logits(run_dir: Path) -> torch.Tensor:
+        run = load_run(run_dir, device="cpu")
+        with torch.no_grad():
+            if backbone_fingerprint(run.model.backbone) == cache.fingerprint:
+                return run.model.head.fc(test_emb)  # same backbone: its embeddings are the cached ones
+            out = []
+            for i in range(0, len(test), 64):
+                x = torch.stack([run.transform(load_image(s.path)) for s in test[i : i + 64]])
+                out.append(run.model(x))
+            return torch.cat(out)
+
+    wanted = set(args.only) if args.only else None
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    # The baselines train the new layer on the cached embeddings of the new classes' training images.
+    _, new_train, _, _ = scan_class_folders(new_data / "train", classes=classes)
+    new_x = cache.embed(new_train, eval_transform(original.preprocessing))
+    new_y = torch.tensor([s.label for s in new_train])
+
+    def fit_linear(layer: torch.nn.Module, params: list[torch.nn.Parameter]) -> float:
+        started = time.perf_counter()
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+        steps = args.epochs * ((len(new_x) + 31) // 32)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(args.epochs):
+            for idx in torch.randperm(len(new_x), generator=g).split(32):
+                loss = torch.nn.functional.cross_entropy(layer(new_x[idx]), new_y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        return time.perf_counter() - started
+
+    if want("naive-fresh-head"):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(test_emb.shape[1], len(classes))
+        secs = fit_linear(head, list(head.parameters()))
+        with torch.no_grad():
+            score("naive-fresh-head", head(test_emb), secs)
+    if want("copy-rows"):
+        import copy
+
+        from graft.models.surgery import widen_head
+
+        model = copy.deepcopy(original.model)
+        widen_head(model, len(new), seed=0)
+        fc = model.head.fc
+        secs = fit_linear(fc, list(fc.blocks[-1].parameters()))
+        with torch.no_grad():
+            score("copy-rows", fc(test_emb), secs)
+    expand_common = ["--quiet", "--seed", "0", "--augment", "none"]
+    if want("graft-frozen"):
+        secs = cli("expand", work / "runs/original", "--data", new_data / "train", "--out", work / "runs/frozen", *expand_common)
+        score("graft-frozen", run_logits(work / "runs/frozen"), secs, old_images_used=0)
+    if want("graft-frozen-rehearsal"):
+        mixed = link_folder(work / "new-rehearsal", files, new, ("train",))
+        link_folder(mixed, files, old, ("train",), limit=args.rehearsal)
+        secs = cli("expand", work / "runs/original", "--data", mixed, "--out", work / "runs/frozen-rehearsal", *expand_common)
+        score("graft-frozen-rehearsal", run_logits(work / "runs/frozen-rehearsal"), secs, old_images_used=args.rehearsal * len(old))
+    if want("graft-fine-tune"):
+        secs = cli("expand", work / "runs/original", "--data", new_data / "train", "--out", work / "runs/fine-tune", "--mode", "fine-tune", "--exemplars", args.rehearsal, "--fine-tune-epochs", args.fine_tune_epochs, *expand_common)
+        score("graft-fine-tune", run_logits(work / "runs/fine-tune"), secs, old_images_used=args.rehearsal * len(old))
+    if want("joint"):
+        all_data = link_folder(work / "joint", files, old + new, ("train", "val"))
+        os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")  # from scratch: nothing cached
+        secs = cli("train", "--data", all_data, "--out", work / "runs/joint", "--strategy", "feature-extract", "--epochs", args.epochs, *common)
+        score("joint", run_logits(work / "runs/joint"), secs, old_images_used=sum(len(files["train"][d]) for d in old))
+    print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
