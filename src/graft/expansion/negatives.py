@@ -35,6 +35,25 @@ class ExpandEmbeddings(Dataset):
             counts[label] += self.per_class
         return counts
 
+    def __getitems__(self, keys: list) -> list[tuple[torch.Tensor, int]]:
+        """A batch at once (the DataLoader calls this): the batch's draws come from one generator
+        seeded by (seed, epoch, the batch's indices), so a resumed run draws the same ones."""
+        indices = [k[0] if isinstance(k, tuple) else k for k in keys]
+        epoch = keys[0][1] if keys and isinstance(keys[0], tuple) else 0
+        synthetic = [i for i in indices if i >= len(self.real)]
+        drawn: dict[int, torch.Tensor] = {}
+        if synthetic:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, len(synthetic), *synthetic[:8], 0x57A75))
+            classes = torch.tensor([(i - len(self.real)) // self.per_class for i in synthetic])
+            drawn = dict(zip(synthetic, self.stats.sample(classes, g)))
+        out = []
+        for key, i in zip(keys, indices):
+            if i in drawn:
+                out.append((drawn[i], self.stat_labels[(i - len(self.real)) // self.per_class]))
+            else:
+                out.append(self[key])
+        return out
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         if index < len(self.real):

@@ -18,8 +18,9 @@ from graft.train.class_stats import FILE_NAME as STATS_FILE
 from graft.train.class_stats import ClassStats
 from graft.train.embeddings import backbone_fingerprint, file_digest
 
-EXPAND_EPOCHS = 30  # epochs of the new rows on cached embeddings: seconds, even on a CPU
+EXPAND_EPOCHS = 100  # epochs of the new rows on cached embeddings: seconds, even on a CPU
 EXPAND_FINE_TUNE_EPOCHS = 5
+EXPAND_SNAPSHOT = 25  # keep a numbered snapshot every 25 epochs, not 100 copies of the model
 
 
 @dataclass
@@ -81,6 +82,7 @@ def expand_config(
     base["data"]["dir"] = str(data_dir) if data_dir is not None else None
     base["model"].update(weights=str(source.dir), reinit=[])
     base["train"].update(epochs=EXPAND_EPOCHS, fine_tune_epochs=EXPAND_FINE_TUNE_EPOCHS, strategy="feature-extract")
+    base["solver"]["snapshot"] = EXPAND_SNAPSHOT  # `last` is still written every epoch
     base["expand"] = {"source": str(source.dir)}
     cfg = resolve_config(config_file, overrides, flags, base=base)
     if cfg.model.name != source.info["backbone"]["name"]:

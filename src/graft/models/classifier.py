@@ -71,6 +71,7 @@ class GraftClassifier(nn.Module):
         self.num_features = int(backbone.num_features)
         self.head = Head(self.num_features, num_classes, dropout, head_blocks)
         self.frozen_bn_eval = frozen_bn_eval
+        self.bn_inference = False  # every BatchNorm in inference mode, trainable or not (the Keras tutorial's advice for fine-tuning)
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +88,10 @@ class GraftClassifier(nn.Module):
         inference mode (as Keras does for ``trainable=False``): their running statistics were
         estimated on the pretraining data and must not drift with small new batches."""
         super().train(mode)
-        if mode and self.frozen_bn_eval:
+        if mode and self.bn_inference:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        elif mode and self.frozen_bn_eval:
             surgery.set_frozen_batchnorm_eval(self)
         return self
