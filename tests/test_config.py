@@ -349,3 +349,10 @@ def test_validate_assignment():
     with pytest.raises(ValidationError, match="base_lr"):
         cfg.solver.base_lr = -1.0
     assert cfg.solver.base_lr == pytest.approx(1e-3)
+
+
+def test_every_example_config_is_valid():
+    examples = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+    assert len(examples) >= 3
+    for path in examples:
+        resolve_config(path)  # raises ConfigError naming the key if an example went stale

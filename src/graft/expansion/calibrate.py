@@ -24,6 +24,9 @@ from torch import nn
 
 from graft.expansion.negatives import balanced_weights
 
+PRIOR_WEIGHT = 0.1  # pull of the fitted scale towards the weight-norm ratio (and of the shift towards 0)
+MAX_SCALE_CHANGE = 4.0  # the fitted scale stays within this factor of the weight-norm ratio
+
 
 @dataclass
 class Calibration:
@@ -81,16 +84,21 @@ def _fit_scale_shift(old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor,
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_a, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
+    prior = float(torch.tensor(scale).log())
+
     def closure() -> torch.Tensor:
         opt.zero_grad()
         logits = torch.cat([old, log_a.exp() * new + b], 1)
-        loss = F.cross_entropy(logits, labels, weight=weights)
+        # When the held-out samples are already separated, cross-entropy alone would grow the scale
+        # without bound: a weak pull towards the aligned norms keeps the new rows on the old rows' scale.
+        loss = F.cross_entropy(logits, labels, weight=weights) + PRIOR_WEIGHT * ((log_a - prior) ** 2 + 0.01 * b**2)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    return float(log_a.detach().exp()), float(b.detach())
+    a = float(log_a.detach().exp())
+    return min(max(a, scale / MAX_SCALE_CHANGE), scale * MAX_SCALE_CHANGE), float(b.detach())
 
 
 def _guard(cal: Calibration, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor, max_old_loss: float) -> None:
@@ -102,10 +110,10 @@ def _guard(cal: Calibration, old: torch.Tensor, new: torch.Tensor, labels: torch
     right = o.argmax(1) == y
     # A correctly classified old sample is taken when the shift exceeds its margin.
     margins, _ = (o.max(1).values - n.max(1).values)[right].sort()
-    allowed = int(max_old_loss * len(y))
+    allowed = int(max_old_loss * len(margins))
     if allowed < len(margins) and cal.shift >= float(margins[allowed]):
         limit = float(margins[allowed]) - 1e-4 * max(1.0, abs(float(margins[allowed])))
         cal.notes.append(f"shift lowered from {cal.shift:.4g} to {limit:.4g} so the new rows take at most {100 * max_old_loss:g}% of the old-class held-out samples")
         cal.shift = limit
-    taken = (n.max(1).values + cal.shift > o.max(1).values).float()
+    taken = (n.max(1).values + cal.shift > o.max(1).values).double()
     cal.old_taken = float(taken.mean())

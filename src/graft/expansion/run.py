@@ -238,7 +238,9 @@ def gather_data(cfg: GraftConfig, source: Source, cache: EmbeddingCache, say: An
     train: the new classes' images and the old-class rehearsal images (old-class folders in the
     data, or with ``expand.exemplars`` the herding choice among those or the original run's training
     images). val/test: the new data's held-out images plus the original run's held-out images that
-    are still on disk; the latter only measure, they are never trained or calibrated on."""
+    are still on disk. The latter are never trained on; the original validation images (or, in
+    frozen mode, their stored embeddings) calibrate the new rows, so old classes are best measured
+    on the original run's test images."""
     d, old = cfg.data, source.classes
     scanned = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels, min_classes=1, empty_ok=False)
     new, rehearsal = plan_classes(old, scanned.classes, Path(d.dir))

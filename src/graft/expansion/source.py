@@ -44,7 +44,7 @@ class Source:
 def load_source(run_dir: str | os.PathLike) -> Source:
     from graft.predict import TrainedModel
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # recorded in the expansion's snapshots: must work from any folder
     trained = TrainedModel.load(run_dir, device="cpu")
     digest = file_digest(run_dir / "model.safetensors")
     splits = None
