@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="epochs of the original and the joint run")
     parser.add_argument("--expand-epochs", type=int, default=100, help="epochs of the new rows (graft expand's default)")
     parser.add_argument("--fine-tune-epochs", type=int, default=3)
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split of the digits")
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
 
@@ -92,7 +93,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    files = write_digits(work)
+    files = write_digits(work, seed=args.data_seed)
     old, new = list(range(args.old)), list(range(args.old, 10))
     common = ["--quiet", "--set", f"data.img_size={args.img_size}", "--augment", "none", "--seed", "0"]
     original_data = link_folder(work / "old", files, old, ("train", "val", "test"))

@@ -126,6 +126,7 @@ class ExpandConfig(_Strict):
     negatives_per_class: int | None = Field(None, ge=0, description="Samples drawn per old class and epoch from the stored class statistics; null: as many as the largest new class has training views, at least 64.")
     calibrate: Literal["bias", "norm", "none"] = Field("bias", description="bias: align weight norms, then fit a scale and shift of the new logits on held-out data | norm: align weight norms only | none.")
     max_old_loss: float = Field(0.0, ge=0.0, le=1.0, description="Calibration guard: the new rows may take at most this share of the old-class held-out samples the old rows classify correctly; raise it to trade old-class accuracy for new-class accuracy.")
+    guard_confidence: float = Field(0.5, ge=0.0, le=1.0, description="Calibration guard: only old-class held-out samples the old rows classify correctly, with at least this fraction of the median correct sample's probability, count.")
     distill_weight: float = Field(1.0, ge=0.0, description="fine-tune mode: weight of the distillation loss on the old classes' outputs.")
     distill_temperature: float = Field(2.0, gt=0.0, description="fine-tune mode: softmax temperature of the distillation.")
     source: str | None = Field(None, description="The run being expanded (set by graft expand).")

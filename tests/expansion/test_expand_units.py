@@ -232,3 +232,17 @@ def test_calibration_guard_share_is_of_the_correctly_classified_old_samples():
     old, new, labels = greedy_logits(wrong=20)  # half of the 40 old samples are misclassified by the old rows
     cal = fit_calibration(old, new, labels, method="norm", norm_scale=1.0, max_old_loss=0.1)
     assert taken_share(old, new, labels, cal, only_correct=True) <= 0.1
+
+
+def test_calibration_guard_ignores_old_samples_the_old_rows_barely_get_right():
+    """One ambiguous old image must not silence the new classes: with the old rows' probability
+    below guard_confidence it does not bind; at confidence 0 it does."""
+    old, new, labels = greedy_logits(noise=0.0)
+    new = new - 200  # the new rows fire on no old sample...
+    old[0] = 0.0
+    old[0, labels[0]] = 0.1  # ...except this one, which the old rows get right by a hair (p ~ 0.36)
+    new[0] = old[0].max() + 50
+    lenient = fit_calibration(old, new, labels, method="norm", norm_scale=1.0, max_old_loss=0.0, guard_confidence=0.5)
+    strict = fit_calibration(old, new, labels, method="norm", norm_scale=1.0, max_old_loss=0.0, guard_confidence=0.0)
+    assert lenient.shift == 0.0 and not lenient.notes
+    assert strict.shift < -50 and any("shift lowered" in n for n in strict.notes)

@@ -10,7 +10,8 @@ frozen mode the old logits, stay exactly as they were:
   cross-entropy (BiC, Wu et al. 2019).
 
 Both are then capped by a guard: ``b`` is lowered until the new rows take at most
-``max_old_loss`` of the old-class held-out samples that the old rows classified correctly.
+``max_old_loss`` of the old-class held-out samples that the old rows classify correctly with a
+probability of at least ``guard_confidence`` times that of the median correct sample.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from graft.expansion.negatives import balanced_weights
 
-PRIOR_WEIGHT = 0.1  # pull of the fitted scale towards the weight-norm ratio (and of the shift towards 0)
+PRIOR_WEIGHT = 0.01  # pull of the fitted scale towards the weight-norm ratio (and of the shift towards 0)
 MAX_SCALE_CHANGE = 4.0  # the fitted scale stays within this factor of the weight-norm ratio
 
 
@@ -60,6 +61,7 @@ def fit_calibration(
     method: str,
     norm_scale: float,
     max_old_loss: float,
+    guard_confidence: float = 0.5,
 ) -> Calibration:
     """``old_logits [M, K]`` (fixed), ``new_logits [M, N]`` before calibration, ``labels [M]`` in
     ``0..K+N-1``: held-out samples of old and new classes."""
@@ -73,7 +75,7 @@ def fit_calibration(
             cal.notes.append("no held-out samples of the " + ("new" if cal.new_samples == 0 else "old") + " classes to fit on: weight aligning only")
         else:
             cal.scale, cal.shift = _fit_scale_shift(old_logits, new_logits, labels, norm_scale)
-    _guard(cal, old_logits, new_logits, labels, max_old_loss)
+    _guard(cal, old_logits, new_logits, labels, max_old_loss, guard_confidence)
     return cal
 
 
@@ -101,13 +103,19 @@ def _fit_scale_shift(old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor,
     return min(max(a, scale / MAX_SCALE_CHANGE), scale * MAX_SCALE_CHANGE), float(b.detach())
 
 
-def _guard(cal: Calibration, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor, max_old_loss: float) -> None:
+def _guard(cal: Calibration, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor, max_old_loss: float, confidence: float) -> None:
     k = old.shape[1]
     is_old = labels < k
     if not is_old.any():
         return
     o, n, y = old[is_old].double(), cal.scale * new[is_old].double(), labels[is_old]
+    # Only the samples the old rows get right with some confidence bind: one ambiguous image (a 3
+    # that looks like an 8) would otherwise silence a new class on everything. Confidence is
+    # relative to the median correct sample's, so a model that is never very sure is still guarded.
+    p = o.softmax(1).max(1).values
     right = o.argmax(1) == y
+    if right.any():
+        right &= p >= confidence * p[right].median()
     # A correctly classified old sample is taken when the shift exceeds its margin.
     margins, _ = (o.max(1).values - n.max(1).values)[right].sort()
     allowed = int(max_old_loss * len(margins))

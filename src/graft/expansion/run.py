@@ -429,7 +429,7 @@ def calibrate(cfg: GraftConfig, model: GraftClassifier, cache: EmbeddingCache, s
         logits = fc(emb.to(fc.blocks[0].weight.device)).float().cpu() if len(emb) else torch.zeros(0, fc.out_features)
     old_weight = torch.cat([b.weight for b in fc.blocks[:-1]])
     scale = norm_ratio(old_weight, fc.blocks[-1].weight) if cfg.expand.calibrate != "none" else 1.0
-    return fit_calibration(logits[:, :k], logits[:, k:], labels, method=cfg.expand.calibrate, norm_scale=scale, max_old_loss=cfg.expand.max_old_loss)
+    return fit_calibration(logits[:, :k], logits[:, k:], labels, method=cfg.expand.calibrate, norm_scale=scale, max_old_loss=cfg.expand.max_old_loss, guard_confidence=cfg.expand.guard_confidence)
 
 
 def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, heldout: list[Sample], cache: EmbeddingCache, old_stats: ClassStats | None, k: int, pre: Any) -> ClassStats | None:
