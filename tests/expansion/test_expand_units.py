@@ -12,12 +12,8 @@ import torch
 from graft.errors import DataError, SnapshotError
 from graft.expansion.calibrate import fit_calibration
 from graft.expansion.classes import plan_classes
-from graft.train.class_stats import ClassStats
-
-try:  # herding has lived in both modules
-    from graft.train.class_stats import herding
-except ImportError:  # pragma: no cover
-    from graft.expansion.negatives import herding
+from graft.expansion.negatives import ExpandEmbeddings, balanced_weights
+from graft.train.class_stats import ClassStats, herding
 
 OLD = ["blue", "green", "red"]
 
@@ -246,3 +242,65 @@ def test_calibration_guard_ignores_old_samples_the_old_rows_barely_get_right():
     strict = fit_calibration(old, new, labels, method="norm", norm_scale=1.0, max_old_loss=0.0, guard_confidence=0.0)
     assert lenient.shift == 0.0 and not lenient.notes
     assert strict.shift < -50 and any("shift lowered" in n for n in strict.notes)
+
+
+# ---------------------------------------------------------------------------- anchors and negatives
+
+
+def two_class_stats(heldout: bool = True, anchors: int | None = None) -> ClassStats:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.cat([torch.randn(30, 6, generator=g), torch.randn(20, 6, generator=g) + 4])
+    labels = torch.tensor([0] * 30 + [1] * 20)
+    held = torch.randn(12, 6, generator=g) if heldout else None
+    held_labels = torch.tensor([0] * 5 + [1] * 7) if heldout else None
+    return ClassStats.fit(emb, labels, ["a", "b"], "fp", heldout=held, heldout_labels=held_labels, anchors=anchors)
+
+
+def test_class_stats_keep_training_anchors_by_herding_and_held_out_ones(tmp_path):
+    stats = two_class_stats(anchors=8)
+    train = ~stats.anchor_heldout
+    assert torch.bincount(stats.anchor_labels[train]).tolist() == [8, 8]
+    assert torch.bincount(stats.anchor_labels[stats.anchor_heldout]).tolist() == [5, 7]
+    loaded = ClassStats.load(stats.save(tmp_path / "s.safetensors"))
+    assert torch.equal(loaded.anchors, stats.anchors) and torch.equal(loaded.anchor_labels, stats.anchor_labels)
+    assert torch.equal(loaded.anchor_heldout, stats.anchor_heldout)
+
+
+def test_class_stats_select_and_merge_relabel_the_anchors():
+    stats = two_class_stats(anchors=4)
+    only_b = stats.select(["b"])
+    assert only_b.classes == ["b"] and set(only_b.anchor_labels.tolist()) == {0}
+    assert len(only_b.anchors) == 4 + 4  # held-out ones are capped per class too
+    merged = only_b.merge(stats.select(["a"]))
+    assert merged.classes == ["b", "a"]
+    assert torch.equal(merged.anchors[merged.anchor_labels == 1], stats.anchors[stats.anchor_labels == 0])
+
+
+def test_many_classes_keep_fewer_anchors_each():
+    from graft.train.class_stats import ANCHOR_BUDGET
+
+    k = 2 * ANCHOR_BUDGET // 64  # twice as many classes as the budget holds at 64 each
+    emb = torch.randn(k * 40, 4, generator=torch.Generator().manual_seed(1))
+    stats = ClassStats.fit(emb, torch.arange(k).repeat_interleave(40), [str(i) for i in range(k)], "fp", rank=1)
+    assert len(stats.anchors) == k * 32 <= ANCHOR_BUDGET
+
+
+def test_expand_embeddings_draws_are_fresh_per_epoch_and_repeatable():
+    stats = two_class_stats()
+    real = torch.randn(5, 2, 6, generator=torch.Generator().manual_seed(2))
+    ds = ExpandEmbeddings(real, [2] * 5, stats=stats, stat_labels=[0, 1], per_class=3, seed=9)
+    assert len(ds) == 5 + 2 * 3
+    assert ds.label_counts(3).tolist() == [3, 3, 5]
+    batch = [(i, 4) for i in (0, 6, 9, 2)]
+    first, again = ds.__getitems__(batch), ds.__getitems__(batch)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    assert [label for _, label in first] == [2, 0, 1, 2]
+    other_epoch = ds.__getitems__([(i, 5) for i in (0, 6, 9, 2)])
+    assert not torch.equal(first[1][0], other_epoch[1][0])  # a drawn sample is fresh each epoch
+    assert torch.equal(first[0][0], ds[(0, 4)][0])  # a real embedding comes from its views
+
+
+def test_balanced_weights_give_every_present_class_the_same_total():
+    counts = torch.tensor([10.0, 0.0, 30.0, 60.0])
+    w = balanced_weights(counts)
+    assert w[1] == 0 and torch.allclose(w * counts, torch.full((4,), 100 / 3).where(counts > 0, torch.tensor(0.0)))

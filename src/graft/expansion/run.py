@@ -77,43 +77,22 @@ def expand(
     snapshot ``resume``."""
     started = time.perf_counter()
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    payload = None
-    if resume is not None:
-        if cfg is not None:
-            raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")
-        payload = checkpoint.load_snapshot(resume)
-        if "expand" not in payload:
-            raise SnapshotError(f"{payload['path']} is a training snapshot, not an expansion's: continue it with graft train --resume")
-        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
-        spec = payload["expand"]
-        source = load_source(cfg.expand.source)
-        if source.digest != spec["source_sha256"]:
-            raise SnapshotError(f"the model in {source.dir} changed since this expansion started; it cannot be continued (start it again from the run)")
-        splits = DatasetSplits.from_json(payload["splits"])
-        source_run = checkpoint.snapshot_run_dir(payload["path"])
-        run_dir = Path(out) if out else source_run
-        replace = run_dir.resolve() != source_run.resolve() and holds_run(run_dir)
-    else:
-        if cfg is None or cfg.expand.source is None:
-            raise ConfigError("expand needs a config made by graft.expansion.source.expand_config (or --resume SNAPSHOT)")
-        if out is None:
-            raise ConfigError("no output folder: pass --out RUNDIR")
-        run_dir = Path(out)
-        source = load_source(cfg.expand.source)
-        if run_dir.resolve() == source.dir.resolve():
-            raise ConfigError(f"--out {run_dir} is the run being expanded; write the expanded run to a new folder")
-        replace = holds_run(run_dir)
-    if replace and not overwrite:
-        raise ConfigError(f"{run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
+    job = open_expansion(cfg, out, resume, overwrite)
+    cfg, source, run_dir, payload = job.cfg, job.source, job.run_dir, job.payload
     device = select_device(cfg.train.device)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     pre, aug = source.preprocessing, augmentation_from_config(cfg.data)
     teacher = source.model.to(device).eval()
     cache_root = (Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()) if cfg.train.embedding_cache else None
-    spec_key = {"preprocessing": pre.to_dict(), "backbone": cfg.model.name}
-    source_cache = EmbeddingCache(teacher.backbone, root=cache_root, spec=spec_key, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
+
+    def embedding_cache(backbone: torch.nn.Module) -> EmbeddingCache:
+        spec = {"preprocessing": pre.to_dict(), "backbone": cfg.model.name}  # as graft train's: the two share embeddings
+        return EmbeddingCache(backbone, root=cache_root, spec=spec, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
+
+    source_cache = embedding_cache(teacher.backbone)
     if payload is None:
-        splits, spec = gather_data(cfg, source, source_cache, say)
+        job.splits, job.spec = gather_data(cfg, source, source_cache, say)
+    splits, spec = job.splits, job.spec
     old, new = spec["old_classes"], spec["new_classes"]
     k = len(old)
 
@@ -124,7 +103,7 @@ def expand(
     if payload is not None:
         model.load_state_dict(payload["model"])
     phases = plan_phases(cfg, model)
-    if replace:
+    if job.replace:
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for w in splits.warnings:
@@ -134,39 +113,30 @@ def expand(
 
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     stats = source.stats.select([c for c in old if c in source.stats.classes]) if source.stats is not None else None
-    train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
-    val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels)
-    sources = PhaseSources(cfg, model, teacher, splits, pre, source_cache, stats, say)
-    static = {
-        "config": cfg.to_dict(),
-        "classes": splits.classes,
-        "splits": splits.to_json(),
-        "preprocessing": pre.to_dict(),
-        "weights_source": str(source.dir),
-        "expand": spec,
-    }
+    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": str(source.dir), "expand": spec}
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
     write_json(run_dir / "splits.json", static["splits"])
     trainer = Trainer(
         model,
         phases,
         solver=cfg.solver,
-        train_data=train_ds,
-        val_data=val_ds,
+        train_data=ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels),
+        val_data=ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels),
         device=device,
         amp=amp,
         workers=workers,
         freeze_patterns=cfg.model.freeze,
         lr_rules=cfg.model.lr_mult,
         hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
-        data_for_phase=sources.phase_data,
+        data_for_phase=PhaseSources(cfg, model, teacher, splits, pre, source_cache, stats, say).phase_data,
         channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
     )
     if payload is None:
         seed_everything(cfg.solver.seed)
     state = trainer.fit(resume=payload)
 
-    final_cache = EmbeddingCache(model.backbone, root=cache_root, spec=spec_key, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
+    # ------------------------------------------------------------------ calibrate, then report
+    final_cache = embedding_cache(model.backbone)
     original_heldout = set(spec["original_heldout"])
     calibration_samples = [s for s in splits.val if str(s.path) not in original_heldout]
     # Held-out old-class images neither the old nor the new rows trained on: in frozen mode the
@@ -204,9 +174,7 @@ def expand(
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=expanded_outputs, batch_size=cfg.solver.batch_size, blocks=blocks)
 
     split_name, samples = evaluation_split(splits, k)
-    after = expanded_outputs(model, samples)
-    before = outputs_of(teacher, source_cache, [s for s in samples if s.label < k])
-    result = expansion_metrics(old, new, samples, before, after, split_name)
+    result = expansion_metrics(old, new, samples, outputs_of(teacher, source_cache, [s for s in samples if s.label < k]), expanded_outputs(model, samples), split_name)
     if calibrated_on_original_val and split_name.startswith("old: val"):
         result["note"] = ("the old classes are measured on the original run's validation images, which also calibrated the new rows "
                           "(two numbers fitted): give the original run a test split for an unbiased measure")
@@ -223,6 +191,47 @@ def expand(
     say(f"done: old classes {_pct(result['old_accuracy_before'])} -> {_pct(result['old_accuracy_after'])}, new classes {_pct(result['new_accuracy'])}, "
         f"overall {_pct(result['overall_accuracy'])} ({split_name} images); results in {run_dir}")
     return ExpandResult(run_dir, metrics, state.history, result)
+
+
+@dataclass
+class _Job:
+    cfg: GraftConfig
+    source: Source
+    run_dir: Path
+    replace: bool  # run_dir holds another run that --overwrite replaces
+    payload: dict[str, Any] | None = None  # the snapshot being resumed
+    splits: DatasetSplits | None = None
+    spec: dict[str, Any] | None = None  # where the data came from (stored in every snapshot)
+
+
+def open_expansion(cfg: GraftConfig | None, out: str | Path | None, resume: str | Path | None, overwrite: bool) -> _Job:
+    """Check what was asked before anything is written: the source run, the output folder, and
+    for a resumed expansion its snapshot and the unchanged source model."""
+    if resume is not None:
+        if cfg is not None:
+            raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")
+        payload = checkpoint.load_snapshot(resume)
+        if "expand" not in payload:
+            raise SnapshotError(f"{payload['path']} is a training snapshot, not an expansion's: continue it with graft train --resume")
+        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
+        source = load_source(cfg.expand.source)
+        if source.digest != payload["expand"]["source_sha256"]:
+            raise SnapshotError(f"the model in {source.dir} changed since this expansion started; it cannot be continued (start it again from the run)")
+        snapshot_run = checkpoint.snapshot_run_dir(payload["path"])
+        run_dir = Path(out) if out else snapshot_run
+        job = _Job(cfg, source, run_dir, run_dir.resolve() != snapshot_run.resolve() and holds_run(run_dir), payload, DatasetSplits.from_json(payload["splits"]), payload["expand"])
+    else:
+        if cfg is None or cfg.expand.source is None:
+            raise ConfigError("expand needs a config made by graft.expansion.source.expand_config (or --resume SNAPSHOT)")
+        if out is None:
+            raise ConfigError("no output folder: pass --out RUNDIR")
+        source = load_source(cfg.expand.source)
+        if Path(out).resolve() == source.dir:
+            raise ConfigError(f"--out {out} is the run being expanded; write the expanded run to a new folder")
+        job = _Job(cfg, source, Path(out), holds_run(Path(out)))
+    if job.replace and not overwrite:
+        raise ConfigError(f"{job.run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
+    return job
 
 
 def _pct(x: float | None) -> str:

@@ -29,7 +29,8 @@ from graft.io import atomic_write
 FORMAT = "graft-class-stats/1"
 FILE_NAME = "class_stats.safetensors"
 RANK = 16  # principal directions kept per class
-ANCHORS = 64  # real embeddings kept per class and split (training, held-out)
+ANCHORS = 64  # real embeddings kept per class and split (training, held-out)...
+ANCHOR_BUDGET = 8192  # ...but at most this many per split in all (at least 8 per class), so the file stays small
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ClassStats:
         *,
         heldout: torch.Tensor | None = None,
         heldout_labels: torch.Tensor | None = None,
-        anchors: int = ANCHORS,
+        anchors: int | None = None,
     ) -> ClassStats:
         """``embeddings [N, D]`` with ``labels [N]`` indexing ``classes``; every class needs one image.
         ``heldout`` (with its labels): embeddings of images the model never trained on."""
@@ -79,6 +80,8 @@ class ClassStats:
                 _, s, vh = torch.linalg.svd(centred, full_matrices=False)
                 r = min(rank, len(s))
                 components[c, :r] = s[:r, None] * vh[:r]
+        if anchors is None:
+            anchors = max(8, min(ANCHORS, ANCHOR_BUDGET // max(1, k)))
         picked, picked_labels, picked_heldout = [], [], []
         for c in range(k):
             members = embeddings[labels == c]
