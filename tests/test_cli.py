@@ -206,7 +206,13 @@ def test_ctrl_c_writes_a_resumable_snapshot_and_exits_130(tmp_path):
     data = make_class_folders(tmp_path / "data", per_class=20)
     config = write_config(tmp_path / "c.yaml", data, train={"strategy": "feature-extract", "epochs": 500})
     run = tmp_path / "run"
-    proc = subprocess.Popen([*GRAFT, "train", "--data", str(data), "--out", str(run), "--config", str(config)], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env())
+    # A shell that starts jobs in the background (`make test &`) makes them ignore SIGINT, and the
+    # child would inherit that: give it the default disposition, as a terminal would.
+    proc = subprocess.Popen(
+        [*GRAFT, "train", "--data", str(data), "--out", str(run), "--config", str(config)],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.time() + 90
         while not (run / "snapshots" / "epoch-0002").exists() and time.time() < deadline:
