@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--config", metavar="FILE", help="YAML config overriding the run's own (see examples/)")
     x.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override a config key, e.g. expand.calibrate=norm (repeatable)")
     x.add_argument("--resume", metavar="SNAPSHOT", help="continue an expansion exactly from its snapshot")
-    x.add_argument("--epochs", type=_count, metavar="N", help="epochs of the new rows on cached embeddings (default 30)")
+    x.add_argument("--epochs", type=_count, metavar="N", help="epochs of the new rows on cached embeddings (default 100)")
     x.add_argument("--fine-tune-epochs", type=_count, metavar="M", help="fine-tune mode: epochs of adapting the backbone (default 5)")
     x.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
     x.add_argument("--batch-size", type=_positive, metavar="B")
@@ -259,10 +259,10 @@ def cmd_expand(args: argparse.Namespace) -> int:
     if args.strict:
         flags["data.strict"] = True
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None] + (["RUNDIR"] if args.run else []) + (["--data"] if args.data else [])
+        given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None] + (["RUNDIR"] if args.run else [])
         if args.config or args.set or given:
-            raise GraftError("--resume continues the snapshot's expansion with its saved settings; give only --resume (and --out, --overwrite, --quiet)")
-        expand(None, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+            raise GraftError("--resume continues the snapshot's expansion with its saved settings; give only --resume (and --out, --data if the new data moved, --overwrite, --quiet)")
+        expand(None, args.out, resume=args.resume, data_dir=args.data, overwrite=args.overwrite, quiet=args.quiet)
         return 0
     if not args.run:
         raise GraftError("which run? graft expand RUNDIR --data NEW_CLASSES --out NEW_RUNDIR")

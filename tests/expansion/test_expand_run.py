@@ -433,3 +433,115 @@ def test_run_without_statistics_or_old_images_explains_the_fix(original, tmp_pat
     assert "class_stats.safetensors" in err and "--exemplars" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- review regressions
+
+
+def test_resume_cannot_write_over_the_run_being_expanded(original, expanded, capsys):
+    before = (original["run"] / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    rc = main(["expand", "--resume", str(expanded / "snapshots" / "epoch-0001"), "--out", str(original["run"]), "--overwrite", "--quiet"])
+    assert rc == 2 and "the run being expanded" in capsys.readouterr().err
+    assert (original["run"] / "model.safetensors").read_bytes() == before
+
+
+class _Boom(Exception):
+    pass
+
+
+class _FailAfterFirstEpoch:
+    def before_epoch(self, trainer): ...
+    def after_step(self, trainer, loss): ...
+    def on_interrupt(self, trainer): ...
+    def after_train(self, trainer): ...
+
+    def after_epoch(self, trainer, row):
+        raise _Boom("disk full")
+
+
+def test_a_failed_overwrite_keeps_the_replaced_run(original, expanded, tmp_path, capsys):
+    from graft.expansion import expand
+    from graft.expansion.source import expand_config, load_source
+
+    out = tmp_path / "target"
+    shutil.copytree(expanded, out)
+    kept = (out / "model.safetensors").read_bytes()
+    cfg = expand_config(load_source(original["run"]), original["new"], flags={"train.epochs": 2})
+    with pytest.raises(_Boom):
+        expand(cfg, out, overwrite=True, quiet=True, hooks=[_FailAfterFirstEpoch()])
+    assert (out / ".replaced" / "model.safetensors").read_bytes() == kept
+    assert "kept in" in capsys.readouterr().err
+    expand(cfg, out, overwrite=True, quiet=True)  # a replacement that finishes drops the old run
+    assert not (out / ".replaced").exists() and (out / "expand_metrics.json").is_file()
+
+
+def test_a_failed_training_overwrite_keeps_the_replaced_run(original, tmp_path):
+    cfg = parse_config(tiny_config(original["data"], train={"strategy": "feature-extract", "epochs": 2}))
+    out = tmp_path / "run"
+    shutil.copytree(original["run"], out)
+    kept = (out / "model.safetensors").read_bytes()
+    with pytest.raises(_Boom):
+        train(cfg, out, overwrite=True, quiet=True, hooks=[_FailAfterFirstEpoch()])
+    assert (out / ".replaced" / "model.safetensors").read_bytes() == kept
+
+
+@pytest.mark.parametrize("damage", ["low", "anchor_labels", "var"])
+def test_malformed_class_statistics_are_a_clear_error(original, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(original["run"], run)
+    stats = ClassStats.load(run / "class_stats.safetensors")
+    if damage == "low":
+        stats.low = stats.low[:5]
+    elif damage == "anchor_labels":
+        stats.anchor_labels = stats.anchor_labels - 5
+    else:
+        stats.var = stats.var * float("nan")
+    stats.save(run / "class_stats.safetensors")
+    rc, err = expand_cli(capsys, str(run), "--data", str(original["new"]), "--out", str(tmp_path / "x"))
+    assert rc == 2 and "class_stats.safetensors" in err and "unexpected" not in err
+
+
+def test_resume_after_the_new_data_moved(original, expanded, tmp_path, capsys):
+    new = tmp_path / "new"
+    shutil.copytree(original["new"], new)
+    out = tmp_path / "first"
+    assert main(["expand", str(original["run"]), "--data", str(new), "--out", str(out), "--epochs", "3", "--set", "solver.snapshot=1", "--quiet"]) == 0
+    moved = tmp_path / "moved"
+    new.rename(moved)
+    rc, err = expand_cli(capsys, "--resume", str(out / "snapshots" / "epoch-0001"), "--out", str(tmp_path / "r1"))
+    assert rc == 2 and "--data" in err and "unexpected" not in err
+    assert not (tmp_path / "r1").exists()
+    rc, err = expand_cli(capsys, "--resume", str(out / "snapshots" / "epoch-0001"), "--out", str(tmp_path / "r2"), "--data", str(moved))
+    assert rc == 0, err
+    assert_same_tensors(out, tmp_path / "r2")
+
+
+def test_fine_tuned_expansion_keeps_statistics_of_the_old_classes(original, capsys):
+    out = original["root"] / "fine-tuned-no-exemplars"
+    rc, err = expand_cli(capsys, str(original["run"]), "--data", str(original["new"]), "--out", str(out), "--mode", "fine-tune", "--epochs", "2", "--fine-tune-epochs", "1")
+    assert rc == 0, err
+    stats = ClassStats.load(out / "class_stats.safetensors")
+    assert stats.classes == OLD + NEW  # refitted from the original training images on the adapted backbone
+
+
+def test_a_copy_of_an_original_image_is_not_measured_as_unseen(original, tmp_path, capsys):
+    src = read_json(original["run"] / "splits.json")
+    root = Path(src["root"])
+    val_red = [root / p for p, label in src["val"] if label == OLD.index("red")]
+    train_red = [root / p for p, label in src["train"] if label == OLD.index("red")]
+    data = tmp_path / "data"
+    shutil.copytree(original["new"], data)
+    (data / "red").mkdir()
+    for p in val_red + train_red[:6]:
+        shutil.copy(p, data / "red" / p.name)
+    out = tmp_path / "out"
+    rc, err = expand_cli(capsys, str(original["run"]), "--data", str(data), "--out", str(out), "--epochs", "2")
+    assert rc == 0, err
+    mine = read_json(out / "splits.json")
+    base = Path(mine["root"])
+    train_files = {(base / p).read_bytes() for p, _ in mine["train"]}
+    held_out = [base / p for split in ("val", "test") for p, label in mine[split] if label < len(OLD)]
+    assert not any(p.read_bytes() in train_files for p in held_out)  # nothing measured was trained on
+    originally_trained = {p.read_bytes() for p in train_red}
+    assert not any(p.read_bytes() in originally_trained for p in held_out)

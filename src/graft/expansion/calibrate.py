@@ -26,7 +26,7 @@ from torch import nn
 from graft.expansion.negatives import balanced_weights
 
 PRIOR_WEIGHT = 0.01  # pull of the fitted scale towards the weight-norm ratio (and of the shift towards 0)
-MAX_SCALE_CHANGE = 4.0  # the fitted scale stays within this factor of the weight-norm ratio
+MAX_SCALE_CHANGE = 4.0  # the fitted scale stays within this factor of the weight-norm ratio (or of 1)
 
 
 @dataclass
@@ -100,7 +100,9 @@ def _fit_scale_shift(old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor,
     with torch.enable_grad():
         opt.step(closure)
     a = float(log_a.detach().exp())
-    return min(max(a, scale / MAX_SCALE_CHANGE), scale * MAX_SCALE_CHANGE), float(b.detach())
+    # Within a factor of the aligned norms, or of leaving the rows as trained: new rows trained much
+    # longer than the old ones have larger norms for a reason, and aligning alone would silence them.
+    return min(max(a, min(scale, 1.0) / MAX_SCALE_CHANGE), max(scale, 1.0) * MAX_SCALE_CHANGE), float(b.detach())
 
 
 def _guard(cal: Calibration, old: torch.Tensor, new: torch.Tensor, labels: torch.Tensor, max_old_loss: float, confidence: float) -> None:

@@ -37,23 +37,11 @@ from graft.models.classifier import GraftClassifier
 from graft.train import checkpoint
 from graft.train.class_stats import FILE_NAME as STATS_FILE
 from graft.train.class_stats import ClassStats, herding
-from graft.train.embeddings import (
-    EmbeddingCache,
-    EmbeddingDataset,
-    backbone_fingerprint,
-    default_cache_dir,
-)
+from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir, file_digest
 from graft.train.hooks import HistoryHook, ProgressHook, SnapshotHook
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import write_results
-from graft.train.runner import (
-    TrainResult,
-    clear_run,
-    holds_run,
-    run_info,
-    seed_everything,
-    select_device,
-)
+from graft.train.runner import TrainResult, check_files_exist, holds_run, keeping_replaced_run, run_info, seed_everything, select_device, stash_run
 
 CALIBRATION_DRAWS = 256  # old-class samples drawn per class from the statistics for calibration
 
@@ -68,16 +56,23 @@ def expand(
     out: str | Path | None = None,
     *,
     resume: str | Path | None = None,
+    data_dir: str | Path | None = None,
     overwrite: bool = False,
     quiet: bool = False,
     hooks: list[Any] = (),
 ) -> ExpandResult:
     """Expand the run ``cfg.expand.source`` with the new classes in ``cfg.data.dir`` into ``out``
     (make ``cfg`` with ``graft.expansion.source.expand_config``), or continue an expansion from its
-    snapshot ``resume``."""
+    snapshot ``resume`` (``data_dir``: where its new data is now, if it moved). With
+    ``overwrite``, a run already in ``out`` is kept in ``out/.replaced`` until this one finishes."""
     started = time.perf_counter()
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    job = open_expansion(cfg, out, resume, overwrite)
+    job = open_expansion(cfg, out, resume, overwrite, data_dir)
+    with keeping_replaced_run(job.run_dir):
+        return _expand(job, started, say, quiet, hooks)
+
+
+def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) -> ExpandResult:
     cfg, source, run_dir, payload = job.cfg, job.source, job.run_dir, job.payload
     device = select_device(cfg.train.device)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
@@ -104,7 +99,7 @@ def expand(
         model.load_state_dict(payload["model"])
     phases = plan_phases(cfg, model)
     if job.replace:
-        clear_run(run_dir)
+        stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for w in splits.warnings:
         say(f"warning: {w}")
@@ -165,7 +160,14 @@ def expand(
     lineage = list(source.info.get("expanded_from", []))
     info["expanded_from"] = lineage + [{"run": str(source.dir), "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode, "calibration": cal.to_dict()}]
     if cfg.train.class_stats:
-        new_stats = class_statistics(cfg, model, splits, calibration_samples, final_cache, stats, k, pre)
+        refit = list(splits.train)
+        if cfg.expand.mode == "fine-tune" and source.splits is not None:  # the adapted backbone needs the old classes' statistics anew
+            have = {s.label for s in refit}
+            refit += [s for s in source.splits.train if s.label not in have and s.path.is_file()]
+        missing = [c for i, c in enumerate(old) if i not in {s.label for s in refit}] if cfg.expand.mode == "fine-tune" else []
+        if missing:
+            say(f"warning: no images of old class(es) {', '.join(missing)} to describe them in the fine-tuned embedding space: expanding this run again will need images of them")
+        new_stats = class_statistics(cfg, model, splits, refit, calibration_samples, final_cache, stats, k, pre)
         if new_stats is not None:
             new_stats.save(run_dir / STATS_FILE)
             info["class_stats"] = {"file": STATS_FILE, "classes": new_stats.classes, "backbone": new_stats.backbone}
@@ -204,7 +206,7 @@ class _Job:
     spec: dict[str, Any] | None = None  # where the data came from (stored in every snapshot)
 
 
-def open_expansion(cfg: GraftConfig | None, out: str | Path | None, resume: str | Path | None, overwrite: bool) -> _Job:
+def open_expansion(cfg: GraftConfig | None, out: str | Path | None, resume: str | Path | None, overwrite: bool, data_dir: str | Path | None = None) -> _Job:
     """Check what was asked before anything is written: the source run, the output folder, and
     for a resumed expansion its snapshot and the unchanged source model."""
     if resume is not None:
@@ -219,16 +221,18 @@ def open_expansion(cfg: GraftConfig | None, out: str | Path | None, resume: str 
             raise SnapshotError(f"the model in {source.dir} changed since this expansion started; it cannot be continued (start it again from the run)")
         snapshot_run = checkpoint.snapshot_run_dir(payload["path"])
         run_dir = Path(out) if out else snapshot_run
-        job = _Job(cfg, source, run_dir, run_dir.resolve() != snapshot_run.resolve() and holds_run(run_dir), payload, DatasetSplits.from_json(payload["splits"]), payload["expand"])
+        splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
+        check_files_exist(splits)
+        job = _Job(cfg, source, run_dir, run_dir.resolve() != snapshot_run.resolve() and holds_run(run_dir), payload, splits, payload["expand"])
     else:
         if cfg is None or cfg.expand.source is None:
             raise ConfigError("expand needs a config made by graft.expansion.source.expand_config (or --resume SNAPSHOT)")
         if out is None:
             raise ConfigError("no output folder: pass --out RUNDIR")
-        source = load_source(cfg.expand.source)
-        if Path(out).resolve() == source.dir:
-            raise ConfigError(f"--out {out} is the run being expanded; write the expanded run to a new folder")
-        job = _Job(cfg, source, Path(out), holds_run(Path(out)))
+        job = _Job(cfg, load_source(cfg.expand.source), Path(out), holds_run(Path(out)))
+    inside = job.run_dir.resolve()
+    if inside == job.source.dir or job.source.dir in inside.parents:
+        raise ConfigError(f"--out {job.run_dir} is (inside) the run being expanded, {job.source.dir}; write the expanded run to a new folder")
     if job.replace and not overwrite:
         raise ConfigError(f"{job.run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
     return job
@@ -279,11 +283,21 @@ def gather_data(cfg: GraftConfig, source: Source, cache: EmbeddingCache, say: An
         say(f"exemplars: {len(chosen)} old-class images ({n} per class at most, chosen by herding) from {exemplar_source}")
     original_heldout: list[Sample] = []
     if source.splits is not None:
-        taken = {s.path for s in train + val + test}
+        # By content, not path: a copy of an image must not be trained on and measured as unseen.
+        seen = {file_digest(s.path) for s in train + val + test}
         for part, target in ((source.splits.val, val), (source.splits.test, test)):
-            extra = [Sample(s.path, s.label) for s in part if s.path not in taken and s.path.is_file()]
+            extra = [Sample(s.path, s.label) for s in part if s.path.is_file() and file_digest(s.path) not in seen]
             target.extend(extra)
             original_heldout.extend(extra)
+        # Old-class images here that the original model trained on would flatter it: not held out.
+        trained_on = {file_digest(s.path) for s in source.splits.train if s.path.is_file()}
+        dropped = {s for s in val + test if s.label < len(old) and file_digest(s.path) in trained_on}
+        if dropped:
+            val = [s for s in val if s not in dropped]
+            test = [s for s in test if s not in dropped]
+            train += sorted(dropped - set(train), key=lambda s: str(s.path))
+            example = min(str(s.path) for s in dropped)
+            scanned.warnings.append(f"{len(dropped)} old-class image(s) in {d.dir} (e.g. {example}) are training images of {source.dir}: used for rehearsal, not to measure")
     has_old = {s.label for s in train if s.label < len(old)}
     if source.stats is None and not has_old:
         raise DataError(
@@ -441,13 +455,13 @@ def calibrate(cfg: GraftConfig, model: GraftClassifier, cache: EmbeddingCache, s
     return fit_calibration(logits[:, :k], logits[:, k:], labels, method=cfg.expand.calibrate, norm_scale=scale, max_old_loss=cfg.expand.max_old_loss, guard_confidence=cfg.expand.guard_confidence)
 
 
-def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, heldout: list[Sample], cache: EmbeddingCache, old_stats: ClassStats | None, k: int, pre: Any) -> ClassStats | None:
+def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, train: list[Sample], heldout: list[Sample], cache: EmbeddingCache, old_stats: ClassStats | None, k: int, pre: Any) -> ClassStats | None:
     """The expanded run's statistics, so it can be expanded again: in frozen mode the old classes'
     stored ones (the backbone did not change) plus the new classes' from their images; after
     fine-tuning, all from the training images of the adapted backbone."""
     fingerprint = backbone_fingerprint(model.backbone)
     frozen = cfg.expand.mode == "frozen"
-    fit_on = [s for s in splits.train if s.label >= k or not frozen or old_stats is None or splits.classes[s.label] not in old_stats.classes]
+    fit_on = [s for s in train if s.label >= k or not frozen or old_stats is None or splits.classes[s.label] not in old_stats.classes]
     names = sorted({s.label for s in fit_on})
     fitted = None
     if fit_on:

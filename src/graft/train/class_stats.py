@@ -168,9 +168,20 @@ class ClassStats:
                         t["anchors"].float(), t["anchor_labels"], t["anchor_heldout"])
             k, d = stats.mean.shape
             m = len(stats.anchors)
-            if len(stats.classes) != k or stats.var.shape != (k, d) or stats.components.shape[::2] != (k, d) or stats.counts.shape != (k,) \
-                    or stats.anchors.shape != (m, d) or stats.anchor_labels.shape != (m,) or stats.anchor_heldout.shape != (m,) or (m and int(stats.anchor_labels.max()) >= k):
+            shapes_ok = (
+                len(stats.classes) == k and stats.var.shape == (k, d) and stats.components.ndim == 3 and stats.components.shape[::2] == (k, d)
+                and stats.counts.shape == (k,) and stats.low.shape == (d,) and stats.high.shape == (d,)
+                and stats.anchors.shape == (m, d) and stats.anchor_labels.shape == (m,) and stats.anchor_heldout.shape == (m,)
+            )
+            if not shapes_ok:
                 raise ValueError("tensor shapes do not match the class list")
+            if stats.anchor_heldout.dtype != torch.bool or stats.anchor_labels.dtype != torch.long or stats.counts.dtype != torch.long:
+                raise ValueError("tensor types are not those graft writes")
+            if m and not (0 <= int(stats.anchor_labels.min()) and int(stats.anchor_labels.max()) < k):
+                raise ValueError("an anchor's class index is out of range")
+            floats = (stats.mean, stats.var, stats.components, stats.low, stats.high, stats.anchors)
+            if not all(torch.isfinite(t).all() for t in floats) or bool((stats.var < 0).any()):
+                raise ValueError("it holds non-finite values or a negative variance")
         except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as err:
             raise SnapshotError(f"cannot read class statistics {path}: {err}") from None
         return stats

@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +94,41 @@ def clear_run(path: Path) -> None:
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
+REPLACED = ".replaced"  # where --overwrite keeps the previous run until the new one has finished
+
+
+def stash_run(path: Path) -> Path:
+    """Move the run in ``path`` aside into ``path/.replaced`` instead of deleting it, so a replacement
+    that fails or is interrupted loses nothing. A stash left by an earlier failed replacement holds
+    the last finished run and is kept; the unfinished files above it are removed."""
+    stash = path / REPLACED
+    if stash.is_dir():
+        clear_run(path)
+        return stash
+    stash.mkdir()
+    for name in RUN_FILES:
+        if (path / name).exists():
+            os.replace(path / name, stash / name)
+    return stash
+
+
+def drop_stash(path: Path) -> None:
+    """The new run in ``path`` has finished: the replaced one can go."""
+    shutil.rmtree(path / REPLACED, ignore_errors=True)
+
+
+@contextmanager
+def keeping_replaced_run(path: Path) -> Iterator[None]:
+    """Tell the user where the replaced run is when the new one does not finish."""
+    try:
+        yield
+    except BaseException:
+        if (path / REPLACED).is_dir():
+            print(f"note: the run that was in {path} before --overwrite is kept in {path / REPLACED}", file=sys.stderr)
+        raise
+    drop_stash(path)
+
+
 def check_batch_size(cfg: GraftConfig, model: GraftClassifier, phases: list[Phase]) -> None:
     """BatchNorm in training mode cannot learn from batches of one image: say so before training."""
     if cfg.solver.batch_size >= 2:
@@ -135,10 +173,10 @@ def train(
         if "expand" in payload:  # an expansion's snapshot continues as an expansion
             from graft.expansion import expand
 
-            return expand(None, out, resume=resume, overwrite=overwrite, quiet=quiet, hooks=hooks)
+            return expand(None, out, resume=resume, data_dir=data_dir, overwrite=overwrite, quiet=quiet, hooks=hooks)
         cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
         splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
-        _check_files_exist(splits)
+        check_files_exist(splits)
         source_run = checkpoint.snapshot_run_dir(payload["path"])
         run_dir = Path(out) if out else source_run
         replace = run_dir.resolve() != source_run.resolve() and holds_run(run_dir)
@@ -177,10 +215,16 @@ def train(
     aug = augmentation_from_config(cfg.data)
     phases = plan_phases(cfg, model)
     check_batch_size(cfg, model, phases)
-    # Everything is validated: only now may an earlier run in the folder be replaced.
+    # Everything is validated: only now may an earlier run in the folder be set aside.
     if replace:
-        clear_run(run_dir)
+        stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with keeping_replaced_run(run_dir):
+        return _train(cfg, run_dir, payload, splits, model, report, pre, aug, phases, device, source_run, started, say, quiet, hooks)
+
+
+def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DatasetSplits, model: GraftClassifier, report: Any, pre: Preprocessing, aug: Any, phases: list[Phase], device: torch.device, source_run: Path | None, started: float, say: Any, quiet: bool, hooks: list[Any]) -> TrainResult:
+    """The run itself, once everything is validated and ``run_dir`` is ready."""
     if payload is None:
         write_json(run_dir / "weights_report.json", report.to_dict())
         say(report.summary())
@@ -240,7 +284,7 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _check_files_exist(splits: DatasetSplits) -> None:
+def check_files_exist(splits: DatasetSplits) -> None:
     missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
     if missing:
         raise SnapshotError(
