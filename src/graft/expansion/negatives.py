@@ -51,18 +51,19 @@ class ExpandEmbeddings(Dataset):
             if i in drawn:
                 out.append((drawn[i], self.stat_labels[(i - len(self.real)) // self.per_class]))
             else:
-                out.append(self[key])
+                out.append(self._real(i, epoch))
         return out
+
+    def _real(self, index: int, epoch: int) -> tuple[torch.Tensor, int]:
+        views = self.real.shape[1]
+        view = 0 if views == 1 else _mix(self.seed, epoch, index) % views
+        return self.real[index, view], int(self.labels[index])
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         if index < len(self.real):
-            views = self.real.shape[1]
-            view = 0 if views == 1 else _mix(self.seed, epoch, index) % views
-            return self.real[index, view], int(self.labels[index])
-        c = (index - len(self.real)) // self.per_class
-        g = torch.Generator().manual_seed(_mix(self.seed, epoch, index, 0x57A75))
-        return self.stats.sample(torch.tensor([c]), g)[0], self.stat_labels[c]
+            return self._real(index, epoch)
+        return self.__getitems__([(index, epoch)])[0]  # one seeding rule for draws, alone or in a batch
 
 
 def balanced_weights(counts: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
 from graft.train import checkpoint
+from graft.train.caches import training_views
 from graft.train.class_stats import FILE_NAME as STATS_FILE
 from graft.train.class_stats import ClassStats, herding
 from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir, file_digest
@@ -131,7 +132,8 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
     state = trainer.fit(resume=payload)
 
     # ------------------------------------------------------------------ calibrate, then report
-    final_cache = embedding_cache(model.backbone)
+    # In frozen mode the backbone is the original's: its embeddings are the ones already computed.
+    final_cache = source_cache if cfg.expand.mode == "frozen" else embedding_cache(model.backbone)
     original_heldout = set(spec["original_heldout"])
     calibration_samples = [s for s in splits.val if str(s.path) not in original_heldout]
     # Held-out old-class images neither the old nor the new rows trained on: in frozen mode the
@@ -379,25 +381,19 @@ class PhaseSources:
         cfg, splits = self.cfg, self.splits
         pre, aug = self.pre, augmentation_from_config(cfg.data)
         started, before = time.perf_counter(), self.cache.computed
-        if aug.is_identity:
-            real = self.cache.embed(splits.train, eval_transform(pre)).unsqueeze(1)
-        else:
-            views = max(1, min(cfg.train.cache_views, phase.epochs))
-            tf, spec = train_transform(pre, aug), asdict(aug)
-            real = torch.stack([self.cache.embed(splits.train, tf, view=v, augmentation=spec, seed=cfg.solver.seed) for v in range(1, views + 1)], 1)
+        real = training_views(self.cache, splits.train, pre, aug, cfg, phase.epochs)
         val = self.cache.embed(splits.val, eval_transform(pre))
         labels = [s.label for s in splits.train]
+        new_counts = torch.bincount(torch.tensor(labels), minlength=self.num_classes)[self.k :]
         anchors = 0
+        stat_labels = [splits.classes.index(c) for c in self.stats.classes] if self.stats is not None else []
         if self.stats is not None:  # the old classes' stored training embeddings, as one more view-less image each
             keep = ~self.stats.anchor_heldout
-            index = torch.tensor([self.splits.classes.index(c) for c in self.stats.classes], dtype=torch.long)
             rows = self.stats.anchors[keep].unsqueeze(1).expand(-1, real.shape[1], -1)
             real = torch.cat([real, rows])
-            labels += index[self.stats.anchor_labels[keep]].tolist()
+            labels += torch.tensor(stat_labels, dtype=torch.long)[self.stats.anchor_labels[keep]].tolist()
             anchors = len(rows)
-        new_counts = torch.bincount(torch.tensor([s.label for s in splits.train]), minlength=self.num_classes)[self.k :]
         per_class = cfg.expand.negatives_per_class if cfg.expand.negatives_per_class is not None else max(64, int(new_counts.max()))
-        stat_labels = [self.splits.classes.index(c) for c in self.stats.classes] if self.stats is not None else []
         train = ExpandEmbeddings(real, labels, stats=self.stats, stat_labels=stat_labels, per_class=per_class, seed=cfg.solver.seed)
         weights = balanced_weights(train.label_counts(self.num_classes))
         self.say(f"new rows: {len(real) - anchors} images ({self.cache.computed - before} image views through the backbone, {time.perf_counter() - started:.1f}s), "

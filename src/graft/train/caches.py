@@ -31,6 +31,16 @@ from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fi
 from graft.train.loop import Phase, PhaseData
 
 
+def training_views(cache: EmbeddingCache, samples: list[Sample], pre: Preprocessing, aug: Any, cfg: GraftConfig, epochs: int, decoded: Any = None) -> torch.Tensor:
+    """``[N, V, D]``: without augmentation the one evaluation view, else V augmented views, never
+    more than there are epochs (then the cache costs at most what the slow path would)."""
+    if aug.is_identity:
+        return cache.embed(samples, eval_transform(pre)).unsqueeze(1)
+    tf, spec = train_transform(pre, aug), asdict(aug)
+    views = max(1, min(cfg.train.cache_views, epochs))
+    return torch.stack([cache.embed(samples, tf, view=v, augmentation=spec, seed=cfg.solver.seed, decoded=decoded) for v in range(1, views + 1)], 1)
+
+
 class CachedEmbeddings:
     """Embedding-cache data for the frozen-backbone phase, built on first use."""
 
@@ -50,14 +60,7 @@ class CachedEmbeddings:
         cfg, splits, pre, aug = self.cfg, self.splits, self.pre, self.aug
         before = self.cache.computed
         started = time.perf_counter()
-        if aug.is_identity:
-            train_emb = self.cache.embed(splits.train, eval_transform(pre)).unsqueeze(1)
-        else:
-            tf, spec = train_transform(pre, aug), asdict(aug)
-            # Never more views than epochs: then the cache costs at most what the slow path would.
-            n_views = max(1, min(cfg.train.cache_views, phase.epochs))
-            views = [self.cache.embed(splits.train, tf, view=v, augmentation=spec, seed=cfg.solver.seed, decoded=self.decoded) for v in range(1, n_views + 1)]
-            train_emb = torch.stack(views, 1)
+        train_emb = training_views(self.cache, splits.train, pre, aug, cfg, phase.epochs, decoded=self.decoded)
         val_emb = self.cache.embed(splits.val, eval_transform(pre))
         computed = self.cache.computed - before
         where = self.cache.store.root if self.cache.store else "memory"
