@@ -65,7 +65,8 @@ def test_resumed_run_reports_total_training_time_and_epoch_start_lr(run, tmp_pat
     rows = (out / "history.csv").read_text().splitlines()
     header = rows[0].split(",")
     first_lr = float(rows[1].split(",")[header.index("lr")])
-    assert first_lr == pytest.approx(0.01)  # the base LR the epoch started at, not where it ended
+    decided = json.loads((out / "metrics.json").read_text())["decided"]["head_lr"]
+    assert first_lr == pytest.approx(decided)  # the rate the epoch started at (train.head_lr: auto), not where it ended
 
 
 def test_an_image_that_breaks_after_the_scan_is_one_line_even_from_a_worker(run, tmp_path, capsys):
@@ -94,7 +95,7 @@ def test_one_line_unwraps_a_worker_traceback():
     "extra, message",
     [
         (["--strategy", "feature-extract", "--epochs", "0"], "nothing to train"),
-        (["--batch-size", "1", "--fine-tune-at", "0"], "batch-size 2"),
+        (["--batch-size", "1", "--fine-tune-at", "0", "--set", "model.bn_inference=false"], "batch-size 2"),
     ],
 )
 def test_settings_that_cannot_train_are_refused(run, tmp_path, capsys, extra, message):

@@ -49,7 +49,10 @@ def test_defaults_parse():
         assert cfg.solver.type == "adamw"
         assert cfg.solver.lr_policy == "cosine"
         assert cfg.solver.base_lr == pytest.approx(1e-3)
-        assert cfg.data.augment == "flip-rotate"
+        assert cfg.data.augment == "auto"  # decided on the validation split (graft.train.autotune)
+        assert cfg.train.head_lr == "auto"
+        assert cfg.model.bn_inference is True
+        assert cfg.train.early_stopping is None
         assert cfg.data.img_size is None
 
 
@@ -89,7 +92,7 @@ solver:
     assert cfg.solver.stepvalue == [2, 4]
     # untouched keys keep their defaults
     assert cfg.solver.momentum == pytest.approx(0.9)
-    assert cfg.data.augment == "flip-rotate"
+    assert cfg.data.augment == "auto"
 
 
 def test_empty_yaml_file_is_defaults(tmp_path):

@@ -31,6 +31,7 @@ TRAIN_FLAGS = {
     "batch_size": "solver.batch_size",
     "seed": "solver.seed",
     "augment": "data.augment",
+    "early_stopping": "train.early_stopping",
     "device": "train.device",
 }
 
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=_positive, metavar="S")
     t.add_argument("--batch-size", type=_positive, metavar="B")
     t.add_argument("--seed", type=_count, metavar="K")
-    t.add_argument("--augment", choices=["none", "flip-rotate", "strong"])
+    t.add_argument("--augment", choices=["auto", "none", "flip", "flip-rotate", "strong"], help="default auto: the best of none, flip and flip-rotate on the validation split")
+    t.add_argument("--early-stopping", type=_positive, metavar="PATIENCE", help="end a phase after PATIENCE epochs without a better validation loss; keep the best epoch's weights")
     t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in RUNDIR")
@@ -114,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--classes", type=_positive, default=None, metavar="K", help="number of classes (default: from --data or 2)")
     pl.add_argument("--data", metavar="DIR", help="count classes from this folder")
     pl.add_argument("--layers", action="store_true", help="list every backbone layer with its index")
+    pl.add_argument("--decide", action="store_true", help="decide what is auto (augmentation, head lr) on --data's validation split now, as graft train would; the embeddings are cached for the run")
+    pl.add_argument("--device", default="auto")
     pl.add_argument("--format", choices=["text", "json"], default="text")
     common(pl)
 
@@ -136,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
     x.add_argument("--batch-size", type=_positive, metavar="B")
     x.add_argument("--seed", type=_count, metavar="K")
-    x.add_argument("--augment", choices=["none", "flip-rotate", "strong"])
+    x.add_argument("--augment", choices=["none", "flip", "flip-rotate", "strong"])
     x.add_argument("--device", metavar="DEV")
     x.add_argument("--strict", action="store_true")
     x.add_argument("--overwrite", action="store_true")
@@ -231,9 +235,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from graft.config import resolve_config
     from graft.plan import describe_plan, format_plan
 
-    flags = {"model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data}
+    flags = {"model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "train.device": args.device}
     cfg = resolve_config(args.config, args.set, flags)
-    plan = describe_plan(cfg, num_classes=args.classes)
+    plan = describe_plan(cfg, num_classes=args.classes, decide=args.decide)
     print(json.dumps(plan, indent=2) if args.format == "json" else format_plan(plan, layers=args.layers))
     return 0
 

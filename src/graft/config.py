@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from graft.errors import ConfigError
 
-AugmentPreset = Literal["none", "flip-rotate", "strong"]
+AugmentPreset = Literal["auto", "none", "flip", "flip-rotate", "strong"]
 Strategy = Literal["feature-extract", "fine-tune", "two-phase"]
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 LRPolicy = Literal["fixed", "step", "multistep", "cosine", "one-cycle", "plateau"]
@@ -37,7 +37,7 @@ class DataConfig(_Strict):
     std: tuple[float, float, float] | None = Field(None, description="Normalisation std; default: the backbone's.")
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(None, description="Resize interpolation; default: the backbone's.")
     crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="Evaluation centre-crop fraction; default: the backbone's.")
-    augment: AugmentPreset = Field("flip-rotate", description="none | flip-rotate (the Keras tutorial's) | strong (random-resized-crop, flip, colour jitter).")
+    augment: AugmentPreset = Field("auto", description="auto (try none, flip and flip-rotate on the validation split, keep the best) | none | flip (horizontal) | flip-rotate (the Keras tutorial's) | strong (random-resized-crop, flip, colour jitter).")
     hflip: bool | None = Field(None, description="Override the preset: random horizontal flip.")
     vflip: bool | None = Field(None, description="Override the preset: random vertical flip.")
     rotation: float | None = Field(None, ge=0.0, le=180.0, description="Override the preset: max rotation in degrees.")
@@ -72,6 +72,7 @@ class ModelConfig(_Strict):
     lr_mult: list[LayerRule] = Field(default_factory=list, description="Per-layer multipliers; the first matching rule applies.")
     reinit: list[str] = Field(default_factory=list, description="Module name patterns re-initialised after loading weights (Caffe: rename a layer).")
     frozen_bn_eval: bool = Field(True, description="Keep BatchNorm layers of frozen parts in inference mode during training.")
+    bn_inference: bool = Field(True, description="Keep every BatchNorm layer in inference mode while fine-tuning, trainable ones too (the Keras tutorial's advice: batch statistics of small new batches undo what the head learned); false: unfrozen BatchNorm layers use batch statistics.")
 
 
 class TrainConfig(_Strict):
@@ -80,6 +81,16 @@ class TrainConfig(_Strict):
     fine_tune_epochs: int = Field(5, ge=0, description="Epochs of the fine-tuning phase of two-phase.")
     fine_tune_at: int | str | None = Field(None, description="First backbone layer that learns when fine-tuning: an index into `graft plan`'s layer list (negative counts from the end) or a module name; default: the last third of the layers.")
     fine_tune_lr_mult: float = Field(0.1, gt=0.0, description="Fine-tuning learning rate = solver.base_lr * this.")
+    head_lr: float | Literal["auto"] | None = Field("auto", description="Learning rate of the frozen-base phase (the new head): auto (a range test on cached embeddings, scored on the validation split) | a number | null (solver.base_lr).")
+    early_stopping: int | None = Field(None, ge=1, description="Patience: end a phase after this many epochs without a better validation score, and restore the best weights (Keras EarlyStopping(restore_best_weights=True)); null: off.")
+    early_stopping_monitor: Literal["val_loss", "val_accuracy"] = Field("val_loss", description="What early stopping and the best epoch are judged by.")
+
+    @field_validator("head_lr")
+    @classmethod
+    def _positive_lr(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not v > 0:
+            raise ValueError("must be a positive number, auto or null")
+        return v
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     embedding_cache: bool = Field(True, description="Train frozen-backbone phases on cached backbone embeddings (computed once per image, stored on disk).")
     cache_views: int = Field(4, ge=1, le=64, description="With augmentation: augmented views per training image in the embedding cache; each epoch draws one.")

@@ -26,8 +26,35 @@ def _count_class_folders(data_dir: str) -> int:
     return n
 
 
-def describe_plan(cfg: GraftConfig, num_classes: int | None = None) -> dict[str, Any]:
-    """Phases with their trainable layers, parameter counts and optimizer groups (JSON-able)."""
+def decide_now(cfg: GraftConfig) -> dict[str, Any]:
+    """What graft train would make of ``auto`` on ``cfg.data.dir``, decided the same way."""
+    from graft.data.folder import scan_folder
+    from graft.data.dataset import default_workers
+    from graft.train import autotune
+    from graft.train.caches import decoded_for_search, embedding_cache
+    from graft.train.runner import plan_phases, select_device
+
+    if not cfg.data.dir:
+        raise ConfigError("graft plan --decide needs --data DIR: the decision is made on its validation split")
+    d = cfg.data
+    splits = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)
+    model, _ = build_model(cfg.model, len(splits.classes), seed=cfg.solver.seed)
+    device = select_device(cfg.train.device)
+    pre = preprocessing_for(model.backbone, cfg.data)
+    cache = embedding_cache(cfg, model.to(device), pre, device, default_workers(), stored=cfg.train.embedding_cache)
+    has_head = any(p.backbone_frozen for p in plan_phases(cfg, model))
+    return autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=has_head, decoded=decoded_for_search(cfg, splits, pre), say=lambda m: None).to_dict()
+
+
+def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: bool = False) -> dict[str, Any]:
+    """Phases with their trainable layers, parameter counts and optimizer groups (JSON-able).
+    ``decide``: decide what is ``auto`` on the data now (costs the embeddings), as training would."""
+    from graft.train import autotune
+
+    decided = None
+    if decide and autotune.wants_decision(cfg):
+        decided = decide_now(cfg)
+        cfg = autotune.Decision(augment=decided["augment"], head_lr=decided["head_lr"]).apply(cfg)
     if num_classes is None and cfg.data.dir:
         num_classes = _count_class_folders(cfg.data.dir)
     if num_classes is not None and num_classes < 2:
@@ -66,6 +93,7 @@ def describe_plan(cfg: GraftConfig, num_classes: int | None = None) -> dict[str,
         "solver": {k: getattr(cfg.solver, k) for k in ("type", "base_lr", "lr_policy", "momentum", "weight_decay", "batch_size", "max_iter")},
         "preprocessing": pre.to_dict(),
         "augmentation": augmentation_from_config(cfg.data).__dict__,
+        "auto": _auto(cfg, decided),
         "reinit": cfg.model.reinit,
         "layers": [{"index": i, "name": name, "type": type(m).__name__, "parameters": sum(p.numel() for p in m.parameters(recurse=False))} for i, (name, m) in enumerate(layers)],
         "phases": phases,
@@ -79,6 +107,7 @@ def format_plan(plan: dict[str, Any], *, layers: bool = False) -> str:
         f"solver: {', '.join(f'{k}={v}' for k, v in plan['solver'].items())}",
         f"backbone layers: {len(plan['layers'])} (indices 0..{len(plan['layers']) - 1}; --layers lists them)",
     ]
+    lines += _format_auto(plan["auto"])
     if plan["reinit"]:
         lines.append(f"re-initialised after loading: {', '.join(plan['reinit'])}")
     for i, ph in enumerate(plan["phases"], 1):
@@ -93,3 +122,27 @@ def format_plan(plan: dict[str, Any], *, layers: bool = False) -> str:
         lines.append("\nlayers:")
         lines += [f"  {l['index']:>4}  {l['name']:<45} {l['type']:<20} {l['parameters']:>10,}" for l in plan["layers"]]
     return "\n".join(lines)
+
+
+def _auto(cfg: GraftConfig, decided: dict[str, Any] | None) -> dict[str, Any]:
+    """What is decided from the data, and how (or, after ``--decide``, what it became)."""
+    from graft.train.autotune import AUTO_AUGMENTS, HEAD_LRS
+
+    pending = {k: v for k, v in (("augment", list(AUTO_AUGMENTS)), ("head_lr", list(HEAD_LRS))) if (cfg.data.augment if k == "augment" else cfg.train.head_lr) == "auto"}
+    return {"pending": pending, "decided": decided}
+
+
+def _format_auto(auto: dict[str, Any]) -> list[str]:
+    decided = auto["decided"]
+    if decided is not None:
+        from graft.train.autotune import Decision, Trial
+
+        d = Decision(augment=decided["augment"], head_lr=decided["head_lr"], trials=[Trial(**t) for t in decided["trials"]], note=decided["note"], seconds=decided["seconds"])
+        return d.summary()
+    lines = []
+    if "augment" in auto["pending"]:
+        lines.append(f"augmentation: auto, decided when training starts: the best of {', '.join(auto['pending']['augment'])} on the validation split (graft plan --decide --data DIR decides now)")
+    if "head_lr" in auto["pending"]:
+        rates = ", ".join(f"{r:.0e}" for r in auto["pending"]["head_lr"])
+        lines.append(f"head lr: auto, decided when training starts by a range test over {rates} on cached embeddings, scored on the validation split; the phase 1 rate below is a placeholder")
+    return lines

@@ -18,8 +18,10 @@ from graft.train.solver import make_optimizer
 NUM_CLASSES = 3
 
 
-def tiny(name: str = "test_efficientnet", *, frozen_bn_eval: bool = True, seed: int = 0) -> GraftClassifier:
-    model, _ = build_model(ModelConfig(name=name, weights="none", frozen_bn_eval=frozen_bn_eval), NUM_CLASSES, seed=seed)
+def tiny(name: str = "test_efficientnet", *, frozen_bn_eval: bool = True, bn_inference: bool = False, seed: int = 0) -> GraftClassifier:
+    """``bn_inference`` off by default here: most tests below are about which BatchNorm layers follow
+    their parameters (``frozen_bn_eval``); graft's own default keeps them all in inference mode."""
+    model, _ = build_model(ModelConfig(name=name, weights="none", frozen_bn_eval=frozen_bn_eval, bn_inference=bn_inference), NUM_CLASSES, seed=seed)
     return model
 
 
@@ -554,6 +556,22 @@ def test_frozen_bn_statistics_drift_when_opted_out():
     assert all(not torch.equal(before[k], after[k]) for k in means)
     assert all(not torch.equal(before[k], after[k]) for k in variances)
     assert all(int(after[k]) == int(before[k]) + 4 for k in before if k.endswith("num_batches_tracked"))
+
+
+def test_bn_inference_keeps_trainable_batchnorm_in_inference_mode_while_it_learns():
+    model = tiny(bn_inference=True)
+    surgery.freeze(model, before=10)  # the top of the backbone learns, BatchNorm layers included
+    model.train()
+    assert bn_modules(model) and not any(m.training for m in bn_modules(model).values())
+    assert model.head.training and model.backbone.training
+    learning_bn = [n for n, m in bn_modules(model).items() if any(p.requires_grad for p in m.parameters())]
+    assert learning_bn
+    stats_before = bn_buffers(model)
+    affine_before = {n: bn_modules(model)[n].weight.detach().clone() for n in learning_bn}
+    run_epoch(model)
+    assert all(torch.equal(stats_before[k], v) for k, v in bn_buffers(model).items())  # statistics kept
+    assert any(not torch.equal(affine_before[n], bn_modules(model)[n].weight) for n in learning_bn)  # scale/shift learn
+    assert ModelConfig().bn_inference  # graft's default: the Keras tutorial's advice for fine-tuning
 
 
 def affine_free_model() -> GraftClassifier:

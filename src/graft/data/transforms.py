@@ -85,14 +85,18 @@ class Augmentation:
 
 PRESETS = {
     "none": Augmentation(),
+    "flip": Augmentation(hflip=True),
     # The Keras tutorial: RandomFlip('horizontal') + RandomRotation(0.2), i.e. +-0.2 of a full turn.
     "flip-rotate": Augmentation(hflip=True, rotation=0.2 * 360.0),
     "strong": Augmentation(hflip=True, rotation=15.0, crop_scale=(0.35, 1.0), color_jitter=0.3),
 }
 
 
-def augmentation_from_config(data_cfg: Any) -> Augmentation:
-    base = PRESETS[data_cfg.augment]
+def augmentation_from_config(data_cfg: Any, preset: str | None = None) -> Augmentation:
+    """``preset`` (default ``data.augment``) with the ``data.hflip/...`` overrides applied. ``auto``
+    is decided from the data before training (``graft.train.autotune``); until then it is ``none``."""
+    name = preset or data_cfg.augment
+    base = PRESETS["none" if name == "auto" else name]
     return Augmentation(
         hflip=base.hflip if data_cfg.hflip is None else data_cfg.hflip,
         vflip=base.vflip if data_cfg.vflip is None else data_cfg.vflip,

@@ -201,7 +201,7 @@ def build_model(cfg: Any, num_classes: int, *, load_weights: bool = True, seed: 
         torch.manual_seed(seed)
         pretrained_hub = load_weights and weights == "hub"
         backbone = create_backbone(cfg.name, pretrained=pretrained_hub)
-        model = GraftClassifier(backbone, num_classes, cfg.dropout, frozen_bn_eval=cfg.frozen_bn_eval, head_blocks=head_blocks)
+        model = GraftClassifier(backbone, num_classes, cfg.dropout, frozen_bn_eval=cfg.frozen_bn_eval, bn_inference=cfg.bn_inference, head_blocks=head_blocks)
     if not load_weights:
         report = WeightsReport(source="(architecture only)")
     elif weights == "hub":

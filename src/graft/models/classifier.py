@@ -65,13 +65,13 @@ class GraftClassifier(nn.Module):
     embeddings ``[N, num_features]``. Keeping the head separate lets a frozen backbone's
     embeddings be computed once and the head trained on them."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2, *, frozen_bn_eval: bool = True, head_blocks: list[int] | None = None) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.2, *, frozen_bn_eval: bool = True, bn_inference: bool = False, head_blocks: list[int] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_features = int(backbone.num_features)
         self.head = Head(self.num_features, num_classes, dropout, head_blocks)
         self.frozen_bn_eval = frozen_bn_eval
-        self.bn_inference = False  # every BatchNorm in inference mode, trainable or not (the Keras tutorial's advice for fine-tuning)
+        self.bn_inference = bn_inference  # every BatchNorm in inference mode, trainable or not (the Keras tutorial's advice for fine-tuning)
 
     @property
     def num_classes(self) -> int:
@@ -88,10 +88,6 @@ class GraftClassifier(nn.Module):
         inference mode (as Keras does for ``trainable=False``): their running statistics were
         estimated on the pretraining data and must not drift with small new batches."""
         super().train(mode)
-        if mode and self.bn_inference:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        elif mode and self.frozen_bn_eval:
-            surgery.set_frozen_batchnorm_eval(self)
+        if mode:
+            surgery.batchnorm_inference(self, every=self.bn_inference, frozen=self.frozen_bn_eval)
         return self

@@ -121,6 +121,18 @@ def set_frozen_batchnorm_eval(model: nn.Module) -> list[str]:
     return changed
 
 
+
+def batchnorm_inference(model: nn.Module, *, every: bool, frozen: bool) -> list[str]:
+    """After ``model.train()``: BatchNorm layers in inference mode, ``every`` one (Keras' advice
+    for fine-tuning) or only the ``frozen`` ones. Returns the names it set."""
+    if every:
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for n in names:
+            model.get_submodule(n).eval()
+        return names
+    return set_frozen_batchnorm_eval(model) if frozen else []
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -81,41 +81,61 @@ class CachedEmbeddings:
         return collect_outputs(model.head, loader, self.device)
 
 
-def decoded_images(cfg: GraftConfig, phases: list[Phase], cached: CachedEmbeddings | None, aug: Any, splits: DatasetSplits, pre: Preprocessing, say: Any) -> tuple[Any, Any]:
+def _decoded(samples: list[Sample], cfg: GraftConfig, pre: Preprocessing, share: float) -> Any:
+    from graft.data.decoded import DecodedImages
+
+    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
+    return DecodedImages(samples, pre, budget_mb=cfg.data.decode_cache_mb * share, disk_dir=root, max_pixels=cfg.data.max_pixels).fill()
+
+
+def _shares(splits: DatasetSplits) -> tuple[float, float]:
+    total = max(1, len(splits.train) + len(splits.val))
+    return len(splits.train) / total, len(splits.val) / total
+
+
+def decoded_for_search(cfg: GraftConfig, splits: DatasetSplits, pre: Preprocessing) -> Any:
+    """Training images decoded once for ``auto``'s augmented candidates (each embeds several
+    views); the run reuses them."""
+    if cfg.data.decode_cache_mb <= 0 or cfg.data.augment != "auto":
+        return None
+    return _decoded(splits.train, cfg, pre, _shares(splits)[0])
+
+
+def decoded_images(cfg: GraftConfig, phases: list[Phase], cached: CachedEmbeddings | None, aug: Any, splits: DatasetSplits, pre: Preprocessing, say: Any, train: Any = None) -> tuple[Any, Any]:
     """Decode each image once up front when the run would otherwise decode it more than once
-    (image epochs, or several augmented views for the embedding cache)."""
+    (image epochs, or several augmented views for the embedding cache); ``train``: the training
+    images already decoded (by the ``auto`` search)."""
     if cfg.data.decode_cache_mb <= 0:
         return None, None
     on_embeddings = [p for p in phases if p.backbone_frozen and cached is not None]
     image_epochs = sum(p.epochs for p in phases if p not in on_embeddings)
     view_passes = max((min(cfg.train.cache_views, p.epochs) for p in on_embeddings if not aug.is_identity), default=0)
     if image_epochs <= 1 and view_passes <= 1:
-        return None, None
-    from graft.data.decoded import DecodedImages
-
+        return train, None
     # A random-resized crop must see the full-resolution file, not the pipeline-resized copy:
     # training images are then decoded per epoch, so caching never changes a result.
     train_decodable = not aug.crop_scale
     if not train_decodable and image_epochs <= 1:
         return None, None
     started = time.perf_counter()
-    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
-    total = max(1, len(splits.train) + len(splits.val))
-    budget = cfg.data.decode_cache_mb
-    train = DecodedImages(splits.train, pre, budget_mb=budget * len(splits.train) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill() if train_decodable else None
-    val = DecodedImages(splits.val, pre, budget_mb=budget * len(splits.val) / total, disk_dir=root, max_pixels=cfg.data.max_pixels).fill() if image_epochs > 1 else None
-    parts = [f"train {train.describe()}" if train else "train: decoded per epoch (random-resized crops need the full image)"] + ([f"val {val.describe()}"] if val else [])
+    share_train, share_val = _shares(splits)
+    if train_decodable and train is None:
+        train = _decoded(splits.train, cfg, pre, share_train)
+    val = _decoded(splits.val, cfg, pre, share_val) if image_epochs > 1 else None
+    parts = [f"train {train.describe()}" if train_decodable else "train: decoded per epoch (random-resized crops need the full image)"] + ([f"val {val.describe()}"] if val else [])
     say(f"decoded images once ({time.perf_counter() - started:.1f}s): " + "; ".join(parts))
-    return train, val
+    return (train if train_decodable else None), val
 
 
-def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, workers: int, say: Any) -> CachedEmbeddings | None:
-    """The embedding cache applies when a frozen backbone is a fixed function of the image: its
-    BatchNorm stays in inference mode (``model.frozen_bn_eval``)."""
-    if not (cfg.train.embedding_cache and cfg.model.frozen_bn_eval):
-        return None
-    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
-    cache = EmbeddingCache(
+def frozen_bn_fixed(cfg: GraftConfig) -> bool:
+    """Do frozen BatchNorm layers stay in inference mode (so a frozen part is a fixed function)?"""
+    return cfg.model.frozen_bn_eval or cfg.model.bn_inference
+
+
+def embedding_cache(cfg: GraftConfig, model: GraftClassifier, pre: Preprocessing, device: torch.device, workers: int, *, stored: bool = True) -> EmbeddingCache:
+    """The frozen backbone's embeddings of this run's images, kept on disk unless ``stored`` is off."""
+    root = (Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()) if stored else None
+    return EmbeddingCache(
         model.backbone,
         root=root,
         spec={"preprocessing": pre.to_dict(), "backbone": cfg.model.name},
@@ -124,7 +144,14 @@ def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSpli
         workers=workers,
         max_pixels=cfg.data.max_pixels,
     )
-    return CachedEmbeddings(cache, model.head, cfg, splits, pre, aug, device, say)
+
+
+def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, workers: int, say: Any, cache: EmbeddingCache | None = None) -> CachedEmbeddings | None:
+    """The embedding cache applies when a frozen backbone is a fixed function of the image: its
+    BatchNorm stays in inference mode (``model.frozen_bn_eval`` or ``model.bn_inference``)."""
+    if not (cfg.train.embedding_cache and frozen_bn_fixed(cfg)):
+        return None
+    return CachedEmbeddings(cache or embedding_cache(cfg, model, pre, device, workers), model.head, cfg, splits, pre, aug, device, say)
 
 
 def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, cached: CachedEmbeddings | None, last: Phase, device: torch.device, workers: int) -> ClassStats:
@@ -193,15 +220,15 @@ class SuffixHead(nn.Module):
         super().__init__()
         self.suffix = nn.Sequential(*units)
         self.head = model.head
-        self.frozen_bn_eval = model.frozen_bn_eval
+        self.frozen_bn_eval, self.bn_inference = model.frozen_bn_eval, model.bn_inference
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
         return self.head(self.suffix(activations))
 
     def train(self, mode: bool = True) -> SuffixHead:
         super().train(mode)
-        if mode and self.frozen_bn_eval:
-            surgery.set_frozen_batchnorm_eval(self)
+        if mode:
+            surgery.batchnorm_inference(self, every=self.bn_inference, frozen=self.frozen_bn_eval)
         return self
 
 
@@ -222,7 +249,7 @@ class ActivationDataset(Dataset):
 def prefix_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, say: Any, decoded: tuple[Any, Any]) -> PrefixActivations | None:
     """The prefix cache applies without augmentation (a frozen prefix then maps each image to one
     activation) and with frozen BatchNorm in inference mode."""
-    if not (cfg.train.prefix_cache and aug.is_identity and cfg.model.frozen_bn_eval):
+    if not (cfg.train.prefix_cache and aug.is_identity and frozen_bn_fixed(cfg)):
         return None
     source = PrefixActivations(model, cfg, splits, pre, device, say, decoded)
     return source if source.units is not None else None

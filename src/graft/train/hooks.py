@@ -96,3 +96,58 @@ class ProgressHook(Hook):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class EarlyStoppingHook(Hook):
+    """Keras' ``EarlyStopping(patience, restore_best_weights=True)``, per phase: a phase ends after
+    ``patience`` epochs without a better ``monitor`` on the validation split, and at the end of
+    every phase (stopped or not) the model goes back to the phase's best epoch, so the next phase
+    starts from there. Each history row gets ``best_epoch`` (the phase's best so far); the best
+    weights and the counters are in every snapshot, so a resumed run stops where it would have."""
+
+    key = "early_stopping"
+
+    def __init__(self, patience: int, monitor: str = "val_loss") -> None:
+        self.patience, self.monitor = patience, monitor
+        self.best: dict[str, Any] | None = None  # {"epoch", "value", "phase"} of the current phase
+        self.best_state: dict[str, Any] | None = None
+        self.waited = 0
+        self.phases: list[dict[str, Any]] = []  # what happened in each finished phase
+
+    def _better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value < self.best["value"] if self.monitor == "val_loss" else value > self.best["value"]
+
+    def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        value = row.get(self.monitor)
+        if value is None:  # no validation images: nothing to judge by
+            return
+        if self._better(value):
+            self.best = {"epoch": row["epoch"], "value": float(value), "phase": row["phase"]}
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            self.waited = 0
+        else:
+            self.waited += 1
+            if self.waited >= self.patience and not trainer.phase_done():
+                trainer.stop_phase()
+        row["best_epoch"] = self.best["epoch"]
+
+    def after_phase(self, trainer: Trainer) -> None:
+        st = trainer.state
+        record = {"phase": trainer.phase.name, "epochs_run": st.epoch_in_phase, "stopped_early": st.phase_stopped, "best_epoch": None, "best": None}
+        if self.best is not None:
+            record.update(best_epoch=self.best["epoch"], best=self.best["value"], restored=self.best["epoch"] != st.epoch)
+            if self.best["epoch"] != st.epoch:
+                trainer.model.load_state_dict(self.best_state)
+        self.phases.append(record)
+        self.best, self.best_state, self.waited = None, None, 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"monitor": self.monitor, "patience": self.patience, "phases": self.phases}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_state": self.best_state, "waited": self.waited, "phases": self.phases}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_state, self.waited, self.phases = state["best"], state["best_state"], state["waited"], state["phases"]

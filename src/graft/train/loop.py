@@ -62,6 +62,7 @@ class LoopState:
     iteration: int = 0  # optimizer steps of the run
     phase_iteration: int = 0
     batch: int = 0  # batches already done in an interrupted epoch
+    phase_stopped: bool = False  # a hook ended the current phase early (early stopping)
     running: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0  # seconds spent in fit() by earlier sessions of this run
@@ -76,13 +77,22 @@ class Interrupted(Exception):
 
 
 class Hook:
-    """Called by the loop; override what you need. ``trainer`` gives access to everything."""
+    """Called by the loop; override what you need. ``trainer`` gives access to everything.
+    A hook with state of its own gives ``state_dict``/``load_state_dict``: it goes into every
+    snapshot under the hook's ``key``, so a resumed run continues the hook too."""
+
+    key: str | None = None  # set to keep the hook's state in snapshots
 
     def before_epoch(self, trainer: Trainer) -> None: ...
     def after_step(self, trainer: Trainer, loss: float) -> None: ...
     def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
+    def after_phase(self, trainer: Trainer) -> None: ...
     def on_interrupt(self, trainer: Trainer) -> str | None: ...
     def after_train(self, trainer: Trainer) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def phase_param_groups(model: GraftClassifier, phase: Phase, solver: Any, freeze_patterns: list[str], lr_rules: list[Any]) -> list[dict[str, Any]]:
@@ -161,7 +171,11 @@ class Trainer:
 
     def phase_done(self) -> bool:
         cap = self.solver.max_iter
-        return self.state.epoch_in_phase >= self.phase.epochs or bool(cap and self.state.phase_iteration >= cap)
+        return self.state.phase_stopped or self.state.epoch_in_phase >= self.phase.epochs or bool(cap and self.state.phase_iteration >= cap)
+
+    def stop_phase(self) -> None:
+        """End the current phase after this epoch (the run goes on with the next phase)."""
+        self.state.phase_stopped = True
 
     # ------------------------------------------------------------------ the loop
 
@@ -169,6 +183,10 @@ class Trainer:
         """Run every remaining phase. ``resume`` is a loaded snapshot payload."""
         if resume is not None:
             self.state = LoopState(**resume["loop"])
+            for hook in self.hooks:
+                key = getattr(hook, "key", None)
+                if key and key in resume.get("hooks", {}):
+                    hook.load_state_dict(resume["hooks"][key])
         self._fit_started = time.perf_counter()
         self._elapsed_before = self.state.elapsed
         previous = signal.getsignal(signal.SIGINT)
@@ -184,8 +202,12 @@ class Trainer:
                     self.run_epoch()
                     if self.stop_requested:
                         raise Interrupted(self._on_interrupt())
+                for hook in self.hooks:
+                    if hasattr(hook, "after_phase"):
+                        hook.after_phase(self)
                 self.state.phase += 1
                 self.state.epoch_in_phase = self.state.phase_iteration = 0
+                self.state.phase_stopped = False
         finally:
             if signal.getsignal(signal.SIGINT) == self._request_stop:
                 signal.signal(signal.SIGINT, previous)
@@ -314,6 +336,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": checkpoint.capture_rng(),
+            "hooks": {hook.key: hook.state_dict() for hook in self.hooks if getattr(hook, "key", None)},
         }
 
     def _load_solver_state(self, payload: dict[str, Any]) -> None:

@@ -94,6 +94,8 @@ def write_results(
         "train_seconds": round(train_seconds, 2),
         "skipped_files": [{"path": str(s.path), "reason": s.reason} for s in splits.skipped],
         "warnings": list(splits.warnings),
+        # What ``auto`` became and the validation figures behind it; early stopping's best epochs.
+        **{k: info[k] for k in ("decided", "early_stopping") if k in info},
     }
     info = {**info, "metrics": {k: metrics[k] for k in ("val_accuracy", "test_accuracy", "epochs", "train_seconds")}}
     save_model(run_dir, model, info)

@@ -32,8 +32,9 @@ from graft.models import surgery
 from graft.models.backbones import build_model
 from graft.models.classifier import HEAD_LAYER, GraftClassifier
 from graft.train import checkpoint
-from graft.train.hooks import HistoryHook, ProgressHook, SnapshotHook
-from graft.train.caches import class_statistics, decoded_images, embedding_data, phase_sources, prefix_data
+from graft.train import autotune
+from graft.train.hooks import EarlyStoppingHook, HistoryHook, ProgressHook, SnapshotHook
+from graft.train.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, frozen_bn_fixed, phase_sources, prefix_data
 from graft.train.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.train.loop import Phase, Trainer
 from graft.train.results import write_results
@@ -67,7 +68,8 @@ def seed_everything(seed: int) -> None:
 def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
     """The recipe: which phases run, what learns in each, at which learning rate."""
     t, base = cfg.train, cfg.solver.base_lr
-    extract = Phase("feature-extract", t.epochs, None, base)
+    # Until ``auto`` is decided (graft.train.autotune), the head's rate shows as solver.base_lr.
+    extract = Phase("feature-extract", t.epochs, None, t.head_lr if isinstance(t.head_lr, float) else base)
     at = surgery.resolve_fine_tune_at(model, t.fine_tune_at)
     if t.strategy == "feature-extract":
         return [extract]
@@ -233,8 +235,20 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
     model.to(device)
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
-    cached = embedding_data(cfg, model, splits, pre, aug, device, workers, say)
-    decoded_train, decoded_val = decoded_images(cfg, phases, cached, aug, splits, pre, say)
+    cache = embedding_cache(cfg, model, pre, device, workers, stored=cfg.train.embedding_cache)
+    decoded_train, decision = None, None
+    if autotune.wants_decision(cfg):  # a resumed run's config was resolved when it started
+        decoded_train = decoded_for_search(cfg, splits, pre)
+        if frozen_bn_fixed(cfg):
+            decision = autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=any(p.backbone_frozen for p in phases), decoded=decoded_train, say=say)
+        else:
+            decision = autotune.fallback(cfg, "model.frozen_bn_eval and model.bn_inference are off, so a frozen backbone is no fixed function to decide on: augmentation none, head lr = solver.base_lr")
+            say(decision.summary()[0])
+        cfg = decision.apply(cfg)
+        aug = augmentation_from_config(cfg.data)
+        phases = plan_phases(cfg, model)
+    cached = embedding_data(cfg, model, splits, pre, aug, device, workers, say, cache=cache)
+    decoded_train, decoded_val = decoded_images(cfg, phases, cached, aug, splits, pre, say, train=decoded_train)
     if cached is not None:
         cached.decoded = decoded_train
     prefix = prefix_data(cfg, model, splits, pre, aug, device, say, (decoded_train, decoded_val))
@@ -242,6 +256,11 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
     val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels, decoded=decoded_val)
     weights_source = report.source if payload is None else payload.get("weights_source", "snapshot")
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": weights_source}
+    if decision is not None:
+        static["decided"] = decision.to_dict()
+    elif payload is not None and "decided" in payload:
+        static["decided"] = payload["decided"]
+    stopping = EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor) if cfg.train.early_stopping else None
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
     write_json(run_dir / "splits.json", static["splits"])
     say(f"data: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images; device {device}")
@@ -257,7 +276,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         freeze_patterns=cfg.model.freeze,
         lr_rules=cfg.model.lr_mult,
         label_smoothing=cfg.train.label_smoothing,
-        hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
+        hooks=[*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
         data_for_phase=phase_sources(cached, prefix),
         channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
     )
@@ -265,6 +284,10 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
     state = trainer.fit(resume=payload)
     info = run_info(cfg, splits.classes, pre, model, phases, weights_source)
+    if "decided" in static:
+        info["decided"] = static["decided"]
+    if stopping is not None:
+        info["early_stopping"] = stopping.summary()
     # Training time across every session of the run, plus this session's set-up and results.
     seconds = trainer.elapsed() + (time.perf_counter() - started - trainer.session_seconds)
     # After a frozen-backbone last phase the backbone is unchanged: evaluate on cached embeddings.
