@@ -1,11 +1,14 @@
 """Adding classes without forgetting: graft expand against the usual recipes, on real labelled data.
 
-    .venv/bin/python benchmarks/expand.py [--old 7] [--img-size 160] [--rehearsal 20]
+    .venv/bin/python benchmarks/expand.py [--old 7] [--img-size 160] [--original-augment none] [--report test]
 
 Data: scikit-learn's handwritten digits (1797 labelled 8x8 scans, bundled with scikit-learn, no
-download), each class split 60/20/20 into train/val/test. A model is trained on the first ``--old``
-digits (graft train, bundled EfficientNet-Lite0, feature extraction) and then given the other
-digits. Prints one JSON line per method, all scored on the same test images of all ten digits:
+download). Per class, a fixed 20% is the final **test** split (the same for every ``--data-seed``);
+the rest is split by ``--data-seed`` into train (60% of the class), val (10%) and **tune** (10%).
+Expansions calibrate on val, so val cannot judge them: settings are chosen with ``--report tune``
+and only the final table reads ``--report test``. A model is trained on the first ``--old`` digits
+(graft train, bundled EfficientNet-Lite0, feature extraction, ``--original-augment``) and then given
+the other digits. Prints one JSON line per method, all scored on the same images of all ten digits:
 
 - ``naive-fresh-head``: a new K+N head trained on the new classes' images alone;
 - ``copy-rows``: the bare recipe: widen the head, copy the old rows, train the new rows on the new images;
@@ -32,18 +35,24 @@ from pathlib import Path
 import numpy as np
 
 
+TEST_SEED = 20261201  # the final test split: fixed, never used for choosing anything
+
+
 def write_digits(root: Path, seed: int = 0) -> dict[str, dict[int, list[Path]]]:
-    """PNG files of the digits, 60/20/20 per class; returns {split: {digit: [paths]}}."""
+    """PNG files of the digits: per class a fixed 20% test split, the rest 60/10/10 (of the class)
+    train/val/tune by ``seed``; returns {split: {digit: [paths]}}."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    rng = np.random.default_rng(seed)
-    out: dict[str, dict[int, list[Path]]] = {"train": {}, "val": {}, "test": {}}
+    fixed, rng = np.random.default_rng(TEST_SEED), np.random.default_rng(seed)
+    out: dict[str, dict[int, list[Path]]] = {"train": {}, "val": {}, "tune": {}, "test": {}}
     for d in range(10):
-        idx = rng.permutation(np.flatnonzero(digits.target == d))
+        idx = fixed.permutation(np.flatnonzero(digits.target == d))
         n = len(idx)
-        parts = {"train": idx[: int(0.6 * n)], "val": idx[int(0.6 * n) : int(0.8 * n)], "test": idx[int(0.8 * n) :]}
+        test, rest = idx[int(0.8 * n) :], rng.permutation(idx[: int(0.8 * n)])
+        a, b = int(0.6 * n), int(0.7 * n)
+        parts = {"train": rest[:a], "val": rest[a:b], "tune": rest[b:], "test": test}
         for split, ids in parts.items():
             paths = []
             for i in ids:
@@ -86,6 +95,8 @@ def main() -> None:
     parser.add_argument("--fine-tune-epochs", type=int, default=3)
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the train/val/test split of the digits")
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--original-augment", default="none", help="data.augment of the original and the joint run")
+    parser.add_argument("--report", choices=["tune", "test"], default="test", help="which images score the methods (choose settings on tune)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="graft-expand-bench-"))
@@ -95,11 +106,11 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     files = write_digits(work, seed=args.data_seed)
     old, new = list(range(args.old)), list(range(args.old, 10))
-    common = ["--quiet", "--set", f"data.img_size={args.img_size}", "--augment", "none", "--seed", "0"]
+    common = ["--quiet", "--set", f"data.img_size={args.img_size}", "--augment", args.original_augment, "--seed", "0"]
     original_data = link_folder(work / "old", files, old, ("train", "val", "test"))
     new_data = link_folder(work / "new", files, new, ("train", "val"))
     secs_original = cli("train", "--data", original_data, "--out", work / "runs/original", "--strategy", "feature-extract", "--epochs", args.epochs, *common)
-    print(json.dumps({"step": "original", "classes": len(old), "seconds": round(secs_original, 1)}), flush=True)
+    print(json.dumps({"step": "original", "classes": len(old), "augment": args.original_augment, "img_size": args.img_size, "data_seed": args.data_seed, "report": args.report, "seconds": round(secs_original, 1)}), flush=True)
 
     from graft.data.folder import scan_class_folders
     from graft.data.images import load_image
@@ -109,7 +120,7 @@ def main() -> None:
 
     original = load_run(work / "runs/original", device="cpu")
     classes = original.classes + [f"digit{d}" for d in new]
-    _, test, _, _ = scan_class_folders(work / "all/test", classes=classes)
+    _, test, _, _ = scan_class_folders(work / "all" / args.report, classes=classes)
     labels = torch.tensor([s.label for s in test])
     is_old = labels < len(old)
     cache = EmbeddingCache(original.model.backbone, root=work / "cache", spec={}, device=torch.device("cpu"), batch_size=64)
@@ -177,7 +188,7 @@ def main() -> None:
         secs = fit_linear(fc, list(fc.blocks[-1].parameters()))
         with torch.no_grad():
             score("copy-rows", fc(test_emb), secs)
-    expand_common = ["--quiet", "--seed", "0", "--augment", "none", "--epochs", args.expand_epochs]
+    expand_common = ["--quiet", "--seed", "0", "--epochs", args.expand_epochs]  # otherwise graft expand's defaults
     if want("graft-frozen"):
         secs = cli("expand", work / "runs/original", "--data", new_data / "train", "--out", work / "runs/frozen", *expand_common)
         score("graft-frozen", run_logits(work / "runs/frozen"), secs, old_images_used=0)

@@ -62,7 +62,7 @@ def make_texture_dataset(
 def demo_config(data_dir: Path, epochs: int | None = None, fine_tune_epochs: int | None = None):
     return parse_config(
         {
-            "data": {"dir": str(data_dir), "augment": "flip-rotate"},
+            "data": {"dir": str(data_dir)},  # augmentation and the head's rate: auto, decided on the validation split
             "model": {"name": "tf_efficientnet_lite0", "weights": "bundled"},
             "train": {"strategy": "two-phase", "epochs": 5 if epochs is None else epochs, "fine_tune_epochs": 5 if fine_tune_epochs is None else fine_tune_epochs},
             "solver": {"base_lr": 1e-3, "batch_size": 16, "lr_policy": "cosine", "seed": 0},

@@ -545,3 +545,17 @@ def test_a_copy_of_an_original_image_is_not_measured_as_unseen(original, tmp_pat
     assert not any(p.read_bytes() in train_files for p in held_out)  # nothing measured was trained on
     originally_trained = {p.read_bytes() for p in train_red}
     assert not any(p.read_bytes() in originally_trained for p in held_out)
+
+
+def test_new_rows_learn_on_unaugmented_views_whatever_the_source_was_trained_with(original):
+    """The old classes' statistics describe un-augmented images; the new rows' training views must
+    too. The source's augmentation (its flips, rotations and overrides) is not inherited; an
+    explicit one is respected."""
+    from graft.expansion.source import expand_config, load_source
+
+    source = load_source(original["run"])
+    source.info["config"]["data"].update(augment="flip-rotate", vflip=True, rotation=30.0)
+    cfg = expand_config(source, original["new"])
+    assert (cfg.data.augment, cfg.data.vflip, cfg.data.rotation) == ("none", None, None)
+    cfg = expand_config(source, original["new"], flags={"data.augment": "flip"})
+    assert cfg.data.augment == "flip"

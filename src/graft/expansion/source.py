@@ -80,6 +80,10 @@ def expand_config(
     ``--set`` overrides and flags. The backbone and preprocessing cannot change."""
     base = copy.deepcopy(source.info["config"])
     base["data"]["dir"] = str(data_dir) if data_dir is not None else None
+    # The new rows learn against the old classes' statistics, which describe un-augmented images
+    # (the evaluation view): their own views must look the same. Trained on the source run's
+    # augmentation instead (flip-rotate, say), new digits fell to 65% against 98% (benchmarks/expand.py).
+    base["data"].update(augment="none", hflip=None, vflip=None, rotation=None, crop_scale=None, color_jitter=None)
     base["model"].update(weights=str(source.dir), reinit=[])
     base["train"].update(epochs=EXPAND_EPOCHS, fine_tune_epochs=EXPAND_FINE_TUNE_EPOCHS, strategy="feature-extract")
     base["solver"]["snapshot"] = EXPAND_SNAPSHOT  # `last` is still written every epoch

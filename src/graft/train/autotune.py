@@ -105,7 +105,9 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
     from graft.train.caches import training_views  # caches imports the loop, as we do
 
     if not splits.val:
-        return fallback(cfg, "no validation images to decide on: augmentation none, head lr = solver.base_lr")
+        decision = fallback(cfg, "no validation images to decide on: augmentation none, head lr = solver.base_lr")
+        say(decision.summary()[0])
+        return decision
     started = time.perf_counter()
     augments = AUTO_AUGMENTS if cfg.data.augment == "auto" else (cfg.data.augment,)
     search_lr = cfg.train.head_lr == "auto" and has_head_phase

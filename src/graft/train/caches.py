@@ -69,12 +69,6 @@ class CachedEmbeddings:
         val = EmbeddingDataset(val_emb, [s.label for s in splits.val])
         return PhaseData(train, val, forward=self.head, workers=0)
 
-    def train_embeddings(self, phase: Phase) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every cached training embedding (all views) ``[N*V, D]`` and its label."""
-        data = self.phase_data(phase)
-        emb = data.train.embeddings
-        return emb.reshape(-1, emb.shape[-1]), data.train.labels.repeat_interleave(emb.shape[1])
-
     def outputs(self, model: GraftClassifier, samples: list) -> Outputs:
         emb = self.cache.embed(samples, eval_transform(self.pre))
         loader = eval_loader(EmbeddingDataset(emb, [s.label for s in samples]), batch_size=256, workers=0)
@@ -155,16 +149,18 @@ def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSpli
 
 
 def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, cached: CachedEmbeddings | None, last: Phase, device: torch.device, workers: int) -> ClassStats:
-    """Statistics of the trained model's embeddings of the training images: free from the cache
-    when the backbone stayed frozen, else one inference pass over the training split."""
+    """Statistics of the trained model's embeddings of the training images, as the model sees
+    images when it predicts (the evaluation view, never augmented views: a rotated 6 is no 6 a user
+    will show it, and new classes learned against such negatives misjudge the real old images).
+    From the cache when the backbone stayed frozen (free without augmentation), else one inference
+    pass over the training split."""
     fingerprint = backbone_fingerprint(model.backbone)
     if cached is not None and last.backbone_frozen:
-        emb, labels = cached.train_embeddings(last)
         cache = cached.cache
     else:
         cache = EmbeddingCache(model.backbone, root=None, spec={}, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
-        emb = cache.embed(splits.train, eval_transform(pre))
-        labels = torch.tensor([s.label for s in splits.train])
+    emb = cache.embed(splits.train, eval_transform(pre))
+    labels = torch.tensor([s.label for s in splits.train])
     heldout = cache.embed(splits.val, eval_transform(pre))
     return ClassStats.fit(emb, labels, splits.classes, fingerprint, heldout=heldout, heldout_labels=torch.tensor([s.label for s in splits.val], dtype=torch.long))
 
