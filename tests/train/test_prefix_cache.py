@@ -86,3 +86,24 @@ def test_over_budget_final_metrics_do_not_build_activations(data, tmp_path, monk
     monkeypatch.setattr(PrefixActivations, "_activations", lambda self, *a, **k: built.append(1) or real(self, *a, **k))
     result = fine_tune(data, tmp_path, "nb", budget=0.001)
     assert built == [] and result.metrics["val_accuracy"] is not None
+
+
+def test_class_statistics_after_fine_tuning_come_from_the_prefix_and_match_a_full_pass(data, tmp_path):
+    """With the prefix cached, the class statistics of the fine-tuned model run only its top; they
+    must describe the same embeddings a full inference pass of the final model gives."""
+    from graft.data.transforms import eval_transform
+    from graft.predict import load_run
+    from graft.train.class_stats import FILE_NAME, ClassStats
+    from graft.train.embeddings import EmbeddingCache
+
+    fast = fine_tune(data, tmp_path, "fast")
+    stats = ClassStats.load(fast.run_dir / FILE_NAME)
+    run = load_run(fast.run_dir, device="cpu")
+    from graft.data.folder import DatasetSplits
+    import json
+
+    splits = DatasetSplits.from_json(json.loads((fast.run_dir / "splits.json").read_text()))
+    full = EmbeddingCache(run.model.backbone, root=None, spec={}, device=torch.device("cpu")).embed(splits.train, eval_transform(run.preprocessing))
+    labels = torch.tensor([s.label for s in splits.train])
+    for c in range(len(splits.classes)):
+        torch.testing.assert_close(stats.mean[c].float(), full[labels == c].mean(0), atol=2e-2, rtol=2e-2)

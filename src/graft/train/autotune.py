@@ -26,7 +26,7 @@ from graft.models.classifier import GraftClassifier
 from graft.train.embeddings import EmbeddingCache, EmbeddingDataset
 from graft.train.loop import Phase, PhaseData, Trainer
 
-AUTO_AUGMENTS = ("none", "flip", "flip-rotate")  # `strong` crops need full-resolution decoding per view: opt in
+AUTO_AUGMENTS = ("none", "flip", "flip-rotate")  # in growing strength; `strong` crops need full-resolution decoding per view: opt in
 HEAD_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 SEARCH_VIEWS = 2  # augmented views per training image for an augmented candidate (the run adds the rest)
 SEARCH_EPOCHS = 5  # when the run has no frozen-base phase to copy the length from
@@ -118,13 +118,18 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
     labels = [s.label for s in splits.train]
     trial_model = copy.deepcopy(model).to(device)
     initial_head = copy.deepcopy(trial_model.head.state_dict())
-    trials = []
+    trials: list[Trial] = []
     for aug_name in augments:
         aug = augmentation_from_config(cfg.data, aug_name)
         views = training_views(cache, splits.train, pre, aug, cfg, min(epochs, SEARCH_VIEWS), decoded=decoded)
         train = EmbeddingDataset(views, labels, seed=cfg.solver.seed)
-        for lr in rates:
-            trials.append(_trial(cfg, trial_model, initial_head, train, val, aug_name, lr, epochs, device))
+        row = [_trial(cfg, trial_model, initial_head, train, val, aug_name, lr, epochs, device) for lr in rates]
+        # The candidates grow stronger (none, flip, flip-rotate): once more augmentation is no
+        # better than less, the next step is not tried (it costs its views' embeddings).
+        improved = not trials or _best(trials + row) in row
+        trials += row
+        if not improved:
+            break
     best = _best(trials)
     decision = Decision(
         augment=best.augment if cfg.data.augment == "auto" else None,

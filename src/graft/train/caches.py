@@ -148,20 +148,25 @@ def embedding_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSpli
     return CachedEmbeddings(cache or embedding_cache(cfg, model, pre, device, workers), model.head, cfg, splits, pre, aug, device, say)
 
 
-def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, cached: CachedEmbeddings | None, last: Phase, device: torch.device, workers: int) -> ClassStats:
+def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, cached: CachedEmbeddings | None, last: Phase, device: torch.device, workers: int, prefix: PrefixActivations | None = None) -> ClassStats:
     """Statistics of the trained model's embeddings of the training images, as the model sees
     images when it predicts (the evaluation view, never augmented views: a rotated 6 is no 6 a user
     will show it, and new classes learned against such negatives misjudge the real old images).
-    From the cache when the backbone stayed frozen (free without augmentation), else one inference
-    pass over the training split."""
+    From the cache when the backbone stayed frozen (free without augmentation), from the frozen
+    prefix's cached activations after fine-tuning without augmentation (only the top runs), else
+    one inference pass over the training and validation splits."""
     fingerprint = backbone_fingerprint(model.backbone)
-    if cached is not None and last.backbone_frozen:
-        cache = cached.cache
-    else:
-        cache = EmbeddingCache(model.backbone, root=None, spec={}, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
-    emb = cache.embed(splits.train, eval_transform(pre))
     labels = torch.tensor([s.label for s in splits.train])
-    heldout = cache.embed(splits.val, eval_transform(pre))
+    from_prefix = prefix.embeddings(splits.train) if prefix is not None and not last.backbone_frozen else None
+    if from_prefix is not None:
+        emb, heldout = from_prefix, prefix.embeddings(splits.val)
+    else:
+        if cached is not None and last.backbone_frozen:
+            cache = cached.cache
+        else:
+            cache = EmbeddingCache(model.backbone, root=None, spec={}, device=device, batch_size=max(32, cfg.solver.batch_size), workers=workers, max_pixels=cfg.data.max_pixels)
+        emb = cache.embed(splits.train, eval_transform(pre))
+        heldout = cache.embed(splits.val, eval_transform(pre))
     return ClassStats.fit(emb, labels, splits.classes, fingerprint, heldout=heldout, heldout_labels=torch.tensor([s.label for s in splits.val], dtype=torch.long))
 
 
@@ -284,7 +289,7 @@ class PrefixActivations:
             self.say("prefix cache: activations overflow half precision; running the whole network each epoch")
             return None
         self.cut = cut
-        self.memo = {id(self.splits.val): val}
+        self.memo = {id(self.splits.val): val, id(self.splits.train): train}
         self.say(f"prefix cache: {self.units[cut - 1][0]} and below are frozen; their activations for {len(train) + len(val)} images computed once ({time.perf_counter() - started:.1f}s, {need / 2**20:.0f} MiB); each epoch runs only the layers above")
         forward = SuffixHead(self.model, [u for _, u in self.units[cut:]])
         return PhaseData(ActivationDataset(train, [s.label for s in self.splits.train]), ActivationDataset(val, [s.label for s in self.splits.val]), forward=forward, workers=0)
@@ -309,6 +314,21 @@ class PrefixActivations:
         finally:
             prefix.train(was)
         return torch.cat(chunks) if chunks else torch.zeros(0)
+
+    @torch.inference_mode()
+    def embeddings(self, samples: list[Sample]) -> torch.Tensor | None:
+        """Pooled embeddings of the trained network from the cached activations (the prefix did
+        not change), or ``None`` for samples whose activations were not cached."""
+        acts = self.memo.get(id(samples))
+        if acts is None or self.cut == 0:
+            return None
+        suffix = nn.Sequential(*[u for _, u in self.units[self.cut :]])
+        was = suffix.training
+        suffix.eval()
+        try:
+            return torch.cat([suffix(chunk.float().to(self.device)).float().cpu() for chunk in acts.split(256)]) if len(acts) else torch.zeros(0, self.model.num_features)
+        finally:
+            suffix.train(was)
 
     def outputs(self, model: GraftClassifier, samples: list[Sample]) -> Outputs:
         """Final metrics: on the cached validation activations (the prefix did not change); any

@@ -295,7 +295,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
     if head_outputs is None and prefix is not None and prefix.cut > 0:
         head_outputs = prefix.outputs  # the frozen prefix is unchanged: reuse its activations
     if cfg.train.class_stats:
-        stats = class_statistics(cfg, model, splits, pre, cached, phases[-1], device, workers)
+        stats = class_statistics(cfg, model, splits, pre, cached, phases[-1], device, workers, prefix=prefix)
         stats.save(run_dir / CLASS_STATS_FILE)
         info["class_stats"] = {"file": CLASS_STATS_FILE, "embeddings": int(stats.counts.sum()), "backbone": stats.backbone}
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs, batch_size=cfg.solver.batch_size)
