@@ -204,7 +204,7 @@ def test_the_installed_command_exits_non_zero_with_a_one_line_error(tmp_path):
 
 def test_ctrl_c_writes_a_resumable_snapshot_and_exits_130(tmp_path):
     data = make_class_folders(tmp_path / "data", per_class=20)
-    config = write_config(tmp_path / "c.yaml", data, train={"strategy": "feature-extract", "epochs": 500})
+    config = write_config(tmp_path / "c.yaml", data, train={"strategy": "feature-extract", "epochs": 500, "head_lr": 0.01})
     run = tmp_path / "run"
     # A shell that starts jobs in the background (`make test &`) makes them ignore SIGINT, and the
     # child would inherit that: give it the default disposition, as a terminal would.

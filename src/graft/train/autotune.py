@@ -30,6 +30,7 @@ AUTO_AUGMENTS = ("none", "flip", "flip-rotate")  # in growing strength; `strong`
 HEAD_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 SEARCH_VIEWS = 2  # augmented views per training image for an augmented candidate (the run adds the rest)
 SEARCH_EPOCHS = 5  # when the run has no frozen-base phase to copy the length from
+MAX_SEARCH_EPOCHS = 20  # a longer frozen phase is searched over its first 20 epochs' schedule (each trial costs its epochs)
 
 
 @dataclass
@@ -113,7 +114,7 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
     search_lr = cfg.train.head_lr == "auto" and has_head_phase
     fixed_lr = cfg.train.head_lr if isinstance(cfg.train.head_lr, float) else cfg.solver.base_lr
     rates = HEAD_LRS if search_lr else (fixed_lr,)
-    epochs = cfg.train.epochs if cfg.train.epochs > 0 else SEARCH_EPOCHS
+    epochs = min(cfg.train.epochs, MAX_SEARCH_EPOCHS) if cfg.train.epochs > 0 else SEARCH_EPOCHS
     val = EmbeddingDataset(cache.embed(splits.val, eval_transform(pre)), [s.label for s in splits.val])
     labels = [s.label for s in splits.train]
     trial_model = copy.deepcopy(model).to(device)
