@@ -25,6 +25,7 @@ from graft.data.transforms import Preprocessing, augmentation_from_config, eval_
 from graft.models.classifier import GraftClassifier
 from graft.train.embeddings import EmbeddingCache, EmbeddingDataset
 from graft.train.loop import Phase, PhaseData, Trainer
+from graft.train.task import ClassificationTask
 
 AUTO_AUGMENTS = ("none", "flip", "flip-rotate")  # in growing strength; `strong` crops need full-resolution decoding per view: opt in
 HEAD_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -161,7 +162,7 @@ def _trial(cfg: GraftConfig, model: GraftClassifier, initial_head: dict[str, tor
         device=device,
         freeze_patterns=cfg.model.freeze,
         lr_rules=cfg.model.lr_mult,
-        label_smoothing=cfg.train.label_smoothing,
+        task=ClassificationTask(cfg.train.label_smoothing),
         data_for_phase=lambda phase: PhaseData(train, val, forward=model.head, workers=0),
         hooks=hooks,
     )

@@ -15,17 +15,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from graft.data.dataset import EpochBatchSampler, ImageDataset, eval_loader, train_loader
 from graft.errors import GraftError
-from graft.evaluate import autocast, collect_outputs
+from graft.evaluate import autocast
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
 from graft.train import checkpoint
 from graft.train.solver import LRSchedule, make_optimizer
+from graft.train.task import ClassificationTask, Task
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class LoopState:
     phase_iteration: int = 0
     batch: int = 0  # batches already done in an interrupted epoch
     phase_stopped: bool = False  # a hook ended the current phase early (early stopping)
-    running: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0})
+    running: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "seen": 0.0, "seconds": 0.0})  # an epoch's sums so far (plus the task's)
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0  # seconds spent in fit() by earlier sessions of this run
 
@@ -121,7 +121,7 @@ class Trainer:
         workers: int = 0,
         freeze_patterns: list[str] = (),
         lr_rules: list[Any] = (),
-        label_smoothing: float = 0.0,
+        task: Task | None = None,
         hooks: list[Hook] = (),
         data_for_phase: Any = None,
         channels_last: bool = False,
@@ -130,7 +130,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.device, self.amp, self.workers = device, amp and device.type == "cuda", workers
         self.freeze_patterns, self.lr_rules = list(freeze_patterns), list(lr_rules)
-        self.label_smoothing = label_smoothing
+        self.task = task or ClassificationTask()
         self.hooks = list(hooks)
         self.state = LoopState()
         self.sampler = EpochBatchSampler(len(train_data), solver.batch_size, seed=solver.seed)  # rebuilt per phase
@@ -245,14 +245,16 @@ class Trainer:
             hook.before_epoch(self)
         self.model.train()
         started = time.perf_counter()
-        for images, labels in self.loader:
-            loss, correct = self.step(images, labels)
+        for inputs, targets in self.loader:
+            loss, sums = self.step(inputs, targets)
+            n = self.task.batch_size(targets)
             st.iteration += 1
             st.phase_iteration += 1
             st.batch += 1
-            st.running["loss"] += loss * len(labels)
-            st.running["correct"] += correct
-            st.running["seen"] += len(labels)
+            st.running["loss"] += loss * n
+            st.running["seen"] += n
+            for key, value in sums.items():
+                st.running[key] = st.running.get(key, 0.0) + value
             for hook in self.hooks:
                 hook.after_step(self, loss)
             if self.stop_requested or (self.solver.max_iter and st.phase_iteration >= self.solver.max_iter):
@@ -262,18 +264,11 @@ class Trainer:
             return
         self.finish_epoch()
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """One optimizer step on one batch; returns (mean loss, number correct)."""
-        images = images.to(self.device, non_blocking=True)
-        if images.ndim == 4:
-            images = images.contiguous(memory_format=self.memory_format)
-        labels = labels.to(self.device, non_blocking=True)
+    def step(self, inputs: Any, targets: Any) -> tuple[float, dict[str, float]]:
+        """One optimizer step on one batch; returns (mean loss, the task's per-batch sums)."""
+        inputs, targets = self.task.to_device(inputs, targets, self)
         with autocast(self.device, self.amp):
-            logits = self.forward(images)
-            if self.data.loss is not None:
-                loss = self.data.loss(logits.float(), labels, images)
-            else:
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            loss, sums = self.task.training_loss(self, inputs, targets)
         if not torch.isfinite(loss):
             raise GraftError(f"training diverged: the loss became {loss.item()} at iteration {self.state.iteration}; lower solver.base_lr (snapshots of earlier epochs are kept)")
         self.optimizer.zero_grad(set_to_none=True)
@@ -285,43 +280,26 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
         self.schedule.step()
-        return loss.item(), int((logits.argmax(1) == labels).sum())
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits. With the backbone frozen it runs without autograd: only the head builds a
-        graph; with cached embeddings or activations the cached part does not run at all."""
-        if self.data.forward is not None:
-            return self.data.forward(images)
-        if self.phase.backbone_frozen:
-            with torch.no_grad():
-                features = self.model.backbone(images)
-            return self.model.head(features)
-        return self.model(images)
+        return loss.item(), sums
 
     def finish_epoch(self) -> None:
         st = self.state
-        seen = max(1.0, st.running["seen"])
-        val_loss = val_acc = None
-        if self.val_loader is not None:
-            out = collect_outputs(self.data.forward or self.model, self.val_loader, self.device, amp=self.amp)
-            val_loss = float(out.losses.mean())
-            val_acc = float((out.preds == out.labels).mean())
+        val = self.task.validate(self)
         row = {
             "epoch": st.epoch + 1,
             "phase": self.phase.name,
             "lr": st.running.get("lr", self.schedule.lr),
-            "train_loss": st.running["loss"] / seen,
-            "train_accuracy": st.running["correct"] / seen,
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
+            **self.task.train_columns(st.running),
+            **val,
             "seconds": round(st.running["seconds"], 3),
         }
+        val_loss = val.get("val_loss")
         self.schedule.epoch_end(val_loss)
         st.history.append(row)
         st.epoch += 1
         st.epoch_in_phase += 1
         st.batch = 0
-        st.running = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0}
+        st.running = {"loss": 0.0, "seen": 0.0, "seconds": 0.0}
         for hook in self.hooks:
             hook.after_epoch(self, row)
 

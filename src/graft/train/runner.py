@@ -37,6 +37,7 @@ from graft.train.hooks import EarlyStoppingHook, HistoryHook, ProgressHook, Snap
 from graft.train.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, frozen_bn_fixed, phase_sources, prefix_data
 from graft.train.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.train.loop import Phase, Trainer
+from graft.train.task import ClassificationTask
 from graft.train.results import write_results
 
 RUN_MARKERS = ("model.json", "snapshots", "history.csv")
@@ -275,7 +276,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         workers=workers,
         freeze_patterns=cfg.model.freeze,
         lr_rules=cfg.model.lr_mult,
-        label_smoothing=cfg.train.label_smoothing,
+        task=ClassificationTask(cfg.train.label_smoothing),
         hooks=[*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
         data_for_phase=phase_sources(cached, prefix),
         channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
