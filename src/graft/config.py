@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from graft.errors import ConfigError
 
-AugmentPreset = Literal["auto", "none", "flip", "flip-rotate", "strong"]
+AugmentPreset = Literal["auto", "none", "flip", "flip-rotate", "flip-scale", "strong"]
 Strategy = Literal["feature-extract", "fine-tune", "two-phase"]
 Optimizer = Literal["sgd", "adam", "adamw", "rmsprop"]
 LRPolicy = Literal["fixed", "step", "multistep", "cosine", "one-cycle", "plateau"]
@@ -37,7 +37,7 @@ class DataConfig(_Strict):
     std: tuple[float, float, float] | None = Field(None, description="Normalisation std; default: the backbone's.")
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(None, description="Resize interpolation; default: the backbone's.")
     crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="Evaluation centre-crop fraction; default: the backbone's.")
-    augment: AugmentPreset = Field("auto", description="auto (try none, flip and flip-rotate on the validation split, keep the best) | none | flip (horizontal) | flip-rotate (the Keras tutorial's) | strong (random-resized-crop, flip, colour jitter).")
+    augment: AugmentPreset = Field("auto", description="auto (try none, flip and flip-rotate on the validation split, keep the best) | none | flip (horizontal) | flip-rotate (the Keras tutorial's) | strong (random-resized-crop, flip, colour jitter). Detectors: none | flip | flip-scale (flip, zoom 0.6-1.4) | strong (flip, zoom 0.5-1.6, colour); boxes move with the pixels.")
     hflip: bool | None = Field(None, description="Override the preset: random horizontal flip.")
     vflip: bool | None = Field(None, description="Override the preset: random vertical flip.")
     rotation: float | None = Field(None, ge=0.0, le=180.0, description="Override the preset: max rotation in degrees.")
@@ -83,7 +83,7 @@ class TrainConfig(_Strict):
     fine_tune_lr_mult: float = Field(0.1, gt=0.0, description="Fine-tuning learning rate = solver.base_lr * this.")
     head_lr: float | Literal["auto"] | None = Field("auto", description="Learning rate of the frozen-base phase (the new head): auto (a range test on cached embeddings, scored on the validation split) | a number | null (solver.base_lr).")
     early_stopping: int | None = Field(None, ge=1, description="Patience: end a phase after this many epochs without a better validation score, and restore the best weights (Keras EarlyStopping(restore_best_weights=True)); null: off.")
-    early_stopping_monitor: Literal["val_loss", "val_accuracy"] = Field("val_loss", description="What early stopping and the best epoch are judged by.")
+    early_stopping_monitor: Literal["val_loss", "val_accuracy", "val_map", "val_map50"] = Field("val_loss", description="What early stopping and the best epoch are judged by (detectors: val_map or val_map50; val_loss means val_map there).")
 
     @field_validator("head_lr")
     @classmethod
@@ -143,12 +143,28 @@ class ExpandConfig(_Strict):
     source: str | None = Field(None, description="The run being expanded (set by graft expand).")
 
 
+class DetectConfig(_Strict):
+    """Object detection (``task: detect``; ignored by classifiers)."""
+
+    head: Literal["fcos", "retinanet", "fasterrcnn"] = Field("fcos", description="Detector over a timm backbone (model.name): fcos | retinanet | fasterrcnn. A torchvision detector named by model.name brings its own.")
+    levels: int = Field(3, ge=1, le=5, description="Backbone feature levels the FPN takes, counted from the deepest (3: strides 8, 16, 32).")
+    level_sizes: list[float] | Literal["auto"] = Field("auto", description="Object size (pixels of the input) each pyramid level answers for, smallest first; auto: 4x the level's stride, shrunk by powers of two to fit the data's smallest boxes.")
+    head_convs: int = Field(2, ge=1, le=4, description="FCOS: convolutions per head tower (torchvision uses 4; 2 halves the head's cost on a CPU).")
+    score_thresh: float = Field(0.05, ge=0.0, lt=1.0, description="Detections below this score are dropped before NMS (low, for mAP).")
+    nms_iou: float = Field(0.5, gt=0.0, le=1.0, description="IoU above which NMS suppresses a lower-scoring box of the same class.")
+    max_detections: int = Field(100, ge=1, description="Detections kept per image.")
+    conf: float = Field(0.3, ge=0.0, lt=1.0, description="Confidence at which metrics report precision and recall, and `graft predict` keeps boxes.")
+    cache_mb: float = Field(2048, ge=0, description="Memory for the frozen phase's cached backbone features (half precision); beyond it they go to a file in the cache folder.")
+
+
 class GraftConfig(_Strict):
+    task: Literal["auto", "classify", "detect"] = Field("auto", description="auto: detect when the data holds box annotations (COCO, YOLO, Pascal VOC), else classify.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     solver: SolverConfig = Field(default_factory=SolverConfig)
     expand: ExpandConfig = Field(default_factory=ExpandConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
 
     @model_validator(mode="after")
     def _phases_have_epochs(self) -> GraftConfig:
@@ -248,6 +264,10 @@ def set_key(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set expects KEY=VALUE, e.g. solver.base_lr=0.001; got {assignment!r}")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
+    top = [name for name, f in GraftConfig.model_fields.items() if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+    if len(parts) == 1 and parts[0] in top:  # a top-level key (task)
+        data[parts[0]] = yaml.safe_load(raw) if raw.strip() else None
+        return
     if len(parts) != 2 or not all(parts):
         sections = ", ".join(_allowed_keys(GraftConfig))
         raise ConfigError(f"--set key must be SECTION.KEY (sections: {sections}); got {key!r}")
@@ -290,7 +310,9 @@ def resolve_config(
     for assignment in overrides:
         set_key(data, assignment)
     for key, value in (flags or {}).items():
-        if value is not None:
+        if value is not None and "." not in key:  # a top-level key (task)
+            data[key] = value
+        elif value is not None:
             section, name = key.split(".")
             data.setdefault(section, {})[name] = value
     return parse_config(data, source)

@@ -75,12 +75,18 @@ DEMO_MARKER = ".graft-demo"
 
 
 def run_demo(out: Path, *, epochs: int | None = None, fine_tune_epochs: int | None = None, quiet: bool = False) -> TrainResult:
-    """Build the dataset in ``out/data`` and train into ``out``.
-
-    ``out`` must be new, empty, or an earlier demo's folder (marked by a ``.graft-demo`` file):
-    the demo replaces its own earlier run and data there, and nothing else."""
+    """Build the dataset in ``out/data`` and train into ``out`` (see ``demo_folder``)."""
     out = Path(out)
     cfg = demo_config(out / "data", epochs, fine_tune_epochs)  # validate before touching anything
+    data_dir = demo_folder(out)
+    make_texture_dataset(data_dir)
+    return train(cfg, out, overwrite=True, quiet=quiet)
+
+
+def demo_folder(out: Path) -> Path:
+    """Make ``out`` a demo's folder and return its empty ``data/``. ``out`` must be new, empty, or
+    an earlier demo's folder (marked by a ``.graft-demo`` file): a demo replaces its own earlier
+    run and data there, and nothing else."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; the demo needs a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
@@ -90,5 +96,4 @@ def run_demo(out: Path, *, epochs: int | None = None, fine_tune_epochs: int | No
     data_dir = out / "data"
     if data_dir.exists():
         shutil.rmtree(data_dir)
-    make_texture_dataset(data_dir)
-    return train(cfg, out, overwrite=True, quiet=quiet)
+    return data_dir

@@ -46,24 +46,8 @@ def decide_now(cfg: GraftConfig) -> dict[str, Any]:
     return autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=has_head, decoded=decoded_for_search(cfg, splits, pre), say=lambda m: None).to_dict()
 
 
-def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: bool = False) -> dict[str, Any]:
-    """Phases with their trainable layers, parameter counts and optimizer groups (JSON-able).
-    ``decide``: decide what is ``auto`` on the data now (costs the embeddings), as training would."""
-    from graft.train import autotune
-
-    decided = None
-    if decide and autotune.wants_decision(cfg):
-        decided = decide_now(cfg)
-        cfg = autotune.Decision(augment=decided["augment"], head_lr=decided["head_lr"]).apply(cfg)
-    if num_classes is None and cfg.data.dir:
-        num_classes = _count_class_folders(cfg.data.dir)
-    if num_classes is not None and num_classes < 2:
-        raise ConfigError(f"--classes must be 2 or more, got {num_classes}")
-    num_classes = num_classes or 2
-    model, _ = build_model(cfg.model, num_classes, load_weights=False, seed=cfg.solver.seed)
-    if cfg.model.reinit:
-        surgery.reinit(model, cfg.model.reinit)  # validates the patterns
-    layers = surgery.backbone_layers(model)
+def phase_rows(cfg: GraftConfig, model: Any, layers: list) -> list[dict[str, Any]]:
+    """Each phase: what learns, at which rate, in which optimizer groups (classifiers and detectors)."""
     phases = []
     for phase in plan_phases(cfg, model):
         groups = phase_param_groups(model, phase, cfg.solver, cfg.model.freeze, cfg.model.lr_mult)
@@ -84,6 +68,34 @@ def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: b
                 ],
             }
         )
+    return phases
+
+
+def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: bool = False) -> dict[str, Any]:
+    """Phases with their trainable layers, parameter counts and optimizer groups (JSON-able).
+    ``decide``: decide what is ``auto`` on the data now (costs the embeddings), as training would."""
+    from graft.train import autotune
+    from graft.train.runner import resolve_task
+
+    if resolve_task(cfg) == "detect":
+        from graft.detection.plan import describe_detection_plan
+
+        return describe_detection_plan(cfg, num_classes)
+
+    decided = None
+    if decide and autotune.wants_decision(cfg):
+        decided = decide_now(cfg)
+        cfg = autotune.Decision(augment=decided["augment"], head_lr=decided["head_lr"]).apply(cfg)
+    if num_classes is None and cfg.data.dir:
+        num_classes = _count_class_folders(cfg.data.dir)
+    if num_classes is not None and num_classes < 2:
+        raise ConfigError(f"--classes must be 2 or more, got {num_classes}")
+    num_classes = num_classes or 2
+    model, _ = build_model(cfg.model, num_classes, load_weights=False, seed=cfg.solver.seed)
+    if cfg.model.reinit:
+        surgery.reinit(model, cfg.model.reinit)  # validates the patterns
+    layers = surgery.backbone_layers(model)
+    phases = phase_rows(cfg, model, layers)
     pre = preprocessing_for(model.backbone, cfg.data)
     return {
         "backbone": cfg.model.name,
@@ -101,6 +113,11 @@ def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: b
 
 
 def format_plan(plan: dict[str, Any], *, layers: bool = False) -> str:
+    if plan.get("task") == "detect":
+        from graft.detection.plan import format_detection_header
+
+        lines = format_detection_header(plan)
+        return "\n".join(lines + format_phases(plan, layers=layers))
     lines = [
         f"backbone {plan['backbone']} (weights: {plan['weights']}), {plan['num_classes']} classes, strategy {plan['strategy']}",
         f"preprocessing: {plan['preprocessing']['input_size']}px, mean {plan['preprocessing']['mean']}, std {plan['preprocessing']['std']}, {plan['preprocessing']['interpolation']}",
@@ -108,11 +125,17 @@ def format_plan(plan: dict[str, Any], *, layers: bool = False) -> str:
         f"backbone layers: {len(plan['layers'])} (indices 0..{len(plan['layers']) - 1}; --layers lists them)",
     ]
     lines += _format_auto(plan["auto"])
+    return "\n".join(lines + format_phases(plan, layers=layers))
+
+
+def format_phases(plan: dict[str, Any], *, layers: bool = False) -> list[str]:
+    lines = []
     if plan["reinit"]:
         lines.append(f"re-initialised after loading: {', '.join(plan['reinit'])}")
     for i, ph in enumerate(plan["phases"], 1):
         c = ph["parameters"]
-        where = "head only (backbone frozen)" if ph["trainable_from_layer"] is None else f"from layer {ph['trainable_from_layer']} ({ph['first_trainable_layer']}) on, plus the head"
+        above = plan.get("above_backbone", "the head")
+        where = f"{above} only (backbone frozen)" if ph["trainable_from_layer"] is None else f"from layer {ph['trainable_from_layer']} ({ph['first_trainable_layer']}) on, plus {above}"
         lines.append(f"\nphase {i}: {ph['name']}, {ph['epochs']} epochs, lr {ph['lr']:.2e}")
         lines.append(f"  learns: {where}; {ph['backbone_layers_learning']} backbone layers")
         lines.append(f"  parameters: {c['trainable']:,} trainable / {c['frozen']:,} frozen / {c['total']:,} total")
@@ -121,7 +144,7 @@ def format_plan(plan: dict[str, Any], *, layers: bool = False) -> str:
     if layers:
         lines.append("\nlayers:")
         lines += [f"  {l['index']:>4}  {l['name']:<45} {l['type']:<20} {l['parameters']:>10,}" for l in plan["layers"]]
-    return "\n".join(lines)
+    return lines
 
 
 def _auto(cfg: GraftConfig, decided: dict[str, Any] | None) -> dict[str, Any]:

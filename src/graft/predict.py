@@ -57,6 +57,10 @@ class TrainedModel:
             raise SnapshotError(f"{run_dir} is not a finished graft run: model.json and model.safetensors are needed{hint}")
         try:
             info = read_json(info_path)
+            if info.get("task") == "detect":
+                from graft.detection.predict import TrainedDetector
+
+                return TrainedDetector.load(run_dir, info, load_file(str(weights_path)), select_device(device))
             cfg = parse_config(info["config"], str(info_path))
             model, _ = build_model(cfg.model, int(info["num_classes"]), load_weights=False, head_blocks=info.get("head", {}).get("blocks"))
             model.load_state_dict(load_file(str(weights_path)))
@@ -128,7 +132,9 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "auto") -> TrainedModel:
+def load_run(run_dir: str | os.PathLike, device: str = "auto") -> Any:
+    """The finished run in ``run_dir``: a ``TrainedModel`` (classifier) or a
+    ``graft.detection.predict.TrainedDetector``, as its ``model.json`` says."""
     return TrainedModel.load(run_dir, device)
 
 

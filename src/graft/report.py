@@ -100,7 +100,8 @@ def write_history_csv(rows: list[dict], path: str | os.PathLike) -> Path:
     order. ``None`` (and missing keys) become empty cells. Floats are written with ``repr`` so
     they read back bit-for-bit.
     """
-    columns = list(HISTORY_COLUMNS)
+    # The classifier's columns lead (those a detector's rows lack are left out), then the rest.
+    columns = [c for c in HISTORY_COLUMNS if not rows or any(c in r for r in rows)]
     seen = set(columns)
     for row in rows:
         for key in row:
@@ -202,23 +203,29 @@ def _short(name: str, limit: int) -> str:
 # ----------------------------------------------------------------------------- learning curves
 
 
-def plot_learning_curves(rows: list[dict], path: str | os.PathLike, *, title: str | None = None) -> Path:
+CLASSIFIER_PANELS = [
+    ("accuracy", "Accuracy", [("train_accuracy", "train"), ("val_accuracy", "val")]),
+    ("loss", "Loss", [("train_loss", "train"), ("val_loss", "val")]),
+]
+
+
+def plot_learning_curves(rows: list[dict], path: str | os.PathLike, *, title: str | None = None, panels: list | None = None) -> Path:
     """Accuracy (train & val) and loss (train & val) against epoch, side by side, as a PNG.
 
     A dashed vertical line labelled e.g. "fine-tuning starts" marks each change of ``phase``
     (drawn half-way between the last epoch of the old phase and the first of the new one).
-    Copes with a single epoch, missing values (None -> gap) and a single phase.
+    Copes with a single epoch, missing values (None -> gap) and a single phase. ``panels``:
+    (kind, title, [(column, label), ...]) per panel, "accuracy" kinds bounded to 0..1; default
+    the classifier's accuracy and loss.
     """
     epochs = _epochs(rows)
     changes = _phase_segments(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = panels or CLASSIFIER_PANELS
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     try:
-        panels = [
-            (axes[0], "accuracy", "Accuracy", [("train_accuracy", "train"), ("val_accuracy", "val")]),
-            (axes[1], "loss", "Loss", [("train_loss", "train"), ("val_loss", "val")]),
-        ]
         styles = {"train": dict(color="#1f77b4", marker="o"), "val": dict(color="#ff7f0e", marker="s")}
-        for ax, kind, ylabel, series in panels:
+        cycle = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+        for ax, (kind, ylabel, series) in zip(axes[0], panels):
             drawn = False
             all_values = []
             for key, label in series:
@@ -226,8 +233,8 @@ def plot_learning_curves(rows: list[dict], path: str | os.PathLike, *, title: st
                 if all(math.isnan(y) for y in ys):
                     continue
                 all_values += [y for y in ys if not math.isnan(y)]
-                ax.plot(epochs, ys, label=label, markersize=4 if len(rows) <= 60 else 0, linewidth=1.6,
-                        **styles[label])
+                style = styles.get(label) or dict(color=cycle[series.index((key, label)) % len(cycle)], marker=".")
+                ax.plot(epochs, ys, label=label, markersize=4 if len(rows) <= 60 else 0, linewidth=1.6, **style)
                 drawn = True
             if not drawn:
                 ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")

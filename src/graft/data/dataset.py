@@ -106,10 +106,11 @@ def default_workers() -> int:
     return max(0, min(4, cpus - 1))
 
 
-def train_loader(dataset: ImageDataset, sampler: EpochBatchSampler, *, workers: int, pin_memory: bool = False) -> DataLoader:
+def train_loader(dataset: ImageDataset, sampler: EpochBatchSampler, *, workers: int, pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
     return DataLoader(
         dataset,
         batch_sampler=sampler,
+        collate_fn=collate_fn,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
@@ -119,10 +120,11 @@ def train_loader(dataset: ImageDataset, sampler: EpochBatchSampler, *, workers: 
     )
 
 
-def eval_loader(dataset: ImageDataset, *, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
+def eval_loader(dataset: ImageDataset, *, batch_size: int, workers: int, pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
+        collate_fn=collate_fn,
         shuffle=False,
         num_workers=workers,
         persistent_workers=workers > 0,

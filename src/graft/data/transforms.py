@@ -11,6 +11,8 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 from torch import nn
 
+from graft.errors import ConfigError
+
 _INTERPOLATION = {
     "nearest": T.InterpolationMode.NEAREST,
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -96,6 +98,8 @@ def augmentation_from_config(data_cfg: Any, preset: str | None = None) -> Augmen
     """``preset`` (default ``data.augment``) with the ``data.hflip/...`` overrides applied. ``auto``
     is decided from the data before training (``graft.train.autotune``); until then it is ``none``."""
     name = preset or data_cfg.augment
+    if name not in PRESETS and name != "auto":
+        raise ConfigError(f"data.augment {name} is for detectors (it moves boxes); a classifier takes auto, {', '.join(PRESETS)}")
     base = PRESETS["none" if name == "auto" else name]
     return Augmentation(
         hflip=base.hflip if data_cfg.hflip is None else data_cfg.hflip,

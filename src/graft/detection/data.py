@@ -14,6 +14,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -49,6 +50,40 @@ class DetectionSplits:
             per = np.bincount(labels, minlength=len(self.classes))
             out[split] = {"images": len(samples), **{c: int(n) for c, n in zip(self.classes, per)}}
         return out
+
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything a snapshot needs to rebuild the splits exactly (boxes included); paths
+        relative to ``root`` where they lie below it, so moved data can be found again."""
+
+        def rel(path: Path) -> str:
+            p = Path(path)
+            return p.relative_to(self.root).as_posix() if p.is_relative_to(self.root) else str(p)
+
+        def sample(s: BoxSample) -> dict[str, Any]:
+            return {"path": rel(s.path), "id": s.image_id, "size": [s.width, s.height], "boxes": s.boxes.tolist(), "labels": s.labels.tolist(), "crowd": s.crowd.tolist(), "difficult": s.difficult.tolist()}
+
+        return {
+            "root": str(self.root), "format": self.format, "description": self.description, "classes": list(self.classes),
+            "counts": self.counts(), **{split: [sample(s) for s in getattr(self, split)] for split in ("train", "val", "test")},
+            "skipped": [{"path": rel(s.path), "reason": s.reason} for s in self.skipped], "problems": list(self.problems), "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], root: str | os.PathLike | None = None) -> DetectionSplits:
+        base = Path(os.path.abspath(root if root is not None else d["root"]))
+
+        def sample(x: dict[str, Any]) -> BoxSample:
+            n = len(x["labels"])
+            return BoxSample(
+                base / x["path"], str(x["id"]), int(x["size"][0]), int(x["size"][1]),
+                np.array(x["boxes"], np.float32).reshape(-1, 4), np.array(x["labels"], np.int64), np.array(x["crowd"], bool).reshape(n), np.array(x["difficult"], bool).reshape(n),
+            )
+
+        return cls(
+            base, d["format"], d["description"], list(d["classes"]), *[[sample(x) for x in d[split]] for split in ("train", "val", "test")],
+            [Skipped(base / x["path"], x["reason"]) for x in d.get("skipped", [])], list(d.get("problems", [])), list(d.get("warnings", [])),
+        )
 
 
 def is_detection_data(root: str | os.PathLike) -> bool:

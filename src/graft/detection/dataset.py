@@ -95,6 +95,12 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int, float]:
     return max(1, round(width * scale)), max(1, round(height * scale)), scale
 
 
+def resize_longer(image: Any, size: int) -> torch.Tensor:
+    """A PIL image as uint8 ``[3, h, w]`` with its longer side ``size`` (bilinear, antialiased)."""
+    w, h, _ = resized_size(image.width, image.height, size)
+    return TF.pil_to_tensor(image.resize((w, h), resample=2))
+
+
 class BoxDataset(Dataset):
     """``ds[i]`` or ``ds[(i, epoch)]`` -> ``(image float [3, S, S] in 0..1, target)``; the target has
     ``boxes`` (xyxy pixels of that input), ``labels``, ``index`` and ``scale`` (input pixels per
@@ -120,14 +126,19 @@ class BoxDataset(Dataset):
                 raise DataError(f"{err} (it was readable when the dataset was scanned; did it change?)") from None
             if image.size != (s.width, s.height):
                 raise DataError(f"{s.path}: the image is {image.size[0]}x{image.size[1]} now, {s.width}x{s.height} when the dataset was scanned; did it change?")
-            w, h, _ = resized_size(s.width, s.height, self.size)
-            self._decoded[index] = TF.pil_to_tensor(image.resize((w, h), resample=2))  # bilinear, antialiased
+            self._decoded[index] = resize_longer(image, self.size)
         return self._decoded[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         index, epoch = key if isinstance(key, tuple) else (key, None)
+        return self._item(self.resized(index), index, epoch)
+
+    def item_from(self, image: Any, index: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The input for an image already loaded (prediction), as ``ds[index]`` would give it."""
+        return self._item(resize_longer(image, self.size), index, None)
+
+    def _item(self, pixels: torch.Tensor, index: int, epoch: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.samples[index]
-        pixels = self.resized(index)
         h, w = pixels.shape[-2:]
         scale = w / s.width
         keep = ~s.crowd
@@ -159,6 +170,12 @@ def _sanitize(target: dict[str, Any], canvas: Sequence[int]) -> dict[str, Any]:
     return {"boxes": b[keep], "labels": target["labels"][keep]}
 
 
-def collate_boxes(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """Images of one size stack; targets stay a list (their box counts differ)."""
-    return torch.stack([image for image, _ in batch]), [target for _, target in batch]
+def collate_boxes(batch: list[tuple[Any, dict[str, torch.Tensor]]]) -> tuple[Any, list[dict[str, torch.Tensor]]]:
+    """Images of one size stack (cached feature maps stack level by level); targets stay a list
+    (their box counts differ)."""
+    first = batch[0][0]
+    if isinstance(first, (list, tuple)):
+        inputs: Any = [torch.stack([item[0][level] for item in batch]) for level in range(len(first))]
+    else:
+        inputs = torch.stack([image for image, _ in batch])
+    return inputs, [target for _, target in batch]

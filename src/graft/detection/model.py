@@ -25,10 +25,13 @@ import torch
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from graft.models import surgery
 
 HEADS = ("fcos", "retinanet", "fasterrcnn")
 FPN_CHANNELS = 128  # lighter than torchvision's 256: graft's backbones are small and its users' GPUs often absent
@@ -44,11 +47,13 @@ class InputBatch(GeneralizedRCNNTransform):
     def resize(self, image: torch.Tensor, target: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any] | None]:
         return image, target
 
-    def forward(self, images: list[torch.Tensor] | torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> tuple[ImageList, list[dict[str, torch.Tensor]] | None]:
-        batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         mean = torch.as_tensor(self.image_mean, dtype=batch.dtype, device=batch.device)[:, None, None]
         std = torch.as_tensor(self.image_std, dtype=batch.dtype, device=batch.device)[:, None, None]
-        batch = (batch - mean) / std
+        return (batch - mean) / std
+
+    def forward(self, images: list[torch.Tensor] | torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> tuple[ImageList, list[dict[str, torch.Tensor]] | None]:
+        batch = self.normalise(images if isinstance(images, torch.Tensor) else torch.stack(list(images)))
         sizes = [(int(batch.shape[-2]), int(batch.shape[-1]))] * len(batch)
         return ImageList(batch, sizes), targets
 
@@ -69,8 +74,9 @@ class Neck(nn.Module):
 
 
 class GraftDetector(nn.Module):
-    def __init__(self, backbone: nn.Module, detector: nn.Module, *, head: str, classes: int, size: int, strides: list[int], level_sizes: list[float]) -> None:
+    def __init__(self, backbone: nn.Module, detector: nn.Module, *, head: str, classes: int, size: int, strides: list[int], level_sizes: list[float], frozen_bn_eval: bool = True, bn_inference: bool = True) -> None:
         super().__init__()
+        self.frozen_bn_eval, self.bn_inference = frozen_bn_eval, bn_inference
         self.backbone = backbone
         self.detector = detector
         self.head_kind = head
@@ -89,6 +95,18 @@ class GraftDetector(nn.Module):
             with torch.no_grad():
                 return list(self.backbone(x))
         return list(self.backbone(x))
+
+    def backbone_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's maps for images in 0..1, normalised as the detector normalises them."""
+        return list(self.backbone(self.detector.transform.normalise(images)))
+
+    def train(self, mode: bool = True) -> GraftDetector:
+        """As for classifiers: BatchNorm of frozen parts (or every BatchNorm, with bn_inference)
+        stays in inference mode. torchvision's FrozenBatchNorm2d has no training mode at all."""
+        super().train(mode)
+        if mode:
+            surgery.batchnorm_inference(self, every=self.bn_inference, frozen=self.frozen_bn_eval)
+        return self
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
         """Training: a dict of loss terms. Evaluation: per image ``boxes`` (xyxy pixels of the
@@ -141,6 +159,9 @@ def build_detector(
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     detections: int = 100,
+    head_convs: int = 4,
+    frozen_bn_eval: bool = True,
+    bn_inference: bool = True,
 ) -> GraftDetector:
     """A detector with ``head`` over ``backbone`` (which maps images to feature maps with
     ``channels`` at ``strides``)."""
@@ -154,7 +175,8 @@ def build_detector(
     common = {"min_size": size, "max_size": size, "image_mean": list(mean), "image_std": list(std)}
     if head == "fcos":
         anchors = AnchorGenerator(tuple((s / 4,) for s in sizes), ((1.0,),) * len(sizes))  # FCOS: one point per location, sized stride-like
-        model = FCOS(neck, num_classes, anchor_generator=anchors, score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections, topk_candidates=1000, **common)
+        head_module = FCOSHead(FPN_CHANNELS, 1, num_classes, num_convs=head_convs)
+        model = FCOS(neck, num_classes, anchor_generator=anchors, head=head_module, score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections, topk_candidates=1000, **common)
     elif head == "retinanet":
         scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
         anchors = AnchorGenerator(tuple(tuple(s * k for k in scales) for s in sizes), ((0.5, 1.0, 2.0),) * len(sizes))
@@ -164,5 +186,5 @@ def build_detector(
         roi = MultiScaleRoIAlign([str(i) for i in range(len(strides))], output_size=7, sampling_ratio=2)
         model = FasterRCNN(neck, num_classes + 1, rpn_anchor_generator=anchors, box_roi_pool=roi, box_score_thresh=score_thresh, box_nms_thresh=nms_thresh, box_detections_per_img=detections, **common)
     model.transform = InputBatch(size, mean, std)
-    return GraftDetector(backbone, model, head=head, classes=num_classes, size=size, strides=all_strides, level_sizes=sizes)
+    return GraftDetector(backbone, model, head=head, classes=num_classes, size=size, strides=all_strides, level_sizes=sizes, frozen_bn_eval=frozen_bn_eval, bn_inference=bn_inference)
 

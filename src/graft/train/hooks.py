@@ -75,17 +75,14 @@ class ProgressHook(Hook):
     def after_step(self, trainer: Trainer, loss: float) -> None:
         if self.bar is None:
             return
-        r = trainer.state.running
-        seen = max(1.0, r["seen"])
         rate = self.bar.format_dict.get("rate") or 0.0
-        self.bar.set_postfix(loss=f"{r['loss'] / seen:.3f}", acc=f"{r['correct'] / seen:.3f}", img_s=f"{rate * trainer.solver.batch_size:.0f}", refresh=False)
+        self.bar.set_postfix(**trainer.task.progress(trainer.state.running), img_s=f"{rate * trainer.solver.batch_size:.0f}", refresh=False)
         self.bar.update(1)
 
     def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        val = "" if row["val_accuracy"] is None else f" val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f}"
         line = (
-            f"epoch {row['epoch']:>3} [{row['phase']}] lr {row['lr']:.2e} train_loss {row['train_loss']:.4f} "
-            f"train_acc {row['train_accuracy']:.4f}{val} ({row['seconds']:.1f}s, {len(trainer.train_data) / max(row['seconds'], 1e-9):.1f} img/s)"
+            f"epoch {row['epoch']:>3} [{row['phase']}] lr {row['lr']:.2e} {trainer.task.epoch_summary(row)} "
+            f"({row['seconds']:.1f}s, {len(trainer.train_data) / max(row['seconds'], 1e-9):.1f} img/s)"
         )
         if self.bar is not None:
             self.bar.close()

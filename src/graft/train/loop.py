@@ -159,9 +159,10 @@ class Trainer:
         self.sampler = EpochBatchSampler(len(self.data.train), self.solver.batch_size, seed=self.solver.seed)
         workers = self.workers if self.data.workers is None else self.data.workers
         pin = self.device.type == "cuda"
-        self.loader = train_loader(self.data.train, self.sampler, workers=workers, pin_memory=pin)
+        collate = self.task.collate
+        self.loader = train_loader(self.data.train, self.sampler, workers=workers, pin_memory=pin, collate_fn=collate)
         val = self.data.val
-        self.val_loader = eval_loader(val, batch_size=self.solver.batch_size, workers=workers, pin_memory=pin) if val is not None and len(val) else None
+        self.val_loader = eval_loader(val, batch_size=self.solver.batch_size, workers=workers, pin_memory=pin, collate_fn=collate) if val is not None and len(val) else None
         self.optimizer = make_optimizer(groups, self.solver)
         per_epoch = len(self.sampler)
         total = phase.epochs * per_epoch

@@ -66,6 +66,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_task(cfg: GraftConfig) -> str:
+    """``classify`` or ``detect``; ``auto`` becomes one of them (in ``cfg`` too) by the data:
+    box annotations (COCO, YOLO, Pascal VOC) mean detection."""
+    if cfg.task == "auto":
+        from graft.detection.data import is_detection_data
+
+        cfg.task = "detect" if cfg.data.dir and is_detection_data(cfg.data.dir) else "classify"
+    return cfg.task
+
+
 def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
     """The recipe: which phases run, what learns in each, at which learning rate."""
     t, base = cfg.train, cfg.solver.base_lr
@@ -83,6 +93,7 @@ def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
 RUN_FILES = RUN_MARKERS + (
     "model.safetensors", "metrics.json", "config.yaml", "splits.json", "weights_report.json",
     "learning_curves.png", "confusion_matrix.png", "predictions.png", CLASS_STATS_FILE, "expand_metrics.json",
+    "detections.png", "per_class_ap.png", "pr_curves.png",
 )
 
 
@@ -178,8 +189,9 @@ def train(
 
             return expand(None, out, resume=resume, data_dir=data_dir, overwrite=overwrite, quiet=quiet, hooks=hooks)
         cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
-        splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
-        check_files_exist(splits)
+        if payload.get("task") != "detect":
+            splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
+            check_files_exist(splits)
         source_run = checkpoint.snapshot_run_dir(payload["path"])
         run_dir = Path(out) if out else source_run
         replace = run_dir.resolve() != source_run.resolve() and holds_run(run_dir)
@@ -200,6 +212,10 @@ def train(
     if replace and not overwrite:
         hint = f", continue it with --resume {run_dir}/snapshots/last," if payload is None else ""
         raise ConfigError(f"{run_dir} already holds a run; choose another --out{hint} or pass --overwrite to replace it")
+    if resolve_task(cfg) == "detect":
+        from graft.detection.runner import train_detection
+
+        return train_detection(cfg, run_dir, payload, replace=replace, device=device, source_run=source_run, data_dir=data_dir, started=started, quiet=quiet, hooks=hooks)
     if payload is None:
         d = cfg.data
         splits = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)

@@ -9,6 +9,7 @@ copy of the loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +26,7 @@ class Task:
     ``training_loss`` returns; the loop adds them up over an epoch (and keeps them in snapshots)."""
 
     sums: tuple[str, ...] = ()
+    collate: Callable | None = None  # the loaders' collate_fn; None: PyTorch's default
 
     def to_device(self, inputs: Any, targets: Any, trainer: Trainer) -> tuple[Any, Any]:
         raise NotImplementedError
@@ -44,6 +46,15 @@ class Task:
     def validate(self, trainer: Trainer) -> dict[str, float | None]:
         """History columns of the validation pass (``None`` values without validation data)."""
         raise NotImplementedError
+
+    def progress(self, running: dict[str, float]) -> dict[str, str]:
+        """The progress bar's figures for the epoch so far."""
+        seen = max(1.0, running["seen"])
+        return {"loss": f"{running['loss'] / seen:.3f}", **{k: f"{running.get(k, 0.0) / seen:.3f}" for k in self.sums}}
+
+    def epoch_summary(self, row: dict[str, Any]) -> str:
+        """An epoch's history row in a line: every train_ and val_ column the task wrote."""
+        return " ".join(f"{k} {v:.4f}" for k, v in row.items() if (k.startswith("train_") or k.startswith("val_")) and isinstance(v, float))
 
 
 class ClassificationTask(Task):
@@ -83,6 +94,14 @@ class ClassificationTask(Task):
     def train_columns(self, running: dict[str, float]) -> dict[str, float]:
         seen = max(1.0, running["seen"])
         return {"train_loss": running["loss"] / seen, "train_accuracy": running.get("correct", 0.0) / seen}
+
+    def progress(self, running: dict[str, float]) -> dict[str, str]:
+        seen = max(1.0, running["seen"])
+        return {"loss": f"{running['loss'] / seen:.3f}", "acc": f"{running.get('correct', 0.0) / seen:.3f}"}
+
+    def epoch_summary(self, row: dict[str, Any]) -> str:
+        val = "" if row["val_accuracy"] is None else f" val_loss {row['val_loss']:.4f} val_acc {row['val_accuracy']:.4f}"
+        return f"train_loss {row['train_loss']:.4f} train_acc {row['train_accuracy']:.4f}{val}"
 
     def validate(self, trainer: Trainer) -> dict[str, float | None]:
         if trainer.val_loader is None:

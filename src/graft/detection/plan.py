@@ -1,0 +1,98 @@
+"""``graft plan --task detect``: the detector a config would train, before any time is spent:
+input size, pyramid levels with their strides and object sizes (fitted to the data's boxes when
+``--data`` is given), anchors, how each kind of normalisation layer behaves, and the phases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from graft.config import GraftConfig
+from graft.models import surgery
+
+
+def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None) -> dict[str, Any]:
+    from graft.detection.build import build_detection_model, input_size
+    from graft.detection.runner import augmentation, box_sizes, scan
+    from graft.plan import phase_rows
+
+    sizes, classes, data = [], None, None
+    if cfg.data.dir:
+        splits = scan(cfg)
+        sizes = box_sizes(splits, input_size(cfg))
+        classes = splits.classes
+        data = {"format": splits.format, "description": splits.description, "counts": splits.counts()}
+    k = len(classes) if classes else (num_classes or 1)
+    model, _ = build_detection_model(cfg, k, load_weights=False, box_sizes=sizes, seed=cfg.solver.seed)
+    if cfg.model.reinit:
+        surgery.reinit(model, cfg.model.reinit)  # validates the patterns
+    layers = surgery.backbone_layers(model)
+    anchors = model.detector.anchor_generator if hasattr(model.detector, "anchor_generator") else model.detector.rpn.anchor_generator
+    aug_name, aug = augmentation(cfg)
+    return {
+        "task": "detect",
+        "backbone": cfg.model.name,
+        "weights": cfg.model.weights,
+        "head": model.head_kind,
+        "num_classes": k,
+        "classes": classes,
+        "data": data,
+        "strategy": cfg.train.strategy,
+        "input_size": model.size,
+        "levels": [{"stride": s, "object_size": z} for s, z in zip(model.strides, model.level_sizes)],
+        "level_sizes_fitted": cfg.detect.level_sizes == "auto" and bool(sizes) and model.head_kind != "fcos",
+        "box_sizes": _quantiles(sizes),
+        "anchors": {"sizes": [list(a) for a in anchors.sizes], "aspect_ratios": [list(a) for a in anchors.aspect_ratios]},
+        "normalisation": _norm_layers(model, cfg),
+        "solver": {k: getattr(cfg.solver, k) for k in ("type", "base_lr", "lr_policy", "momentum", "weight_decay", "batch_size", "max_iter")},
+        "augmentation": {"preset": aug_name, **aug.__dict__},
+        "above_backbone": "the FPN and the detection heads",
+        "reinit": cfg.model.reinit,
+        "layers": [{"index": i, "name": name, "type": type(m).__name__, "parameters": sum(p.numel() for p in m.parameters(recurse=False))} for i, (name, m) in enumerate(layers)],
+        "phases": phase_rows(cfg, model, layers),
+    }
+
+
+def _quantiles(sizes: list[float]) -> dict[str, float] | None:
+    if not sizes:
+        return None
+    s = sorted(sizes)
+    return {f"p{q}": round(s[min(len(s) - 1, int(q / 100 * len(s)))], 1) for q in (5, 50, 95)}
+
+
+def _norm_layers(model: nn.Module, cfg: GraftConfig) -> list[str]:
+    counts: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        for kind in (FrozenBatchNorm2d, nn.BatchNorm2d, nn.GroupNorm):
+            if type(m) is kind or (kind is nn.BatchNorm2d and isinstance(m, nn.modules.batchnorm._BatchNorm)):
+                counts.setdefault(kind.__name__, []).append(name)
+                break
+    lines = []
+    if "FrozenBatchNorm2d" in counts:
+        lines.append(f"{len(counts['FrozenBatchNorm2d'])} FrozenBatchNorm2d (torchvision's): fixed statistics and affine parameters in every phase")
+    if "BatchNorm2d" in counts:
+        mode = "in inference mode in every phase (model.bn_inference)" if cfg.model.bn_inference else "in inference mode while frozen (model.frozen_bn_eval)" if cfg.model.frozen_bn_eval else "using batch statistics when they train"
+        lines.append(f"{len(counts['BatchNorm2d'])} BatchNorm layers in the backbone: {mode}")
+    if "GroupNorm" in counts:
+        lines.append(f"{len(counts['GroupNorm'])} GroupNorm layers in the heads: no batch statistics, the same in training and inference")
+    return lines
+
+
+def format_detection_header(plan: dict[str, Any]) -> list[str]:
+    lines = [f"detector {plan['head']} on backbone {plan['backbone']} (weights: {plan['weights']}), {plan['num_classes']} classes, strategy {plan['strategy']}"]
+    if plan["data"]:
+        lines.append(f"data: {plan['data']['description']}")
+    if plan["box_sizes"]:
+        b = plan["box_sizes"]
+        lines.append(f"box sizes (square root of area, input pixels): 5% {b['p5']}, median {b['p50']}, 95% {b['p95']}")
+    levels = ", ".join(f"stride {lv['stride']}: {lv['object_size']:g}px" for lv in plan["levels"])
+    lines.append(f"input: longer side {plan['input_size']}px, padded square; pyramid levels ({'fitted to the boxes' if plan['level_sizes_fitted'] else 'defaults'}): {levels}")
+    lines.append(f"anchors: sizes {plan['anchors']['sizes']}, aspect ratios {plan['anchors']['aspect_ratios'][0]}")
+    lines += [f"normalisation: {line}" for line in plan["normalisation"]]
+    a = plan["augmentation"]
+    lines.append(f"augmentation: {a['preset']} (boxes move with the pixels)")
+    lines.append(f"solver: {', '.join(f'{k}={v}' for k, v in plan['solver'].items())}")
+    lines.append(f"backbone layers: {len(plan['layers'])} (indices 0..{len(plan['layers']) - 1}; --layers lists them)")
+    return lines

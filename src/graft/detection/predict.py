@@ -1,0 +1,140 @@
+"""A finished detection run as a usable detector: predict boxes on new images, evaluate on a
+labelled folder in any of the three formats, draw what it found."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import ImageDraw
+
+from graft.config import parse_config
+from graft.data.dataset import default_workers
+from graft.data.images import ImageError, load_image
+from graft.detection.boxes import BoxSample
+from graft.detection.build import build_detection_model
+from graft.detection.data import scan_detection
+from graft.detection.dataset import BoxDataset
+from graft.detection.model import GraftDetector
+from graft.errors import DataError
+from graft.predict import expand_inputs
+
+PALETTE = ["#e8590c", "#1971c2", "#2f9e44", "#ae3ec9", "#f59f00", "#c2255c", "#0c8599", "#5c940d"]
+
+
+@dataclass
+class Box:
+    label: str
+    score: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass
+class ImageDetections:
+    path: str
+    boxes: list[Box] = field(default_factory=list)
+    error: str | None = None
+
+
+class TrainedDetector:
+    """A trained graft detector with its classes and preprocessing (from ``model.json``)."""
+
+    def __init__(self, model: GraftDetector, info: dict[str, Any], run_dir: Path | None = None, device: torch.device | str = "cpu") -> None:
+        self.model = model.eval()
+        self.info, self.run_dir = info, run_dir
+        self.classes: list[str] = list(info["classes"])
+        self.device = torch.device(device)
+        self.model.to(self.device)
+
+    @classmethod
+    def load(cls, run_dir: Path, info: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> TrainedDetector:
+        cfg = parse_config(info["config"], str(run_dir / "model.json"))
+        model, _ = build_detection_model(cfg, int(info["num_classes"]), load_weights=False, level_sizes=info["detector"]["level_sizes"])
+        model.load_state_dict(weights)
+        return cls(model, info, run_dir, device)
+
+    def _set_thresholds(self, conf: float, iou: float | None) -> None:
+        d = self.model.detector
+        holder = d.roi_heads if hasattr(d, "roi_heads") else d
+        holder.score_thresh = min(conf, float(self.info["detector"]["score_thresh"]))
+        if iou is not None:
+            holder.nms_thresh = iou
+
+    @torch.inference_mode()
+    def predict(self, inputs: list[str | os.PathLike], *, conf: float | None = None, iou: float | None = None, batch_size: int = 8) -> list[ImageDetections]:
+        """Boxes at or above ``conf`` (default the run's ``detect.conf``) in each image's own pixels.
+        A file that cannot be read gets an entry with ``error`` instead of stopping the rest."""
+        conf = float(self.info["config"]["detect"]["conf"]) if conf is None else conf
+        self._set_thresholds(conf, iou)
+        size = self.model.size
+        results: list[ImageDetections] = []
+        batch: list[tuple[str, torch.Tensor, float, tuple[int, int]]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            x = torch.stack([t for _, t, _, _ in batch]).to(self.device)
+            for (path, _, scale, (w, h)), det in zip(batch, self.model(x)):
+                keep = det["scores"] >= conf
+                boxes = (det["boxes"][keep].float().cpu().numpy() / scale).clip(0, [w, h, w, h])
+                found = [Box(self.classes[int(c)], float(s), *map(float, b)) for b, s, c in zip(boxes, det["scores"][keep].tolist(), det["labels"][keep].tolist())]
+                results.append(ImageDetections(path, sorted(found, key=lambda b: -b.score)))
+            batch.clear()
+
+        for path in expand_inputs(inputs):
+            try:
+                image = load_image(path)
+            except ImageError as err:
+                flush()
+                results.append(ImageDetections(str(path), error=str(err)))
+                continue
+            w, h = image.size
+            sample = BoxSample(Path(path), str(path), w, h, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool))
+            tensor, target = BoxDataset([sample], size).item_from(image, 0)
+            batch.append((str(path), tensor, float(target["scale"]), (w, h)))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        return results
+
+    def evaluate(self, data_dir: str | os.PathLike, *, batch_size: int = 8, strict: bool = False) -> dict[str, Any]:
+        """COCO metrics on DIR's test split, else its val split, else all of it."""
+        from graft.detection.runner import evaluate_detector
+
+        splits = scan_detection(data_dir, val_fraction=0.0, test_fraction=0.0, strict=strict)
+        unknown = [c for c in splits.classes if c not in self.classes]
+        if unknown:
+            raise DataError(f"{data_dir} has classes this model does not know: {', '.join(unknown)} (it knows {', '.join(self.classes)})")
+        samples, split = next((getattr(splits, s), s) for s in ("test", "val", "train") if getattr(splits, s))
+        remap = np.array([self.classes.index(c) for c in splits.classes], np.int64)
+        samples = [BoxSample(s.path, s.image_id, s.width, s.height, s.boxes, remap[s.labels] if len(s.labels) else s.labels, s.crowd, s.difficult) for s in samples]
+        self._set_thresholds(float(self.info["detector"]["score_thresh"]), None)
+        _, result = evaluate_detector(self.model, samples, self.classes, device=self.device, amp=False, workers=min(2, default_workers()), batch_size=batch_size, conf=float(self.info["config"]["detect"]["conf"]))
+        return {**result.metrics, "split": split, "data": str(data_dir), "data_format": splits.format,
+                "skipped_files": [{"path": str(s.path), "reason": s.reason} for s in splits.skipped], "annotation_problems": splits.problems, "warnings": splits.warnings}
+
+
+def draw(path: str | os.PathLike, detections: ImageDetections, classes: list[str], out: Path) -> Path:
+    """The image with its boxes, class and score drawn, saved under ``out``."""
+    image = load_image(path).copy()
+    pen = ImageDraw.Draw(image)
+    width = max(1, round(max(image.size) / 300))
+    for b in detections.boxes:
+        colour = PALETTE[classes.index(b.label) % len(PALETTE)]
+        pen.rectangle([b.x1, b.y1, b.x2, b.y2], outline=colour, width=width)
+        text = f"{b.label} {b.score:.2f}"
+        left, top, right, bottom = pen.textbbox((b.x1, b.y1), text)
+        pen.rectangle([left, top - (bottom - top) - 2, right + 2, b.y1], fill=colour)
+        pen.text((b.x1 + 1, top - (bottom - top) - 1), text, fill="white")
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / (Path(path).stem + ".png")
+    image.save(target)
+    return target
+

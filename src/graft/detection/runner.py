@@ -1,0 +1,259 @@
+"""A detection run, from a validated config to a finished run folder.
+
+It shares everything but the data, the model and the results with ``graft.train.runner``: the
+loop (with ``DetectionTask``), phases, solver, snapshots, early stopping, progress and history
+hooks, run-folder safety (``--overwrite`` keeps the old run until the new one finishes).
+``RUNDIR`` holds what a classifier run holds (``model.safetensors`` + ``model.json``,
+``snapshots/``, ``history.csv``, ``metrics.json``, ``config.yaml``, ``splits.json``,
+``weights_report.json``) and the detection plots.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graft import __version__
+from graft.config import GraftConfig, dump_yaml
+from graft.data.dataset import default_workers, eval_loader
+from graft.detection.build import build_detection_model, input_size
+from graft.detection.cache import build_feature_cache
+from graft.detection.data import DetectionSplits, describe, scan_detection
+from graft.detection.dataset import BoxAugment, BoxDataset, resized_size
+from graft.detection.metrics import detection_metrics
+from graft.detection.model import GraftDetector
+from graft.detection.plots import plot_detections, plot_per_class_ap, plot_pr_curves
+from graft.detection.task import DetectionTask, collect_detections
+from graft.errors import ConfigError, SnapshotError
+from graft.io import write_json, write_text
+from graft.report import plot_learning_curves, write_history_csv
+from graft.train.hooks import EarlyStoppingHook, HistoryHook, ProgressHook, SnapshotHook
+from graft.train.loop import Phase, PhaseData, Trainer
+from graft.train.results import save_model
+
+PROBLEMS_SHOWN = 5
+DETECTION_FILES = ("detections.png", "per_class_ap.png", "pr_curves.png")
+AUTO_AUGMENT = "flip"  # what data.augment auto means for boxes until a search decides it (see augmentation())
+
+
+def scan(cfg: GraftConfig) -> DetectionSplits:
+    d = cfg.data
+    return scan_detection(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)
+
+
+def augmentation(cfg: GraftConfig) -> tuple[str, BoxAugment]:
+    """The box augmentation the config asks for; classifier-only presets are an error here."""
+    name = cfg.data.augment
+    if name == "flip-rotate":
+        raise ConfigError("data.augment flip-rotate is for classifiers: rotating an image loosens its boxes; use none, flip, flip-scale or strong")
+    if name == "auto":
+        name = AUTO_AUGMENT
+    aug = BoxAugment.preset(name)
+    d = cfg.data
+    overrides = {k: v for k, v in (("hflip", d.hflip), ("vflip", d.vflip)) if v is not None}
+    if d.color_jitter is not None:
+        overrides["color"] = d.color_jitter
+    if overrides:
+        aug = BoxAugment(**{**aug.__dict__, **overrides})
+    return name, aug
+
+
+def box_sizes(splits: DetectionSplits, size: int) -> list[float]:
+    """Square roots of the training boxes' areas, in input pixels."""
+    out = []
+    for s in splits.train:
+        _, _, scale = resized_size(s.width, s.height, size)
+        wh = (s.boxes[:, 2:] - s.boxes[:, :2]) * scale
+        out += np.sqrt(np.clip(wh[:, 0] * wh[:, 1], 0, None)).tolist()
+    return out
+
+
+def run_info(cfg: GraftConfig, splits: DetectionSplits, model: GraftDetector, phases: list[Phase], weights_source: str) -> dict[str, Any]:
+    """``model.json`` of a detector: everything needed to rebuild and use it."""
+    mean, std = model.detector.transform.image_mean, model.detector.transform.image_std
+    return {
+        "format": "graft-run/1",
+        "task": "detect",
+        "graft_version": __version__,
+        "backbone": {"name": cfg.model.name, "weights": weights_source},
+        "classes": list(splits.classes),
+        "num_classes": len(splits.classes),
+        "detector": {
+            "head": model.head_kind, "levels": cfg.detect.levels, "strides": model.strides, "level_sizes": model.level_sizes, "head_convs": cfg.detect.head_convs,
+            "score_thresh": cfg.detect.score_thresh, "nms_iou": cfg.detect.nms_iou, "max_detections": cfg.detect.max_detections, "label_offset": model.label_offset,
+        },
+        "preprocessing": {"input_size": model.size, "resize": "longer side to input_size, bilinear, antialiased", "pad": "bottom and right to input_size x input_size, value 114", "mean": list(mean), "std": list(std), "range": "0..1 before normalising"},
+        "output": {"boxes": "xyxy pixels of the original image", "labels": "indices into classes", "scores": "0..1"},
+        "trained": {"strategy": cfg.train.strategy, "phases": [{"name": p.name, "epochs": p.epochs, "trainable_from_layer": p.trainable_from, "lr": p.lr} for p in phases]},
+        "data": {"format": splits.format, "description": splits.description},
+        "config": cfg.to_dict(),
+    }
+
+
+def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, *, replace: bool, device: torch.device, source_run: Path | None, data_dir: str | Path | None, started: float, quiet: bool, hooks: list[Any]):
+    from graft.train.runner import check_batch_size, keeping_replaced_run, plan_phases, stash_run
+
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if payload is None:
+        splits = scan(cfg)
+    else:
+        splits = DetectionSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
+        missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
+        if missing:
+            raise SnapshotError(f"{len(missing)} image(s) of the snapshot's data split are gone (e.g. {missing[0]}); if the data moved, pass its new location with --data")
+    say(describe(splits))
+    for w in splits.warnings:
+        say(f"warning: {w}")
+    if splits.problems:
+        say(f"{len(splits.problems)} annotation problem(s), listed in {run_dir / 'metrics.json'}: " + "; ".join(splits.problems[:PROBLEMS_SHOWN]) + (" ..." if len(splits.problems) > PROBLEMS_SHOWN else ""))
+    if splits.skipped:
+        say(f"skipped {len(splits.skipped)} unreadable image(s) (e.g. {splits.skipped[0].path}: {splits.skipped[0].reason})")
+    if not splits.val:
+        say("warning: no validation images: no validation mAP")
+    size = input_size(cfg)
+    saved_levels = payload["detector"]["level_sizes"] if payload is not None else None
+    model, report = build_detection_model(cfg, len(splits.classes), load_weights=payload is None, box_sizes=box_sizes(splits, size), seed=cfg.solver.seed, level_sizes=saved_levels)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+    aug_name, aug = augmentation(cfg)
+    if cfg.data.augment == "auto":
+        cfg.data.augment = aug_name  # the saved config says what ran
+    phases = plan_phases(cfg, model)
+    check_batch_size(cfg, model, phases)
+    if cfg.train.early_stopping_monitor in ("val_loss", "val_accuracy"):
+        cfg.train.early_stopping_monitor = "val_map"  # a detector's validation score
+    if replace:
+        stash_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with keeping_replaced_run(run_dir):
+        if payload is None:
+            write_json(run_dir / "weights_report.json", report.to_dict())
+            say(report.summary())
+        elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
+            shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
+        return _run(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
+
+
+def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DetectionSplits, model: GraftDetector, aug: BoxAugment, phases: list[Phase], device: torch.device, started: float, say: Any, quiet: bool, hooks: list[Any]):
+    from graft.train.runner import TrainResult, seed_everything
+
+    model.to(device)
+    amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+    size = model.size
+    train_ds = BoxDataset(splits.train, size, aug, seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
+    val_ds = BoxDataset(splits.val, size, max_pixels=cfg.data.max_pixels)
+    caches: dict[str, Any] = {}
+
+    def data_for_phase(phase: Phase) -> PhaseData | None:
+        """A frozen backbone is a fixed function: its features are computed once per (image, view)."""
+        if not (phase.backbone_frozen and cfg.train.embedding_cache and (cfg.model.frozen_bn_eval or cfg.model.bn_inference)):
+            return None
+        if "train" not in caches:
+            t0 = time.perf_counter()
+            cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
+            common = {"seed": cfg.solver.seed, "device": device, "amp": amp, "budget_mb": cfg.detect.cache_mb, "cache_dir": cache_dir, "say": say}
+            caches["train"] = build_feature_cache(model, train_ds, views=cfg.train.cache_views, **common)
+            caches["val"] = build_feature_cache(model, val_ds, views=1, **common) if len(val_ds) else None
+            views = caches["train"].views
+            say(f"feature cache: {len(train_ds)} training images x {views} view(s) and {len(val_ds)} validation images through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
+        return PhaseData(caches["train"], caches["val"], forward=model, workers=0)
+
+    task = DetectionTask(splits.val, splits.classes, cfg.detect.conf)
+    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights}
+    stopping = EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor) if cfg.train.early_stopping else None
+    write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    write_json(run_dir / "splits.json", static["splits"])
+    trainer = Trainer(
+        model, phases, solver=cfg.solver, train_data=train_ds, val_data=val_ds, device=device, amp=amp, workers=workers,
+        freeze_patterns=cfg.model.freeze, lr_rules=cfg.model.lr_mult, task=task,
+        hooks=[*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
+        data_for_phase=data_for_phase,
+        channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
+    )
+    if payload is None:
+        seed_everything(cfg.solver.seed)
+    try:
+        state = trainer.fit(resume=payload)
+    finally:
+        for c in caches.values():
+            if c is not None:
+                c.close()
+    info = run_info(cfg, splits, model, phases, static["weights_source"])
+    if stopping is not None:
+        info["early_stopping"] = stopping.summary()
+    seconds = trainer.elapsed() + (time.perf_counter() - started - trainer.session_seconds)
+    metrics = write_detection_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, batch_size=cfg.solver.batch_size, conf=cfg.detect.conf)
+    test = f", test mAP {metrics['test_map']:.3f} (mAP@.5 {metrics['test_map50']:.3f})" if metrics["test_map"] is not None else ""
+    val = "n/a" if metrics["val_map"] is None else f"{metrics['val_map']:.3f} (mAP@.5 {metrics['val_map50']:.3f})"
+    say(f"done: val mAP {val}{test}; results in {run_dir}")
+    return TrainResult(run_dir, metrics, state.history)
+
+
+def _cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graft")
+
+
+def evaluate_detector(model: GraftDetector, samples: list, classes: list[str], *, device: torch.device, amp: bool, workers: int, batch_size: int, conf: float):
+    ds = BoxDataset(samples, model.size)
+    preds = collect_detections(model, eval_loader(ds, batch_size=batch_size, workers=min(workers, 2), collate_fn=DetectionTask.collate), device, samples, amp=amp)
+    return preds, detection_metrics(samples, preds, classes, conf=conf)
+
+
+def write_detection_results(run_dir: Path, model: GraftDetector, info: dict[str, Any], splits: DetectionSplits, history: list[dict[str, Any]], *, device: torch.device, amp: bool, workers: int, train_seconds: float, batch_size: int, conf: float) -> dict[str, Any]:
+    classes = splits.classes
+    common = {"device": device, "amp": amp, "workers": workers, "batch_size": batch_size, "conf": conf}
+    val_preds, val = evaluate_detector(model, splits.val, classes, **common) if splits.val else (None, None)
+    test_preds, test = evaluate_detector(model, splits.test, classes, **common) if splits.test else (None, None)
+    final, which = (test, "test") if test is not None else (val, "val")
+
+    def figure(result: Any, key: str) -> float | None:
+        return None if result is None else result.metrics[key]
+
+    metrics = {
+        "task": "detect",
+        "val_map": figure(val, "map"), "val_map50": figure(val, "map50"), "val_map75": figure(val, "map75"), "val_ar100": figure(val, "ar100"),
+        "test_map": figure(test, "map"), "test_map50": figure(test, "map50"), "test_map75": figure(test, "map75"), "test_ar100": figure(test, "ar100"),
+        "classes": classes,
+        "per_class": final.metrics["per_class"] if final is not None else {},
+        "per_class_split": which if final is not None else None,
+        "conf": conf,
+        "val": val.metrics if val is not None else None,
+        "test": test.metrics if test is not None else None,
+        "counts": splits.counts(),
+        "epochs": len(history),
+        "train_seconds": round(train_seconds, 2),
+        "data_format": splits.format,
+        "skipped_files": [{"path": str(s.path), "reason": s.reason} for s in splits.skipped],
+        "annotation_problems": list(splits.problems),
+        "warnings": list(splits.warnings),
+        **{k: info[k] for k in ("early_stopping",) if k in info},
+    }
+    info = {**info, "metrics": {k: metrics[k] for k in ("val_map", "val_map50", "test_map", "test_map50", "epochs", "train_seconds")}}
+    save_model(run_dir, model, info)
+    write_json(run_dir / "metrics.json", metrics)
+    write_history_csv(history, run_dir / "history.csv")
+    name = f"{info['detector']['head']} on {info['backbone']['name']}, {len(classes)} classes"
+    if history:
+        terms = sorted({k for row in history for k in row if k.startswith("train_loss_")})
+        panels = [
+            ("accuracy", "Validation mAP", [("val_map", "mAP@[.5:.95]"), ("val_map50", "mAP@.5")]),
+            ("loss", "Training loss", [("train_loss", "train"), *[(k, k.removeprefix("train_loss_")) for k in terms]]),
+        ]
+        plot_learning_curves(history, run_dir / "learning_curves.png", title=name, panels=panels)
+    if final is not None:
+        samples, preds = (splits.test, test_preds) if test is not None else (splits.val, val_preds)
+        label = "test" if test is not None else "validation"
+        plot_detections(samples, preds, classes, run_dir / "detections.png", conf=conf, title=f"{name}: {label} images, most mistakes first")
+        plot_per_class_ap(final.metrics["per_class"], run_dir / "per_class_ap.png", title=f"Per-class AP ({label})")
+        plot_pr_curves(final.pr_curves, final.recall_points, run_dir / "pr_curves.png", title=f"Precision-recall at IoU 0.5 ({label})")
+    return metrics
+

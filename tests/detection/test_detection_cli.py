@@ -1,0 +1,121 @@
+"""Detection end to end, driven through the command line as a user would: train (format found by
+itself), eval, predict, plan, resume. A tiny timm backbone keeps each run to seconds."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from box_data import three_splits, write_coco, write_voc, write_yolo
+from graft.cli import main
+from graft.train import checkpoint
+
+TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",
+        "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "solver.base_lr=0.01", "--quiet"]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("boxes")
+    scenes = three_splits(n_train=12, n_val=4, n_test=4)
+    return {"yolo": write_yolo(root / "yolo", scenes), "coco": write_coco(root / "coco", scenes), "voc": write_voc(root / "voc", scenes)}
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "det"
+    assert main(["train", "--data", str(data["yolo"]), "--out", str(out), "--model", "fcos", "--epochs", "2", "--fine-tune-epochs", "2", *TINY]) == 0
+    return out
+
+
+def test_train_finds_the_format_and_writes_a_complete_detection_run(trained) -> None:
+    for name in ("model.safetensors", "model.json", "metrics.json", "history.csv", "config.yaml", "splits.json", "weights_report.json", "learning_curves.png", "detections.png", "per_class_ap.png", "pr_curves.png"):
+        assert (trained / name).is_file(), name
+    info = json.loads((trained / "model.json").read_text())
+    assert info["task"] == "detect" and info["classes"] == ["disc", "square"] and info["detector"]["head"] == "fcos"
+    m = json.loads((trained / "metrics.json").read_text())
+    for key in ("val_map", "val_map50", "test_map", "test_map50", "train_seconds"):
+        assert isinstance(m[key], float), key
+    assert m["classes"] == ["disc", "square"] and m["skipped_files"] == [] and m["data_format"] == "yolo"
+    assert set(m["per_class"]["disc"]) >= {"ap", "ap50", "precision", "recall"}
+    rows = list(csv.DictReader(io.StringIO((trained / "history.csv").read_text())))
+    assert [r["phase"] for r in rows] == ["feature-extract"] * 2 + ["fine-tune"] * 2
+    assert {"train_loss_classification", "train_loss_bbox_regression", "train_loss_bbox_ctrness", "val_map", "val_map50"} <= set(rows[0])
+    assert "train_accuracy" not in rows[0]
+    assert "config" in info and json.loads((trained / "splits.json").read_text())["format"] == "yolo"
+
+
+def test_eval_on_the_same_boxes_in_another_format_gives_the_same_map(trained, data, capsys) -> None:
+    code, out_voc, _ = run_cli(capsys, "eval", trained, "--data", data["voc"], "--device", "cpu")
+    assert code == 0
+    voc = json.loads(out_voc)
+    code, out_coco, _ = run_cli(capsys, "eval", trained, "--data", data["coco"], "--device", "cpu")
+    coco = json.loads(out_coco)
+    assert {"map", "map50", "map75", "ar100", "per_class"} <= set(voc)
+    assert voc["split"] == "test" and set(voc["per_class"]["square"]) >= {"ap", "ap50"}
+    assert voc["map"] == pytest.approx(coco["map"], abs=1e-9) and voc["map50"] == pytest.approx(coco["map50"], abs=1e-9)
+    m = json.loads((trained / "metrics.json").read_text())
+    assert voc["map"] == pytest.approx(m["test_map"], abs=1e-6)  # the run's own test figure
+
+
+def test_eval_with_classes_the_model_does_not_know_names_them(trained, tmp_path, capsys) -> None:
+    root = write_yolo(tmp_path / "other", three_splits(n_train=3, n_val=0, n_test=0))
+    (root / "data.yaml").write_text((root / "data.yaml").read_text().replace("disc", "cone"))
+    code, _, err = run_cli(capsys, "eval", trained, "--data", root, "--device", "cpu")
+    assert code == 2 and "cone" in err and "does not know" in err
+
+
+def test_predict_gives_one_row_per_box_in_original_pixels(trained, data, tmp_path, capsys) -> None:
+    images = data["yolo"] / "images" / "test"
+    code, out, _ = run_cli(capsys, "predict", trained, images, "--format", "json", "--conf", "0.0", "--device", "cpu", "--save-images", tmp_path / "drawn")
+    assert code == 0
+    found = json.loads(out)
+    assert len(found) == 4 and all(f["error"] is None for f in found)
+    boxes = [b for f in found for b in f["boxes"]]
+    assert boxes and all(b["label"] in ("disc", "square") for b in boxes)
+    assert all(0 <= b["box"][0] <= b["box"][2] <= 64 and 0 <= b["box"][1] <= b["box"][3] <= 48 for b in boxes)  # the 64x48 images' pixels
+    assert len(list((tmp_path / "drawn").glob("*.png"))) == 4
+    code, out, _ = run_cli(capsys, "predict", trained, images, "--format", "csv", "--conf", "0.0", "--device", "cpu")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rows and set(rows[0]) == {"path", "label", "score", "x1", "y1", "x2", "y2", "error"}
+    assert len(rows) == len(boxes)
+    code, out, _ = run_cli(capsys, "predict", trained, images, "--conf", "0.9", "--device", "cpu")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) >= 4
+    assert all(line.endswith("(no boxes)") or float(line.split()[2]) >= 0.9 for line in lines)  # a table: path label score x1 y1 x2 y2
+
+
+def test_plan_shows_levels_anchors_and_normalisation(data, capsys) -> None:
+    code, out, _ = run_cli(capsys, "plan", "--data", data["voc"], "--model", "retinanet", "--set", "model.name=test_efficientnet", "--set", "data.img_size=64")
+    assert code == 0
+    assert "detector retinanet on backbone test_efficientnet" in out and "data: Pascal VOC" in out
+    assert "pyramid levels" in out and "anchors: sizes" in out and "BatchNorm layers in the backbone" in out
+    assert "phase 1: feature-extract" in out and "the FPN and the detection heads only (backbone frozen)" in out
+
+
+@pytest.mark.parametrize("epoch", [1, 3], ids=["in-feature-extract-phase", "in-fine-tune-phase"])
+def test_resume_gives_bit_identical_weights(trained, tmp_path, epoch, capsys) -> None:
+    code, _, err = run_cli(capsys, "train", "--resume", trained / "snapshots" / f"epoch-{epoch:04d}", "--out", tmp_path / "resumed", "--quiet")
+    assert code == 0, err
+    a, b = load_file(str(trained / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    snap = checkpoint.load_snapshot(trained / "snapshots" / "last")
+    assert snap["task"] == "detect" and snap["loop"]["epoch"] == 4
+
+
+def test_augment_flip_rotate_is_refused_for_boxes(data, tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "train", "--data", data["coco"], "--out", tmp_path / "r", "--augment", "flip-rotate", "--epochs", "1", "--fine-tune-epochs", "0", *TINY)
+    assert code == 2 and "flip-rotate is for classifiers" in err
