@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	# Real aerial photos with tree boxes for the detection demo and tests: the wheel only, read as a
+	# zip (deepforest's own dependencies clash with graft's and are not installed).
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps deepforest==2.1.0 -d $(VENV)/share/graft
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -176,6 +176,10 @@ def build_detector(
     if head == "fcos":
         anchors = AnchorGenerator(tuple((s / 4,) for s in sizes), ((1.0,),) * len(sizes))  # FCOS: one point per location, sized stride-like
         head_module = FCOSHead(FPN_CHANNELS, 1, num_classes, num_convs=head_convs)
+        # The box distances leave the head through a ReLU: started at 0 (torchvision's bias), one
+        # large step (Adam's are large) can push them all negative, and then no gradient ever
+        # flows again and every box has zero size. Starting them at one anchor size keeps them alive.
+        nn.init.constant_(head_module.regression_head.bbox_reg.bias, 1.0)
         model = FCOS(neck, num_classes, anchor_generator=anchors, head=head_module, score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections, topk_candidates=1000, **common)
     elif head == "retinanet":
         scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
