@@ -194,7 +194,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _detector_model(flags: dict) -> None:
     """``--model fcos`` names a detector head (over the default backbone), and means detection."""
     from graft.detection.model import HEADS
+    from graft.detection.torchvision_models import is_torchvision_detector
 
+    if flags.get("model.name") and is_torchvision_detector(flags["model.name"]):
+        flags["task"] = flags.get("task") or "detect"
     if flags.get("model.name") in HEADS:
         if flags.get("task") == "classify":
             raise GraftError(f"--model {flags['model.name']} is a detector, but --task is classify")

@@ -15,6 +15,7 @@ import timm
 import torch
 
 from graft.detection.model import GraftDetector, build_detector, default_level_sizes, fit_level_sizes
+from graft.detection.torchvision_models import build_torchvision_detector, is_torchvision_detector
 from graft.errors import WeightsError
 from graft.models import surgery
 from graft.models.backbones import BUNDLED_ARCH, WeightsReport, bundled_state_dict, create_backbone, read_weights_file
@@ -51,12 +52,15 @@ def normalisation(cfg: Any, backbone: torch.nn.Module) -> tuple[tuple[float, ...
     return tuple(mean), tuple(std)
 
 
-def build_detection_model(cfg: Any, num_classes: int, *, load_weights: bool = True, box_sizes: Sequence[float] = (), seed: int = 0, level_sizes: list[float] | None = None) -> tuple[GraftDetector, WeightsReport]:
+def build_detection_model(cfg: Any, num_classes: int, *, load_weights: bool = True, box_sizes: Sequence[float] = (), seed: int = 0, level_sizes: list[float] | None = None, frozen_bn: bool | None = None) -> tuple[GraftDetector, WeightsReport]:
     """The detector for ``cfg`` with ``num_classes`` classes. ``box_sizes`` (square roots of the
     training boxes' areas, in input pixels) fit the level sizes when ``detect.level_sizes`` is auto;
-    ``level_sizes`` given (a saved run's) override both."""
+    ``level_sizes`` given (a saved run's) override both. A torchvision detector named by
+    ``model.name`` brings its own levels; ``frozen_bn`` rebuilds one that had frozen BatchNorm."""
     m, d = cfg.model, cfg.detect
     size = input_size(cfg)
+    if is_torchvision_detector(m.name):
+        return _torchvision(cfg, num_classes, load_weights=load_weights, seed=seed, frozen_bn=frozen_bn)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone, channels, strides = feature_backbone(m.name, d.levels, pretrained=load_weights and m.weights == "hub")
@@ -93,6 +97,38 @@ def build_detection_model(cfg: Any, num_classes: int, *, load_weights: bool = Tr
         report.matched = [k for k in report.matched if k not in params]
         report.reinitialized = sorted(set(report.reinitialized) | set(params), key=list(model.state_dict()).index)
         report.notes.append(f"re-initialised by model.reinit: {', '.join(names)}")
+    return model, report
+
+
+def _torchvision(cfg: Any, num_classes: int, *, load_weights: bool, seed: int, frozen_bn: bool | None) -> tuple[GraftDetector, WeightsReport]:
+    m, d = cfg.model, cfg.detect
+    weights = m.weights if load_weights else "none"
+    path = None
+    if weights not in ("coco", "none"):
+        if weights in ("bundled", "hub"):
+            raise WeightsError(f"{m.name} is torchvision's detector: use --weights coco (torchvision's COCO weights, downloaded once into the torch hub cache) or none, or a weights file; '{weights}' weights are for timm backbones")
+        path, weights = weights, "none"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, facts = build_torchvision_detector(
+            m.name, num_classes, weights=weights, size=input_size(cfg), score_thresh=d.score_thresh, nms_thresh=d.nms_iou, detections=d.max_detections,
+            frozen_bn=frozen_bn if frozen_bn is not None else path is not None, bn_inference=m.bn_inference,
+        )
+    if not load_weights:
+        return model, WeightsReport(source="(architecture only)")
+    if path is not None:
+        state = read_weights_file(path)
+        if not any(k.startswith(("backbone.", "detector.")) for k in state):
+            raise WeightsError(f"{path}: not a graft detection run of {m.name}; pass --weights coco for torchvision's own weights")
+        report = load_detector_weights(model, state, str(path))
+    else:
+        state = model.state_dict()
+        fresh = [k for k in state if ("box_predictor" in k or "classification_head" in k)] if weights == "coco" else list(state)
+        report = WeightsReport(source=facts["source"], matched=[k for k in state if k not in fresh], reinitialized=fresh)
+        if weights == "coco":
+            report.notes.append(f"the COCO class predictor ({facts['coco_classes']} classes) is replaced by a fresh one for {num_classes}; `graft expand` keeps COCO's classes instead")
+    report.notes.append(f"frozen BatchNorm: {facts['frozen_bn']}")
+    model.frozen_bn = facts["frozen_bn"]
     return model, report
 
 

@@ -56,7 +56,7 @@ class TrainedDetector:
     @classmethod
     def load(cls, run_dir: Path, info: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> TrainedDetector:
         cfg = parse_config(info["config"], str(run_dir / "model.json"))
-        model, _ = build_detection_model(cfg, int(info["num_classes"]), load_weights=False, level_sizes=info["detector"]["level_sizes"])
+        model, _ = build_detection_model(cfg, int(info["num_classes"]), load_weights=False, level_sizes=info["detector"]["level_sizes"], frozen_bn=info["detector"].get("frozen_bn"))
         model.load_state_dict(weights)
         return cls(model, info, run_dir, device)
 

@@ -86,7 +86,7 @@ def run_info(cfg: GraftConfig, splits: DetectionSplits, model: GraftDetector, ph
         "num_classes": len(splits.classes),
         "detector": {
             "head": model.head_kind, "levels": cfg.detect.levels, "strides": model.strides, "level_sizes": model.level_sizes, "head_convs": cfg.detect.head_convs,
-            "score_thresh": cfg.detect.score_thresh, "nms_iou": cfg.detect.nms_iou, "max_detections": cfg.detect.max_detections, "label_offset": model.label_offset,
+            "score_thresh": cfg.detect.score_thresh, "nms_iou": cfg.detect.nms_iou, "max_detections": cfg.detect.max_detections, "label_offset": model.label_offset, "frozen_bn": getattr(model, "frozen_bn", None),
         },
         "preprocessing": {"input_size": model.size, "resize": "longer side to input_size, bilinear, antialiased", "pad": "bottom and right to input_size x input_size, value 114", "mean": list(mean), "std": list(std), "range": "0..1 before normalising"},
         "output": {"boxes": "xyxy pixels of the original image", "labels": "indices into classes", "scores": "0..1"},
@@ -117,8 +117,8 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
     if not splits.val:
         say("warning: no validation images: no validation mAP")
     size = input_size(cfg)
-    saved_levels = payload["detector"]["level_sizes"] if payload is not None else None
-    model, report = build_detection_model(cfg, len(splits.classes), load_weights=payload is None, box_sizes=box_sizes(splits, size), seed=cfg.solver.seed, level_sizes=saved_levels)
+    saved = payload["detector"] if payload is not None else {}
+    model, report = build_detection_model(cfg, len(splits.classes), load_weights=payload is None, box_sizes=box_sizes(splits, size), seed=cfg.solver.seed, level_sizes=saved.get("level_sizes"), frozen_bn=saved.get("frozen_bn"))
     if payload is not None:
         model.load_state_dict(payload["model"])
     aug_name, aug = augmentation(cfg)
@@ -166,7 +166,7 @@ def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits
         return PhaseData(caches["train"], caches["val"], forward=model, workers=0)
 
     task = DetectionTask(splits.val, splits.classes, cfg.detect.conf)
-    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights}
+    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes, "frozen_bn": getattr(model, "frozen_bn", None)}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights}
     stopping = EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor) if cfg.train.early_stopping else None
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
     write_json(run_dir / "splits.json", static["splits"])

@@ -71,8 +71,9 @@ def resolve_task(cfg: GraftConfig) -> str:
     box annotations (COCO, YOLO, Pascal VOC) mean detection."""
     if cfg.task == "auto":
         from graft.detection.data import is_detection_data
+        from graft.detection.torchvision_models import is_torchvision_detector
 
-        cfg.task = "detect" if cfg.data.dir and is_detection_data(cfg.data.dir) else "classify"
+        cfg.task = "detect" if (cfg.data.dir and is_detection_data(cfg.data.dir)) or is_torchvision_detector(cfg.model.name) else "classify"
     return cfg.task
 
 
