@@ -148,7 +148,7 @@ class DetectConfig(_Strict):
 
     head: Literal["fcos", "retinanet", "fasterrcnn"] = Field("fcos", description="Detector over a timm backbone (model.name): fcos | retinanet | fasterrcnn. A torchvision detector named by model.name brings its own.")
     levels: int = Field(3, ge=1, le=5, description="Backbone feature levels the FPN takes, counted from the deepest (3: strides 8, 16, 32).")
-    level_sizes: list[float] | Literal["auto"] = Field("auto", description="Object size (pixels of the input) each pyramid level answers for, smallest first; auto: 4x the level's stride, shrunk by powers of two to fit the data's smallest boxes.")
+    level_sizes: list[float] | Literal["auto"] = Field("auto", description="Object size (pixels of the input) each pyramid level answers for, smallest first; auto: 4x the level's stride (FCOS, which assigns boxes to levels by their extent); for the anchor-based heads shrunk by powers of two to fit the data's smallest boxes.")
     head_convs: int = Field(2, ge=1, le=4, description="FCOS: convolutions per head tower (torchvision uses 4; 2 halves the head's cost on a CPU).")
     score_thresh: float = Field(0.05, ge=0.0, lt=1.0, description="Detections below this score are dropped before NMS (low, for mAP).")
     nms_iou: float = Field(0.5, gt=0.0, le=1.0, description="IoU above which NMS suppresses a lower-scoring box of the same class.")

@@ -15,7 +15,6 @@ from graft.config import parse_config
 from graft.demo import demo_folder
 from graft.detection.deepforest import write_tree_tiles
 
-EPOCHS, FINE_TUNE_EPOCHS = 30, 8
 
 
 def detection_demo_config(data_dir: Path, epochs: int | None = None, fine_tune_epochs: int | None = None):
@@ -25,8 +24,9 @@ def detection_demo_config(data_dir: Path, epochs: int | None = None, fine_tune_e
             "data": {"dir": str(data_dir), "img_size": 384, "val_fraction": 0.2, "test_fraction": 0.2},
             "model": {"name": "tf_efficientnet_lite0", "weights": "bundled"},
             "detect": {"head": "fcos"},
-            "train": {"strategy": "two-phase", "epochs": EPOCHS if epochs is None else epochs, "fine_tune_epochs": FINE_TUNE_EPOCHS if fine_tune_epochs is None else fine_tune_epochs},
-            "solver": {"base_lr": 3e-3, "batch_size": 8, "lr_policy": "cosine", "seed": 0},
+            # epochs, batch size and learning rate: graft's detection defaults
+            "train": {"strategy": "two-phase", **({"epochs": epochs} if epochs is not None else {}), **({"fine_tune_epochs": fine_tune_epochs} if fine_tune_epochs is not None else {})},
+            "solver": {"seed": 0},
         },
         "detection demo",
     )

@@ -15,9 +15,10 @@ from graft.models import surgery
 
 def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None) -> dict[str, Any]:
     from graft.detection.build import build_detection_model, input_size
-    from graft.detection.runner import augmentation, box_sizes, scan
+    from graft.detection.runner import apply_detection_defaults, augmentation, box_sizes, scan
     from graft.plan import phase_rows
 
+    apply_detection_defaults(cfg)
     sizes, classes, data = [], None, None
     if cfg.data.dir:
         splits = scan(cfg)

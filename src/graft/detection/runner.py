@@ -42,6 +42,23 @@ DETECTION_FILES = ("detections.png", "per_class_ap.png", "pr_curves.png")
 AUTO_AUGMENT = "flip"  # what data.augment auto means for boxes until a search decides it (see augmentation())
 
 
+# Defaults that differ from a classifier's, applied where the config does not set the key: detection
+# heads start from scratch and need many more, smaller steps than a new linear layer. Chosen on the
+# validation tiles of the tree data (benchmarks/detection.py --report val).
+DETECTION_DEFAULTS = {("solver", "batch_size"): 8, ("solver", "base_lr"): 3e-3, ("train", "epochs"): 30, ("train", "fine_tune_epochs"): 5}
+
+
+def apply_detection_defaults(cfg: GraftConfig) -> list[str]:
+    """Set ``DETECTION_DEFAULTS`` where ``cfg`` leaves the key at a classifier's default; returns what changed."""
+    changed = []
+    for (section, key), value in DETECTION_DEFAULTS.items():
+        part = getattr(cfg, section)
+        if key not in part.model_fields_set:
+            setattr(part, key, value)
+            changed.append(f"{section}.{key}={value}")
+    return changed
+
+
 def scan(cfg: GraftConfig) -> DetectionSplits:
     d = cfg.data
     return scan_detection(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)
@@ -101,6 +118,9 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
 
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if payload is None:
+        changed = apply_detection_defaults(cfg)
+        if changed:
+            say(f"detection defaults: {', '.join(changed)} (set them to choose otherwise)")
         splits = scan(cfg)
     else:
         splits = DetectionSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)

@@ -1,0 +1,131 @@
+"""Detection datasets built from real images that pip packages ship, written as Pascal VOC with
+train/val/test image sets. Nothing is downloaded.
+
+- ``objects``: three classes of real objects pasted onto real backgrounds: faces (scikit-image's
+  ``lfw_subset``, photos from Labeled Faces in the Wild), coins (cut from scikit-image's ``coins``
+  photo by thresholding) and handwritten digits (scikit-learn's scans). Each object instance
+  belongs to one split only, and the backgrounds are crops of disjoint bands of scikit-image's
+  photos, so no test object or test background pixel was seen in training.
+- ``trees``: the deepforest wheel's aerial photos with tree boxes, in non-overlapping tiles (the
+  detection demo's data), split seeded by tile.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DETECTION_DATASETS = ("objects", "trees")
+BACKGROUNDS = ("grass.png", "gravel.png", "brick.png", "rocket.jpg", "coffee.png", "chelsea.png", "astronaut.png", "motorcycle_left.png")
+CLASSES = ("coin", "digit", "face")
+SCENE = 192
+
+
+def _voc(root: Path, stem: str, image: Image.Image, boxes: list[tuple[str, list[float]]]) -> None:
+    image.save(root / "JPEGImages" / f"{stem}.png")
+    objects = "".join(
+        f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{b[0] + 1:.0f}</xmin><ymin>{b[1] + 1:.0f}</ymin><xmax>{b[2]:.0f}</xmax><ymax>{b[3]:.0f}</ymax></bndbox></object>"
+        for name, b in boxes
+    )
+    (root / "Annotations" / f"{stem}.xml").write_text(f"<annotation><filename>{stem}.png</filename><size><width>{image.width}</width><height>{image.height}</height><depth>3</depth></size>{objects}</annotation>")
+
+
+def _instances(seed: int) -> dict[str, dict[str, list[Image.Image]]]:
+    """Object crops per class, split 60/20/20 by instance."""
+    import skimage.data
+    from scipy import ndimage
+    from sklearn.datasets import load_digits
+
+    rng = np.random.default_rng(seed)
+    faces = [Image.fromarray((f * 255).astype(np.uint8)).convert("RGB") for f in skimage.data.lfw_subset()[:100]]
+    coins_img = skimage.data.coins()
+    mask = coins_img > 110
+    labels, n = ndimage.label(ndimage.binary_fill_holes(ndimage.binary_opening(mask, iterations=2)))
+    coins = []
+    for sl in ndimage.find_objects(labels):
+        h, w = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+        if 25 <= h <= 80 and 25 <= w <= 80:
+            coins.append(Image.fromarray(coins_img[sl]).convert("RGB"))
+    digits = [Image.fromarray((255 - d * 16).clip(0, 255).astype(np.uint8)).resize((24, 24), Image.BILINEAR).convert("RGB") for d in load_digits().images[:300]]
+    out = {}
+    for name, items in (("face", faces), ("coin", coins), ("digit", digits)):
+        order = rng.permutation(len(items))
+        a, b = int(0.6 * len(items)), int(0.8 * len(items))
+        out[name] = {"train": [items[i] for i in order[:a]], "val": [items[i] for i in order[a:b]], "test": [items[i] for i in order[b:]]}
+    return out
+
+
+def _backgrounds() -> dict[str, list[Image.Image]]:
+    """Each background photo cut into three horizontal bands: train, val, test."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    out: dict[str, list[Image.Image]] = {"train": [], "val": [], "test": []}
+    for name in BACKGROUNDS:
+        photo = Image.open(folder / name).convert("RGB")
+        w, h = photo.size
+        cuts = [0, int(0.6 * h), int(0.8 * h), h]
+        for split, (top, bottom) in zip(("train", "val", "test"), zip(cuts, cuts[1:])):
+            out[split].append(photo.crop((0, top, w, bottom)))
+    return out
+
+
+def write_objects(root: Path, *, seed: int = 0, counts: dict[str, int] | None = None) -> Path:
+    counts = counts or {"train": 120, "val": 40, "test": 40}
+    shutil.rmtree(root, ignore_errors=True)
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True)
+    objects, backgrounds = _instances(seed), _backgrounds()
+    rng = random.Random(seed)
+    for split, n in counts.items():
+        stems = []
+        for i in range(n):
+            bg = rng.choice(backgrounds[split])
+            side = min(bg.width, bg.height, rng.randint(SCENE, 2 * SCENE))
+            x, y = rng.randint(0, bg.width - side), rng.randint(0, bg.height - side)
+            scene = bg.crop((x, y, x + side, y + side)).resize((SCENE, SCENE), Image.BILINEAR)
+            placed: list[tuple[str, list[float]]] = []
+            for _ in range(rng.randint(1, 5)):
+                name = rng.choice(CLASSES)
+                obj = rng.choice(objects[name][split])
+                size = rng.randint(18, 56)
+                obj = obj.resize((size, max(8, round(size * obj.height / obj.width))), Image.BILINEAR)
+                for _ in range(20):  # a place that overlaps nothing placed before
+                    ox, oy = rng.randint(0, SCENE - obj.width), rng.randint(0, SCENE - obj.height)
+                    box = [ox, oy, ox + obj.width, oy + obj.height]
+                    if all(box[2] <= b[0] or box[0] >= b[2] or box[3] <= b[1] or box[1] >= b[3] for _, b in placed):
+                        scene.paste(obj, (ox, oy))
+                        placed.append((name, [float(v) for v in box]))
+                        break
+            stem = f"{split}_{i:04d}"
+            _voc(root, stem, scene, placed)
+            stems.append(stem)
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+    return root
+
+
+def write_trees(root: Path, *, seed: int = 0) -> Path:
+    """The deepforest tiles with a seeded 60/20/20 split by tile, as VOC image sets."""
+    from graft.detection.deepforest import write_tree_tiles
+
+    shutil.rmtree(root, ignore_errors=True)
+    write_tree_tiles(root)
+    stems = sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+    random.Random(seed).shuffle(stems)
+    a, b = int(0.6 * len(stems)), int(0.8 * len(stems))
+    (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", stems[:a]), ("val", stems[a:b]), ("test", stems[b:])):
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(sorted(part)) + "\n")
+    return root
+
+
+def write_detection_dataset(name: str, root: Path, seed: int = 0) -> Path:
+    if name == "objects":
+        return write_objects(root, seed=seed)
+    if name == "trees":
+        return write_trees(root, seed=seed)
+    raise ValueError(f"unknown detection dataset {name!r}; choose from {', '.join(DETECTION_DATASETS)}")
