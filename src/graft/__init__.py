@@ -8,6 +8,8 @@ The Python API in six names::
     run = graft.load_run("runs/pets")               # a finished run
     run.predict(["photo.jpg"], top_k=3)             # -> [Prediction(path, top=[(class, prob), ...])]
     run.evaluate("more_pets/")                      # -> {"accuracy", "loss", "per_class", ...}
+    det = graft.fit(graft.config(task="detect", data={"dir": "boxes/"}), "runs/det")  # COCO, YOLO or VOC
+    graft.load_run("runs/det").predict(["aerial.jpg"], conf=0.3)  # -> [ImageDetections(path, boxes)]
     graft.expand("runs/pets", "new_pets/", "runs/pets+2")  # add classes, keep the old ones
 
 Lower levels (data scanning, model building, surgery, the loop) are importable from their
@@ -26,7 +28,8 @@ def config(file: str | None = None, overrides: list[str] = (), **sections: dict[
     """A validated ``GraftConfig`` from an optional YAML file, ``a.b=value`` overrides and section dicts."""
     from graft.config import resolve_config
 
-    flags = {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+    flags = {f"{section}.{key}": value for section, values in sections.items() if isinstance(values, dict) for key, value in values.items()}
+    flags.update({key: value for key, value in sections.items() if not isinstance(value, dict)})  # top-level keys: task
     return resolve_config(file, list(overrides), flags)
 
 

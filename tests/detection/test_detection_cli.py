@@ -119,3 +119,14 @@ def test_resume_gives_bit_identical_weights(trained, tmp_path, epoch, capsys) ->
 def test_augment_flip_rotate_is_refused_for_boxes(data, tmp_path, capsys) -> None:
     code, _, err = run_cli(capsys, "train", "--data", data["coco"], "--out", tmp_path / "r", "--augment", "flip-rotate", "--epochs", "1", "--fine-tune-epochs", "0", *TINY)
     assert code == 2 and "flip-rotate is for classifiers" in err
+
+
+def test_mixed_up_requests_get_clear_errors(trained, data, tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "expand", trained, "--data", data["voc"], "--out", tmp_path / "x")
+    assert code == 2 and "is a detector" in err
+    code, _, err = run_cli(capsys, "train", "--data", data["voc"], "--out", tmp_path / "s", "--model", "ssdlite320_mobilenet_v3_large", "--quiet")
+    assert code == 2 and "not supported by graft yet" in err
+    code, _, err = run_cli(capsys, "train", "--data", data["voc"], "--out", tmp_path / "c", "--model", "fcos", "--task", "classify", "--quiet")
+    assert code == 2 and "is a detector, but --task is classify" in err
+    code, _, err = run_cli(capsys, "predict", trained, data["voc"] / "JPEGImages", "--top-k", "2", "--device", "cpu")
+    assert code == 0  # --top-k is a classifier's flag; a detector ignores it

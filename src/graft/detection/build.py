@@ -15,7 +15,7 @@ import timm
 import torch
 
 from graft.detection.model import GraftDetector, build_detector, default_level_sizes, fit_level_sizes
-from graft.detection.torchvision_models import build_torchvision_detector, is_torchvision_detector
+from graft.detection.torchvision_models import NOT_YET, build_torchvision_detector, is_torchvision_detector
 from graft.errors import WeightsError
 from graft.models import surgery
 from graft.models.backbones import BUNDLED_ARCH, WeightsReport, bundled_state_dict, create_backbone, read_weights_file
@@ -59,6 +59,8 @@ def build_detection_model(cfg: Any, num_classes: int, *, load_weights: bool = Tr
     ``model.name`` brings its own levels; ``frozen_bn`` rebuilds one that had frozen BatchNorm."""
     m, d = cfg.model, cfg.detect
     size = input_size(cfg)
+    if m.name in NOT_YET:
+        raise WeightsError(f"torchvision's {m.name} is not supported by graft yet (no FPN to split it at); fasterrcnn_mobilenet_v3_large_320_fpn costs about as much, or use --model fcos over a timm backbone")
     if is_torchvision_detector(m.name):
         return _torchvision(cfg, num_classes, load_weights=load_weights, seed=seed, frozen_bn=frozen_bn)
     with torch.random.fork_rng(devices=[]):

@@ -41,9 +41,28 @@ def match(sample: BoxSample, pred: Prediction, conf: float, iou: float = 0.5) ->
     return hit, found | sample.ignored
 
 
-def plot_detections(samples: Sequence[BoxSample], preds: Sequence[Prediction], classes: Sequence[str], path: str | os.PathLike, *, conf: float, title: str, limit: int = 12, columns: int = 4) -> os.PathLike | None:
+def best_f1_threshold(samples: Sequence[BoxSample], preds: Sequence[Prediction]) -> float:
+    """The score threshold with the best F1 (IoU 0.5) over these images: where a detector's boxes
+    are worth looking at, whatever its scores' scale (FCOS scores rarely exceed 0.6)."""
+    best, best_f1 = 0.3, -1.0
+    n_true = sum(int((~s.ignored).sum()) for s in samples)
+    for t in np.arange(0.05, 0.96, 0.05):
+        tp = fp = 0
+        for s, p in zip(samples, preds):
+            hit, _ = match(s, p, float(t))
+            tp, fp = tp + int(hit.sum()), fp + int((~hit).sum())
+        f1 = 2 * tp / max(1, 2 * tp + fp + (n_true - tp))
+        if f1 > best_f1:
+            best, best_f1 = float(t), f1
+    return round(best, 2)
+
+
+def plot_detections(samples: Sequence[BoxSample], preds: Sequence[Prediction], classes: Sequence[str], path: str | os.PathLike, *, conf: float | None, title: str, limit: int = 12, columns: int = 4, labels_up_to: int = 25) -> os.PathLike | None:
     """The images with the most mistakes first: true boxes blue (orange when missed), detections
-    green when right, red when false, each with its class and score."""
+    green when right, red when false, with class and score while few enough to read. ``conf``
+    None: the threshold with the best F1 on these images."""
+    chosen = conf is None
+    conf = best_f1_threshold(samples, preds) if conf is None else conf
     scored = []
     for i, (s, p) in enumerate(zip(samples, preds)):
         hit, found = match(s, p, conf)
@@ -68,10 +87,12 @@ def plot_detections(samples: Sequence[BoxSample], preds: Sequence[Prediction], c
             keep = p.scores >= conf
             for box, label, score, ok in zip(p.boxes[keep], p.labels[keep], p.scores[keep], hit):
                 ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, lw=1.2, ec=HIT if ok else FALSE))
-                ax.text(box[0], box[1], f"{classes[label]} {score:.2f}", fontsize=6, color="white", va="bottom", bbox=dict(fc=HIT if ok else FALSE, ec="none", pad=0.5, alpha=0.8))
+                if keep.sum() <= labels_up_to:
+                    ax.text(box[0], box[1], f"{classes[label]} {score:.2f}", fontsize=6, color="white", va="bottom", bbox=dict(fc=HIT if ok else FALSE, ec="none", pad=0.5, alpha=0.8))
             misses, false = int((~found).sum()), int((~hit).sum())
             ax.set_title(f"{s.path.name[:28]}: {misses} missed, {false} false", fontsize=8, color=FALSE if errors else "0.2")
-        fig.suptitle(f"{title}\nblue: true box, orange dashed: missed, green: detection that hits, red: false detection (score >= {conf:g})", fontsize=9)
+        how = f"score >= {conf:g}, the best F1 on these images" if chosen else f"score >= {conf:g}"
+        fig.suptitle(f"{title}\nblue: true box, orange dashed: missed, green: detection that hits, red: false detection ({how})", fontsize=9)
         fig.tight_layout()
     except BaseException:
         plt.close(fig)

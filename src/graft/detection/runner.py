@@ -272,7 +272,7 @@ def write_detection_results(run_dir: Path, model: GraftDetector, info: dict[str,
     if final is not None:
         samples, preds = (splits.test, test_preds) if test is not None else (splits.val, val_preds)
         label = "test" if test is not None else "validation"
-        plot_detections(samples, preds, classes, run_dir / "detections.png", conf=conf, title=f"{name}: {label} images, most mistakes first")
+        plot_detections(samples, preds, classes, run_dir / "detections.png", conf=None, title=f"{name}: {label} images, most mistakes first")
         plot_per_class_ap(final.metrics["per_class"], run_dir / "per_class_ap.png", title=f"Per-class AP ({label})")
         plot_pr_curves(final.pr_curves, final.recall_points, run_dir / "pr_curves.png", title=f"Precision-recall at IoU 0.5 ({label})")
     return metrics

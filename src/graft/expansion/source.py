@@ -46,6 +46,8 @@ def load_source(run_dir: str | os.PathLike) -> Source:
 
     run_dir = Path(run_dir).resolve()  # recorded in the expansion's snapshots: must work from any folder
     trained = TrainedModel.load(run_dir, device="cpu")
+    if not isinstance(trained, TrainedModel):
+        raise ConfigError(f"{run_dir} is a detector; graft expand adds classes to classifiers only so far (detector expansion is not built yet)")
     digest = file_digest(run_dir / "model.safetensors")
     splits = None
     if (run_dir / "splits.json").is_file():
