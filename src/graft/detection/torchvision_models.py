@@ -80,8 +80,7 @@ def build_torchvision_detector(name: str, num_classes: int, *, weights: str, siz
         model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img = score_thresh, nms_thresh, detections
     body, fpn = model.backbone.body, model.backbone.fpn
     model.backbone = Neck(fpn, model.backbone.out_channels)
-    model.transform = InputBatch(size, NOT_YET = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn")
-IMAGENET_MEAN, IMAGENET_STD)
+    model.transform = InputBatch(size, IMAGENET_MEAN, IMAGENET_STD)
     strides = [4, 8, 16, 32, 64] if kind == "fasterrcnn" else [8, 16, 32, 64, 128]
     anchors = model.rpn.anchor_generator if kind == "fasterrcnn" else model.anchor_generator
     level_sizes = [float(s[0]) for s in anchors.sizes]
