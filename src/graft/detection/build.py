@@ -17,8 +17,7 @@ import torch
 from graft.detection.model import GraftDetector, build_detector, default_level_sizes, fit_level_sizes
 from graft.detection.torchvision_models import NOT_YET, build_torchvision_detector, is_torchvision_detector
 from graft.errors import WeightsError
-from graft.models import surgery
-from graft.models.backbones import BUNDLED_ARCH, WeightsReport, bundled_state_dict, create_backbone, read_weights_file
+from graft.models.backbones import BUNDLED_ARCH, reinit_into_report, WeightsReport, bundled_state_dict, create_backbone, read_weights_file
 
 DEFAULT_SIZE = 512  # detection input (longer side) when data.img_size is not set
 
@@ -94,11 +93,7 @@ def build_detection_model(cfg: Any, num_classes: int, *, load_weights: bool = Tr
     else:
         report = load_detector_weights(model, read_weights_file(m.weights), str(m.weights))
     if m.reinit:
-        names = surgery.reinit(model, m.reinit, generator_seed=seed + 1)
-        params = [k for k in model.state_dict() if surgery.match_any(k, names)]
-        report.matched = [k for k in report.matched if k not in params]
-        report.reinitialized = sorted(set(report.reinitialized) | set(params), key=list(model.state_dict()).index)
-        report.notes.append(f"re-initialised by model.reinit: {', '.join(names)}")
+        reinit_into_report(model, m.reinit, report, seed)
     return model, report
 
 

@@ -190,6 +190,15 @@ def _arch(model: GraftClassifier) -> str:
     return cfg.get("architecture", type(model.backbone).__name__)
 
 
+def reinit_into_report(model: nn.Module, patterns: list[str], report: WeightsReport, seed: int) -> None:
+    """``model.reinit``: re-initialise the matching modules after loading, and say so in the report."""
+    names = surgery.reinit(model, patterns, generator_seed=seed + 1)
+    params = [k for k in model.state_dict() if surgery.match_any(k, names)]
+    report.matched = [k for k in report.matched if k not in params]
+    report.reinitialized = sorted(set(report.reinitialized) | set(params), key=list(model.state_dict()).index)
+    report.notes.append(f"re-initialised by model.reinit: {', '.join(names)}")
+
+
 def build_model(cfg: Any, num_classes: int, *, load_weights: bool = True, seed: int = 0, head_blocks: list[int] | None = None) -> tuple[GraftClassifier, WeightsReport]:
     """Build the classifier for ``cfg`` (a ``ModelConfig``) with ``num_classes`` outputs.
 
@@ -218,9 +227,5 @@ def build_model(cfg: Any, num_classes: int, *, load_weights: bool = True, seed: 
     else:
         report = load_into(model, read_weights_file(weights), str(weights))
     if load_weights and cfg.reinit:
-        names = surgery.reinit(model, cfg.reinit, generator_seed=seed + 1)
-        params = [k for k in model.state_dict() if surgery.match_any(k, names)]
-        report.matched = [k for k in report.matched if k not in params]
-        report.reinitialized = sorted(set(report.reinitialized) | set(params), key=list(model.state_dict()).index)
-        report.notes.append(f"re-initialised by model.reinit: {', '.join(names)}")
+        reinit_into_report(model, cfg.reinit, report, seed)
     return model, report
