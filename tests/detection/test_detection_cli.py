@@ -130,3 +130,36 @@ def test_mixed_up_requests_get_clear_errors(trained, data, tmp_path, capsys) -> 
     assert code == 2 and "is a detector, but --task is classify" in err
     code, _, err = run_cli(capsys, "predict", trained, data["voc"] / "JPEGImages", "--top-k", "2", "--device", "cpu")
     assert code == 0  # --top-k is a classifier's flag; a detector ignores it
+
+
+@pytest.mark.parametrize("epoch", [2, 4], ids=["in-feature-extract-phase", "in-fine-tune-phase"])
+def test_ctrl_c_mid_epoch_saves_a_snapshot_that_resumes_bit_exactly(trained, data, tmp_path, epoch, capsys) -> None:
+    """Ctrl-C after the second batch of an epoch (the SIGINT handler sets the same flag): exit 130,
+    a snapshot at that batch, no model written; resuming it ends with the uninterrupted run's weights."""
+    from graft.train.loop import Hook
+
+    class StopAfterTwoSteps(Hook):
+        def after_step(self, trainer, loss):
+            if trainer.state.epoch + 1 == epoch and trainer.state.batch == 2:
+                trainer.stop_requested = True
+
+    out = tmp_path / "interrupted"
+    args = ["train", "--data", str(data["yolo"]), "--out", str(out), "--model", "fcos", "--epochs", "2", "--fine-tune-epochs", "2", *TINY]
+    from graft.cli import main as cli_main
+    from graft.train import runner
+
+    real_train = runner.train
+    with pytest.MonkeyPatch.context() as mp:  # the CLI's train, with the interrupting hook added
+        mp.setattr(runner, "train", lambda *a, **k: real_train(*a, **{**k, "hooks": [*k.get("hooks", []), StopAfterTwoSteps()]}))
+        code = cli_main(args)
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert "graft train --resume" in err and "Traceback" not in err
+    snap = checkpoint.load_snapshot(out / "snapshots" / "last")
+    assert snap["loop"]["batch"] == 2 and snap["loop"]["epoch"] == epoch - 1 and snap["loop"]["phase"] == (0 if epoch <= 2 else 1)
+    assert not (out / "model.safetensors").exists()
+    code, _, err = run_cli(capsys, "train", "--resume", out / "snapshots" / "last", "--quiet")
+    assert code == 0, err
+    a, b = load_file(str(trained / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
