@@ -103,6 +103,7 @@ def test_plan_shows_levels_anchors_and_normalisation(data, capsys) -> None:
     assert "detector retinanet on backbone test_efficientnet" in out and "data: Pascal VOC" in out
     assert "pyramid levels" in out and "anchors: sizes" in out and "BatchNorm layers in the backbone" in out
     assert "phase 1: feature-extract" in out and "the FPN and the detection heads only (backbone frozen)" in out
+    assert "augmentation: auto, decided when training starts: the best of none, flip, flip-scale by validation mAP" in out
 
 
 @pytest.mark.parametrize("epoch", [1, 3], ids=["in-feature-extract-phase", "in-fine-tune-phase"])
@@ -114,6 +115,37 @@ def test_resume_gives_bit_identical_weights(trained, tmp_path, epoch, capsys) ->
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     snap = checkpoint.load_snapshot(trained / "snapshots" / "last")
     assert snap["task"] == "detect" and snap["loop"]["epoch"] == 4
+
+
+def test_augment_auto_is_decided_on_validation_map_and_saved(trained, capsys) -> None:
+    """The fixture run left data.augment at auto: each candidate trained the frozen phase on its own
+    cached views and was scored by validation mAP; the choice is the config the run saved."""
+    from graft.detection.autotune import AUTO_AUGMENTS, best_trial, DetectionTrial
+
+    decided = json.loads((trained / "metrics.json").read_text())["decided"]
+    tried = [t["augment"] for t in decided["trials"]]
+    assert tried == list(AUTO_AUGMENTS[: len(tried)]) and len(tried) >= 2
+    assert decided["augment"] == best_trial([DetectionTrial(**t) for t in decided["trials"]]).augment
+    assert all(t["epoch"] == 2 for t in decided["trials"])  # the frozen phase's 2 epochs, as the run
+    assert f"augment: {decided['augment']}" in (trained / "config.yaml").read_text()
+    assert json.loads((trained / "model.json").read_text())["decided"]["augment"] == decided["augment"]
+
+
+def test_augment_set_by_the_user_is_not_searched(data, tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "train", "--data", data["coco"], "--out", tmp_path / "r", "--augment", "flip-scale", "--epochs", "1", "--fine-tune-epochs", "0", *TINY)
+    assert code == 0, err
+    assert "decided" not in json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "augment: flip-scale" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_augment_auto_without_validation_images_falls_back_to_flip(tmp_path, capsys) -> None:
+    from box_data import make_scenes
+
+    only_train = write_coco(tmp_path / "coco", {"train": make_scenes(6)})
+    code, _, err = run_cli(capsys, "train", "--data", only_train, "--out", tmp_path / "r", "--set", "data.val_fraction=0", "--epochs", "1", "--fine-tune-epochs", "0", *TINY[:-1])
+    assert code == 0, err
+    assert "auto: no validation images to decide on: augmentation flip" in err
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["decided"]["trials"] == []
 
 
 def test_augment_flip_rotate_is_refused_for_boxes(data, tmp_path, capsys) -> None:

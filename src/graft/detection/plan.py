@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from graft.config import GraftConfig
+from graft.detection.autotune import AUTO_AUGMENTS, FALLBACK
 from graft.models import surgery
 
 
@@ -48,7 +49,7 @@ def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None) ->
         "anchors": {"sizes": [list(a) for a in anchors.sizes], "aspect_ratios": [list(a) for a in anchors.aspect_ratios]},
         "normalisation": _norm_layers(model, cfg),
         "solver": {k: getattr(cfg.solver, k) for k in ("type", "base_lr", "lr_policy", "momentum", "weight_decay", "batch_size", "max_iter")},
-        "augmentation": {"preset": aug_name, **aug.__dict__},
+        "augmentation": {"preset": cfg.data.augment if cfg.data.augment == "auto" else aug_name, **({} if cfg.data.augment == "auto" else aug.__dict__)},
         "above_backbone": "the FPN and the detection heads",
         "reinit": cfg.model.reinit,
         "layers": [{"index": i, "name": name, "type": type(m).__name__, "parameters": sum(p.numel() for p in m.parameters(recurse=False))} for i, (name, m) in enumerate(layers)],
@@ -93,7 +94,10 @@ def format_detection_header(plan: dict[str, Any]) -> list[str]:
     lines.append(f"anchors: sizes {plan['anchors']['sizes']}, aspect ratios {plan['anchors']['aspect_ratios'][0]}")
     lines += [f"normalisation: {line}" for line in plan["normalisation"]]
     a = plan["augmentation"]
-    lines.append(f"augmentation: {a['preset']} (boxes move with the pixels)")
+    if a["preset"] == "auto":
+        lines.append(f"augmentation: auto, decided when training starts: the best of {', '.join(AUTO_AUGMENTS)} by validation mAP of the frozen phase (boxes move with the pixels; without validation images: {FALLBACK})")
+    else:
+        lines.append(f"augmentation: {a['preset']} (boxes move with the pixels)")
     lines.append(f"solver: {', '.join(f'{k}={v}' for k, v in plan['solver'].items())}")
     lines.append(f"backbone layers: {len(plan['layers'])} (indices 0..{len(plan['layers']) - 1}; --layers lists them)")
     return lines

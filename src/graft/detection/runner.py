@@ -23,6 +23,7 @@ from graft import __version__
 from graft.config import GraftConfig, dump_yaml
 from graft.data.dataset import default_workers, eval_loader
 from graft.detection.build import build_detection_model, input_size
+from graft.detection.autotune import FALLBACK, decide_augment
 from graft.detection.cache import build_feature_cache
 from graft.detection.data import DetectionSplits, describe, scan_detection
 from graft.detection.dataset import BoxAugment, BoxDataset, resized_size
@@ -34,12 +35,12 @@ from graft.errors import ConfigError, SnapshotError
 from graft.io import write_json, write_text
 from graft.report import plot_learning_curves, write_history_csv
 from graft.train.hooks import EarlyStoppingHook, HistoryHook, ProgressHook, SnapshotHook
+from graft.train.autotune import Decision
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import save_model
 
 PROBLEMS_SHOWN = 5
 DETECTION_FILES = ("detections.png", "per_class_ap.png", "pr_curves.png")
-AUTO_AUGMENT = "flip"  # what data.augment auto means for boxes until a search decides it (see augmentation())
 
 
 # Defaults that differ from a classifier's, applied where the config does not set the key: detection
@@ -69,16 +70,20 @@ def augmentation(cfg: GraftConfig) -> tuple[str, BoxAugment]:
     name = cfg.data.augment
     if name == "flip-rotate":
         raise ConfigError("data.augment flip-rotate is for classifiers: rotating an image loosens its boxes; use none, flip, flip-scale or strong")
-    if name == "auto":
-        name = AUTO_AUGMENT
-    aug = BoxAugment.preset(name)
+    if name == "auto":  # decided on the validation split when the run starts (graft.detection.autotune)
+        name = FALLBACK
+    return name, with_overrides(cfg, BoxAugment.preset(name))
+
+
+def with_overrides(cfg: GraftConfig, aug: BoxAugment) -> BoxAugment:
+    """A preset with the config's own flip and colour settings on top."""
     d = cfg.data
     overrides = {k: v for k, v in (("hflip", d.hflip), ("vflip", d.vflip)) if v is not None}
     if d.color_jitter is not None:
         overrides["color"] = d.color_jitter
     if overrides:
         aug = BoxAugment(**{**aug.__dict__, **overrides})
-    return name, aug
+    return aug
 
 
 def box_sizes(splits: DetectionSplits, size: int) -> list[float]:
@@ -141,9 +146,7 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
     model, report = build_detection_model(cfg, len(splits.classes), load_weights=payload is None, box_sizes=box_sizes(splits, size), seed=cfg.solver.seed, level_sizes=saved.get("level_sizes"), frozen_bn=saved.get("frozen_bn"))
     if payload is not None:
         model.load_state_dict(payload["model"])
-    aug_name, aug = augmentation(cfg)
-    if cfg.data.augment == "auto":
-        cfg.data.augment = aug_name  # the saved config says what ran
+    aug_name, aug = augmentation(cfg)  # auto stays auto until the run decides it on the validation split
     phases = plan_phases(cfg, model)
     check_batch_size(cfg, model, phases)
     if cfg.train.early_stopping_monitor in ("val_loss", "val_accuracy"):
@@ -167,26 +170,58 @@ def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     size = model.size
-    train_ds = BoxDataset(splits.train, size, aug, seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
     val_ds = BoxDataset(splits.val, size, max_pixels=cfg.data.max_pixels)
     caches: dict[str, Any] = {}
+    cacheable = cfg.train.embedding_cache and (cfg.model.frozen_bn_eval or cfg.model.bn_inference)
+    cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
+    common = {"seed": cfg.solver.seed, "device": device, "amp": amp, "budget_mb": cfg.detect.cache_mb, "cache_dir": cache_dir, "say": say}
 
-    def data_for_phase(phase: Phase) -> PhaseData | None:
+    def train_dataset(augment: Any) -> BoxDataset:
+        return BoxDataset(splits.train, size, augment, seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
+
+    def build_caches(augment: Any) -> None:
         """A frozen backbone is a fixed function: its features are computed once per (image, view)."""
-        if not (phase.backbone_frozen and cfg.train.embedding_cache and (cfg.model.frozen_bn_eval or cfg.model.bn_inference)):
-            return None
-        if "train" not in caches:
-            t0 = time.perf_counter()
-            cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
-            common = {"seed": cfg.solver.seed, "device": device, "amp": amp, "budget_mb": cfg.detect.cache_mb, "cache_dir": cache_dir, "say": say}
-            caches["train"] = build_feature_cache(model, train_ds, views=cfg.train.cache_views, **common)
+        t0 = time.perf_counter()
+        caches["train"] = build_feature_cache(model, train_dataset(augment), views=cfg.train.cache_views, **common)
+        if "val" not in caches:
             caches["val"] = build_feature_cache(model, val_ds, views=1, **common) if len(val_ds) else None
-            views = caches["train"].views
-            say(f"feature cache: {len(train_ds)} training images x {views} view(s) and {len(val_ds)} validation images through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
-        return PhaseData(caches["train"], caches["val"], forward=model, workers=0)
+        say(f"feature cache: {len(splits.train)} training images x {caches['train'].views} view(s) and {len(val_ds)} validation images through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
 
     task = DetectionTask(splits.val, splits.classes, cfg.detect.conf)
+    decision = None
+    if cfg.data.augment == "auto":
+        frozen = next((p for p in phases if p.backbone_frozen), None)
+        if frozen is None or not cacheable or not len(val_ds):
+            why = "no validation images" if not len(val_ds) else "no frozen-backbone phase with cached features"
+            decision = Decision(augment=FALLBACK, note=f"{why} to decide on: augmentation {FALLBACK}")
+            say(f"auto: {decision.note}")
+        else:
+            caches["val"] = build_feature_cache(model, val_ds, views=1, **common)
+
+            def candidate_cache(name: str) -> Any:
+                build_caches(with_overrides(cfg, BoxAugment.preset(name)))
+                return caches.pop("train")
+
+            decision, tried = decide_augment(cfg, model, frozen, task, train_cache=candidate_cache, val_cache=caches["val"], device=device, say=say)
+            caches["train"] = tried.pop(decision.augment)
+            for c in tried.values():
+                c.close()
+        cfg.data.augment = decision.augment  # the saved config says what ran; a resumed run does not decide again
+        aug = with_overrides(cfg, BoxAugment.preset(decision.augment))
+    train_ds = train_dataset(aug)
+
+    def data_for_phase(phase: Phase) -> PhaseData | None:
+        if not (phase.backbone_frozen and cacheable):
+            return None
+        if "train" not in caches:
+            build_caches(aug)
+        return PhaseData(caches["train"], caches["val"], forward=model, workers=0)
+
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes, "frozen_bn": getattr(model, "frozen_bn", None)}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights}
+    if decision is not None:
+        static["decided"] = decision.to_dict()
+    elif payload is not None and "decided" in payload:
+        static["decided"] = payload["decided"]
     stopping = EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor) if cfg.train.early_stopping else None
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
     write_json(run_dir / "splits.json", static["splits"])
@@ -208,6 +243,8 @@ def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits
     info = run_info(cfg, splits, model, phases, static["weights_source"])
     if stopping is not None:
         info["early_stopping"] = stopping.summary()
+    if "decided" in static:
+        info["decided"] = static["decided"]
     seconds = trainer.elapsed() + (time.perf_counter() - started - trainer.session_seconds)
     metrics = write_detection_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, batch_size=cfg.solver.batch_size, conf=cfg.detect.conf)
     test = f", test mAP {metrics['test_map']:.3f} (mAP@.5 {metrics['test_map50']:.3f})" if metrics["test_map"] is not None else ""
@@ -255,7 +292,7 @@ def write_detection_results(run_dir: Path, model: GraftDetector, info: dict[str,
         "skipped_files": [{"path": str(s.path), "reason": s.reason} for s in splits.skipped],
         "annotation_problems": list(splits.problems),
         "warnings": list(splits.warnings),
-        **{k: info[k] for k in ("early_stopping",) if k in info},
+        **{k: info[k] for k in ("early_stopping", "decided") if k in info},
     }
     info = {**info, "metrics": {k: metrics[k] for k in ("val_map", "val_map50", "test_map", "test_map50", "epochs", "train_seconds")}}
     save_model(run_dir, model, info)
