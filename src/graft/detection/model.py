@@ -33,7 +33,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from graft.models import surgery
 
-HEADS = ("fcos", "retinanet", "fasterrcnn")
+HEADS = ("fcos", "retinanet", "fasterrcnn")  # over a timm backbone; torchvision's SSDlite by name adds "ssd"
+SOFTMAX_HEADS = ("fasterrcnn", "ssd")  # torchvision gives these a background class 0: graft adds and removes it
 FPN_CHANNELS = 128  # lighter than torchvision's 256: graft's backbones are small and its users' GPUs often absent
 
 
@@ -83,7 +84,7 @@ class GraftDetector(nn.Module):
         self.num_classes = classes
         self.size = size
         self.strides, self.level_sizes = strides, level_sizes
-        self.label_offset = 1 if head == "fasterrcnn" else 0
+        self.label_offset = 1 if head in SOFTMAX_HEADS else 0
         self.cached_features: list[torch.Tensor] | None = None  # set for one forward by a cached phase
         detector.backbone.source = self.features
 

@@ -11,6 +11,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from graft.config import GraftConfig
 from graft.detection.autotune import AUTO_AUGMENTS, FALLBACK
+from graft.detection.torchvision_models import is_torchvision_detector
 from graft.models import surgery
 
 
@@ -44,9 +45,9 @@ def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None) ->
         "strategy": cfg.train.strategy,
         "input_size": model.size,
         "levels": [{"stride": s, "object_size": z} for s, z in zip(model.strides, model.level_sizes)],
-        "level_sizes_fitted": cfg.detect.level_sizes == "auto" and bool(sizes) and model.head_kind != "fcos",
+        "level_sizes_fitted": cfg.detect.level_sizes == "auto" and bool(sizes) and model.head_kind in ("retinanet", "fasterrcnn") and not is_torchvision_detector(cfg.model.name),
         "box_sizes": _quantiles(sizes),
-        "anchors": {"sizes": [list(a) for a in anchors.sizes], "aspect_ratios": [list(a) for a in anchors.aspect_ratios]},
+        "anchors": {"sizes": [list(a) for a in anchors.sizes] if hasattr(anchors, "sizes") else [[z] for z in model.level_sizes], "aspect_ratios": [list(a) for a in anchors.aspect_ratios]},
         "normalisation": _norm_layers(model, cfg),
         "solver": {k: getattr(cfg.solver, k) for k in ("type", "base_lr", "lr_policy", "momentum", "weight_decay", "batch_size", "max_iter")},
         "augmentation": {"preset": cfg.data.augment if cfg.data.augment == "auto" else aug_name, **({} if cfg.data.augment == "auto" else aug.__dict__)},

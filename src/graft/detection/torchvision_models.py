@@ -1,4 +1,4 @@
-"""torchvision's detectors by name (Faster R-CNN, RetinaNet, FCOS), in graft's form.
+"""torchvision's detectors by name (Faster R-CNN, RetinaNet, FCOS, SSDlite), in graft's form.
 
 ``--model fasterrcnn_mobilenet_v3_large_fpn --weights coco`` builds torchvision's model with its
 weights enum (which downloads into torch's hub cache on a machine with internet, and reads the
@@ -6,12 +6,14 @@ file from there when it is already present), then replaces the class predictor f
 classes. The model is then split as every graft detector is: its body becomes
 ``GraftDetector.backbone`` (so freezing, ``fine_tune_at`` and ``lr_mult`` work by layer) and the rest,
 with the FPN as its neck and graft's input batching instead of torchvision's resizing, becomes
-``GraftDetector.detector``. torchvision uses FrozenBatchNorm2d in pretrained backbones; a model
+``GraftDetector.detector``. SSDlite has no FPN: its MobileNetV3 feature stages are the backbone and
+its extra layers the neck. torchvision uses FrozenBatchNorm2d in pretrained backbones; a model
 rebuilt for loading gets the same layers, so its weights load exactly.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -21,7 +23,7 @@ from torch import nn
 from torchvision.models import get_model, get_model_weights
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from graft.detection.model import GraftDetector, InputBatch, Neck
+from graft.detection.model import SOFTMAX_HEADS, GraftDetector, InputBatch, Neck
 from graft.errors import WeightsError
 
 DETECTORS = {
@@ -32,9 +34,11 @@ DETECTORS = {
     "retinanet_resnet50_fpn": "retinanet",
     "retinanet_resnet50_fpn_v2": "retinanet",
     "fcos_resnet50_fpn": "fcos",
+    "ssdlite320_mobilenet_v3_large": "ssd",
 }
-NOT_YET = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn")
+NOT_YET = ("ssd300_vgg16", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SSD_MEAN, SSD_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # torchvision's SSDlite scales its input to -1..1
 
 
 class ListFeatures(nn.Module):
@@ -48,6 +52,37 @@ class ListFeatures(nn.Module):
         return list(self.body(x).values())
 
 
+class SSDStages(nn.Module):
+    """SSDlite's MobileNetV3 feature stages (C4, then C5), returning both maps."""
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for stage in self.features:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
+class SSDExtra(nn.Module):
+    """SSDlite's extra layers, run on the last backbone map: all maps, as torchvision's extractor returns them."""
+
+    def __init__(self, extra: nn.ModuleList) -> None:
+        super().__init__()
+        self.extra = extra
+
+    def forward(self, maps: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+        out = list(maps.values())
+        x = out[-1]
+        for block in self.extra:
+            x = block(x)
+            out.append(x)
+        return OrderedDict((str(i), v) for i, v in enumerate(out))
+
+
 def coco_categories(name: str) -> list[str]:
     """The category names of the model's COCO weights (index 0 is background, some are "N/A")."""
     return list(get_model_weights(name).DEFAULT.meta["categories"])
@@ -57,7 +92,7 @@ def build_torchvision_detector(name: str, num_classes: int, *, weights: str, siz
     """(detector, facts for the weights report). ``weights``: coco | none (``frozen_bn`` says
     whether the model being rebuilt had torchvision's frozen BatchNorm)."""
     kind = DETECTORS[name]
-    offset = 1 if kind == "fasterrcnn" else 0
+    offset = 1 if kind in SOFTMAX_HEADS else 0
     if weights == "coco":
         enum = get_model_weights(name).DEFAULT
         try:
@@ -68,7 +103,7 @@ def build_torchvision_detector(name: str, num_classes: int, *, weights: str, siz
         facts = {"source": f"torchvision:{name} ({enum})", "coco_classes": len(enum.meta["categories"])}
     elif weights == "none":
         model = get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + offset)
-        if frozen_bn:
+        if frozen_bn and kind != "ssd":
             _freeze_batchnorm(model.backbone.body)
         facts = {"source": f"torchvision:{name} (random init)"}
     else:
@@ -78,20 +113,35 @@ def build_torchvision_detector(name: str, num_classes: int, *, weights: str, siz
     model.detections_per_img = detections
     if kind == "fasterrcnn":
         model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img = score_thresh, nms_thresh, detections
-    body, fpn = model.backbone.body, model.backbone.fpn
-    model.backbone = Neck(fpn, model.backbone.out_channels)
-    model.transform = InputBatch(size, IMAGENET_MEAN, IMAGENET_STD)
-    strides = [4, 8, 16, 32, 64] if kind == "fasterrcnn" else [8, 16, 32, 64, 128]
-    anchors = model.rpn.anchor_generator if kind == "fasterrcnn" else model.anchor_generator
-    level_sizes = [float(s[0]) for s in anchors.sizes]
-    detector = GraftDetector(ListFeatures(body), model, head=kind, classes=num_classes, size=size, strides=strides[: len(level_sizes)], level_sizes=level_sizes, frozen_bn_eval=True, bn_inference=bn_inference)
+    if kind == "ssd":
+        body: nn.Module = SSDStages(model.backbone.features)
+        model.backbone = Neck(SSDExtra(model.backbone.extra), 0)
+        model.transform = InputBatch(size, SSD_MEAN, SSD_STD)
+        strides = [16, 32, 64, 128, 256, 512]
+        # Default boxes are fractions of the input: the smaller box of each level's pair, in pixels.
+        level_sizes = [float(s * size) for s in model.anchor_generator.scales[: len(strides)]]
+    else:
+        body = ListFeatures(model.backbone.body)
+        model.backbone = Neck(model.backbone.fpn, model.backbone.out_channels)
+        model.transform = InputBatch(size, IMAGENET_MEAN, IMAGENET_STD)
+        strides = [4, 8, 16, 32, 64] if kind == "fasterrcnn" else [8, 16, 32, 64, 128]
+        anchors = model.rpn.anchor_generator if kind == "fasterrcnn" else model.anchor_generator
+        level_sizes = [float(s[0]) for s in anchors.sizes]
+    detector = GraftDetector(body, model, head=kind, classes=num_classes, size=size, strides=strides[: len(level_sizes)], level_sizes=level_sizes, frozen_bn_eval=True, bn_inference=bn_inference)
     facts["frozen_bn"] = any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
     return detector, facts
 
 
 def _replace_predictor(model: nn.Module, kind: str, outputs: int) -> None:
     """A fresh class predictor for ``outputs`` classes; the rest keeps its COCO weights."""
-    if kind == "fasterrcnn":
+    if kind == "ssd":
+        from torchvision.models.detection import _utils as det_utils
+        from torchvision.models.detection.ssdlite import SSDLiteClassificationHead
+
+        channels = det_utils.retrieve_out_channels(model.backbone, (320, 320))
+        norm = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)  # as torchvision builds it
+        model.head.classification_head = SSDLiteClassificationHead(channels, model.anchor_generator.num_anchors_per_location(), outputs, norm)
+    elif kind == "fasterrcnn":
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
         model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, outputs)
