@@ -59,7 +59,7 @@ def build_detection_model(cfg: Any, num_classes: int, *, load_weights: bool = Tr
     m, d = cfg.model, cfg.detect
     size = input_size(cfg)
     if m.name in NOT_YET:
-        raise WeightsError(f"torchvision's {m.name} is not supported by graft yet (no FPN to split it at); fasterrcnn_mobilenet_v3_large_320_fpn costs about as much, or use --model fcos over a timm backbone")
+        raise WeightsError(f"torchvision's {m.name} is not supported by graft yet (graft trains boxes, not masks or keypoints; SSD300's VGG body is not split yet); use ssdlite320_mobilenet_v3_large, a Faster R-CNN, RetinaNet or FCOS by name, or --model fcos over a timm backbone")
     if is_torchvision_detector(m.name):
         return _torchvision(cfg, num_classes, load_weights=load_weights, seed=seed, frozen_bn=frozen_bn)
     with torch.random.fork_rng(devices=[]):
