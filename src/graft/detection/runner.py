@@ -146,7 +146,7 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
     model, report = build_detection_model(cfg, len(splits.classes), load_weights=payload is None, box_sizes=box_sizes(splits, size), seed=cfg.solver.seed, level_sizes=saved.get("level_sizes"), frozen_bn=saved.get("frozen_bn"))
     if payload is not None:
         model.load_state_dict(payload["model"])
-    aug_name, aug = augmentation(cfg)  # auto stays auto until the run decides it on the validation split
+    _, aug = augmentation(cfg)  # checks the preset; auto stays auto until the run decides it on the validation split
     phases = plan_phases(cfg, model)
     check_batch_size(cfg, model, phases)
     if cfg.train.early_stopping_monitor in ("val_loss", "val_accuracy"):
