@@ -58,11 +58,14 @@ def graft_recipe(data: Path, out: Path, size: int, epochs: int, fine_tune_epochs
     # The search of data.augment auto is a one-time decision (none with --augment given): reported
     # apart. Everything else outside the epochs (feature cache, validation, snapshots, the final
     # evaluation and plots) is charged to the frozen phase: spread over its epochs.
-    search = m.get("decided", {}).get("seconds", 0.0)
+    decided = m.get("decided") or {}
+    # The winner's feature cache is the run's own (built during the search): charged to the frozen phase.
+    chosen = [t for t in decided.get("trials", []) if t["augment"] == decided.get("augment")]
+    search = decided.get("seconds", 0.0) - (chosen[0].get("cache_seconds", 0.0) if chosen else 0.0)
     other = seconds - sum(frozen) - sum(tuned) - search
     return {
         "map": m[f"{report}_map"], "map50": m[f"{report}_map50"], "seconds": round(seconds, 1),
-        "augment": cfg.data.augment, "search_s": round(search, 1),
+        "augment": decided.get("augment") or cfg.data.augment, "search_s": round(search, 1),
         "frozen_epoch_s": round((sum(frozen) + other) / max(1, len(frozen)), 2) if frozen else None,
         "fine_tune_epoch_s": round(sum(tuned) / len(tuned), 2) if tuned else None,
     }

@@ -115,6 +115,9 @@ def test_resume_gives_bit_identical_weights(trained, tmp_path, epoch, capsys) ->
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     snap = checkpoint.load_snapshot(trained / "snapshots" / "last")
     assert snap["task"] == "detect" and snap["loop"]["epoch"] == 4
+    # the decision of auto travels with the snapshot; the resumed run does not decide again
+    decided = json.loads((trained / "metrics.json").read_text())["decided"]
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["decided"] == decided
 
 
 def test_augment_auto_is_decided_on_validation_map_and_saved(trained, capsys) -> None:
@@ -126,9 +129,38 @@ def test_augment_auto_is_decided_on_validation_map_and_saved(trained, capsys) ->
     tried = [t["augment"] for t in decided["trials"]]
     assert tried == list(AUTO_AUGMENTS[: len(tried)]) and len(tried) >= 2
     assert decided["augment"] == best_trial([DetectionTrial(**t) for t in decided["trials"]]).augment
+    # a stronger candidate was tried only while the one before it won
+    for i in range(1, len(tried) - 1):
+        assert best_trial([DetectionTrial(**t) for t in decided["trials"][: i + 1]]).augment == tried[i]
     assert all(t["epoch"] == 2 for t in decided["trials"])  # the frozen phase's 2 epochs, as the run
     assert f"augment: {decided['augment']}" in (trained / "config.yaml").read_text()
     assert json.loads((trained / "model.json").read_text())["decided"]["augment"] == decided["augment"]
+
+
+def test_auto_run_equals_a_run_told_the_chosen_augmentation(trained, data, tmp_path, capsys) -> None:
+    """The search leaves nothing behind in the run: weights (BatchNorm buffers too), random state
+    and the reused feature cache give exactly the weights of a run given the winner up front."""
+    chosen = json.loads((trained / "metrics.json").read_text())["decided"]["augment"]
+    out = tmp_path / "told"
+    assert main(["train", "--data", str(data["yolo"]), "--out", str(out), "--model", "fcos", "--epochs", "2", "--fine-tune-epochs", "2", "--augment", chosen, *TINY]) == 0
+    a, b = load_file(str(trained / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_search_over_disk_caches_leaves_no_file(data, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("GRAFT_CACHE_DIR", str(tmp_path / "cache"))
+    code, _, err = run_cli(capsys, "train", "--data", data["coco"], "--out", tmp_path / "r", "--set", "detect.cache_mb=0", "--epochs", "1", "--fine-tune-epochs", "0", *TINY[:-1])
+    assert code == 0, err
+    assert "kept on disk" in err and len(json.loads((tmp_path / "r" / "metrics.json").read_text())["decided"]["trials"]) >= 2
+    assert not list((tmp_path / "cache").rglob("graft-det-features-*"))
+
+
+def test_search_scores_trials_cut_short_by_max_iter(data, tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "train", "--data", data["coco"], "--out", tmp_path / "r", "--set", "solver.max_iter=2", "--epochs", "3", "--fine-tune-epochs", "0", *TINY[:-1])
+    assert code == 0, err
+    trials = json.loads((tmp_path / "r" / "metrics.json").read_text())["decided"]["trials"]
+    assert trials and all(isinstance(t["val_map"], float) and t["epoch"] == 1 for t in trials)
 
 
 def test_augment_set_by_the_user_is_not_searched(data, tmp_path, capsys) -> None:

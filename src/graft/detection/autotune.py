@@ -6,12 +6,13 @@ and learning rate), on cached backbone features of its own augmented views, for 
 ``MAX_SEARCH_EPOCHS`` epochs, and is scored by validation mAP (mAP@.5, then the earlier candidate,
 break ties); test images are never looked at. A stronger candidate is tried only while the one
 before it helped. The chosen candidate's feature cache is handed to the run, so its views are not
-computed again. A value the user set is never searched.
+computed again; a loser's is closed at once. A value the user set is never searched.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from graft.train.autotune import Decision
 from graft.train.loop import Phase, PhaseData, Trainer
 
 AUTO_AUGMENTS = ("none", "flip", "flip-scale")  # growing strength; `strong` (colour) is opt-in
-MAX_SEARCH_EPOCHS = 10  # each candidate trains this many epochs of the frozen phase's schedule at most
+MAX_SEARCH_EPOCHS = 10  # each candidate trains the frozen phase's schedule compressed into at most this many epochs
 FALLBACK = "flip"  # without validation images or a cacheable frozen phase: torchvision's reference recipe
 
 
@@ -37,6 +38,7 @@ class DetectionTrial:
     val_map: float
     val_map50: float
     epoch: int
+    cache_seconds: float = 0.0  # building its feature cache (the winner's is the run's)
 
 
 class _ScoredAtTheEnd(DetectionTask):
@@ -74,42 +76,58 @@ def decide_augment(
     val_cache: FeatureCache,
     device: torch.device,
     say: Any = print,
-) -> tuple[Decision, dict[str, FeatureCache]]:
-    """Try the candidates; returns the decision and the feature caches built for them (the caller
-    uses the chosen one's and closes the rest). ``train_cache(name)`` builds the training
-    features under augmentation ``name``."""
+) -> tuple[Decision, FeatureCache]:
+    """Try the candidates; returns the decision and the chosen candidate's training features for
+    the run. ``train_cache(name)`` builds them under augmentation ``name``. A candidate's cache is
+    closed as soon as it loses, so at most two are held at once; on any failure all are closed."""
     from graft.train.runner import seed_everything
 
     started = time.perf_counter()
     epochs = min(frozen_phase.epochs, MAX_SEARCH_EPOCHS)
-    phase = Phase(frozen_phase.name, epochs, frozen_phase.trainable_from, frozen_phase.lr)
+    phase = dataclasses.replace(frozen_phase, epochs=epochs)
     initial = copy.deepcopy(model.state_dict())
-    caches: dict[str, FeatureCache] = {}
     trials: list[DetectionTrial] = []
+    best: tuple[DetectionTrial, FeatureCache] | None = None
     trial_task = _ScoredAtTheEnd(task)
+    current: FeatureCache | None = None
     try:
         for name in AUTO_AUGMENTS:
-            caches[name] = train_cache(name)
+            t0 = time.perf_counter()
+            current = train_cache(name)
+            cache_seconds = time.perf_counter() - t0
             model.load_state_dict(initial)
             trainer = Trainer(
-                model, [phase], solver=cfg.solver, train_data=caches[name], val_data=val_cache, device=device,
+                model, [phase], solver=cfg.solver, train_data=current, val_data=val_cache, device=device,
                 freeze_patterns=cfg.model.freeze, lr_rules=cfg.model.lr_mult, task=trial_task,
-                data_for_phase=lambda p, c=caches[name]: PhaseData(c, val_cache, forward=model, workers=0),
+                data_for_phase=lambda p, c=current: PhaseData(c, val_cache, forward=model, workers=0),
             )
             seed_everything(cfg.solver.seed)
             last = trainer.fit().history[-1]
-            row = DetectionTrial(name, float(last["val_map"]), float(last["val_map50"]), int(last["epoch"]))
-            improved = not trials or best_trial(trials + [row]) is row
+            if last["val_map"] is None:  # stopped early by solver.max_iter: score where it stopped
+                last = {**last, **DetectionTask.validate(trial_task, trainer)}  # the base class's: scores now
+            row = DetectionTrial(name, float(last["val_map"]), float(last["val_map50"]), int(last["epoch"]), round(cache_seconds, 2))
             trials.append(row)
-            if not improved:
-                break
+            if best is None or best_trial([best[0], row]) is row:
+                if best is not None:
+                    best[1].close()
+                best, current = (row, current), None
+            else:
+                current.close()
+                current = None
+                break  # more augmentation did not help: stronger is not tried
+    except BaseException:
+        for c in (current, best[1] if best else None):
+            if c is not None:
+                c.close()
+        raise
     finally:
         model.load_state_dict(initial)  # the run starts where every trial started
+    assert best is not None
     decision = Decision(
-        augment=best_trial(trials).augment, epochs=epochs, trials=trials,  # type: ignore[arg-type]
+        augment=best[0].augment, epochs=epochs, trials=trials,  # type: ignore[arg-type]
         note=f"{len(task.val_samples)} validation images, neck and heads trained {epochs} epochs on cached backbone features",
         seconds=time.perf_counter() - started,
     )
     for line in summary(decision):
         say(line)
-    return decision, caches
+    return decision, best[1]

@@ -100,6 +100,11 @@ def build_feature_cache(
                 for key, row, target in zip(batch_keys, flat_maps, batch_targets):
                     flat[rows[key]] = row
                     targets[rows[key]] = target
+    except BaseException:  # interrupted or failed half way: the file goes too
+        del flat
+        if file is not None:
+            file.unlink(missing_ok=True)
+        raise
     finally:
         model.train(was)
     return FeatureCache(flat, shapes, targets, views, seed, file)

@@ -196,16 +196,16 @@ def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits
             decision = Decision(augment=FALLBACK, note=f"{why} to decide on: augmentation {FALLBACK}")
             say(f"auto: {decision.note}")
         else:
-            caches["val"] = build_feature_cache(model, val_ds, views=1, **common)
-
             def candidate_cache(name: str) -> Any:
                 build_caches(with_overrides(cfg, BoxAugment.preset(name)))
                 return caches.pop("train")
 
-            decision, tried = decide_augment(cfg, model, frozen, task, train_cache=candidate_cache, val_cache=caches["val"], device=device, say=say)
-            caches["train"] = tried.pop(decision.augment)
-            for c in tried.values():
-                c.close()
+            try:
+                caches["val"] = build_feature_cache(model, val_ds, views=1, **common)
+                decision, caches["train"] = decide_augment(cfg, model, frozen, task, train_cache=candidate_cache, val_cache=caches["val"], device=device, say=say)
+            except BaseException:  # Ctrl-C or a failed trial: no cache file is left behind
+                _close(caches)
+                raise
         cfg.data.augment = decision.augment  # the saved config says what ran; a resumed run does not decide again
         aug = with_overrides(cfg, BoxAugment.preset(decision.augment))
     train_ds = train_dataset(aug)
@@ -237,9 +237,7 @@ def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits
     try:
         state = trainer.fit(resume=payload)
     finally:
-        for c in caches.values():
-            if c is not None:
-                c.close()
+        _close(caches)
     info = run_info(cfg, splits, model, phases, static["weights_source"])
     if stopping is not None:
         info["early_stopping"] = stopping.summary()
@@ -251,6 +249,12 @@ def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits
     val = "n/a" if metrics["val_map"] is None else f"{metrics['val_map']:.3f} (mAP@.5 {metrics['val_map50']:.3f})"
     say(f"done: val mAP {val}{test}; results in {run_dir}")
     return TrainResult(run_dir, metrics, state.history)
+
+
+def _close(caches: dict[str, Any]) -> None:
+    for c in caches.values():
+        if c is not None:
+            c.close()
 
 
 def _cache_root() -> Path:
