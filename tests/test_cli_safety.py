@@ -148,3 +148,17 @@ def test_demo_validates_before_writing_anything(tmp_path):
     with pytest.raises(ConfigError, match="nothing to train"):
         run_demo(tmp_path / "new", epochs=0, fine_tune_epochs=0, quiet=True)
     assert not (tmp_path / "new").exists()
+
+
+def test_ctrl_c_before_the_first_snapshot_says_there_is_nothing_to_resume(monkeypatch, capsys):
+    """Ctrl-C while auto is being decided (trials write no snapshot) must not suggest --resume None."""
+    from graft import cli
+    from graft.train.loop import Interrupted
+
+    def interrupted(args):
+        raise Interrupted(None)
+
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    assert cli.main(["train", "--data", "d", "--out", "o"]) == 130
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "None" not in err

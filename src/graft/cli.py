@@ -384,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Interrupted as stop:
-        print(f"interrupted: a resumable snapshot is at {stop.snapshot}; continue with: graft train --resume {stop.snapshot}", file=sys.stderr)
+        if stop.snapshot is None:  # e.g. while auto was still being decided: nothing to resume yet
+            print("interrupted before the first snapshot: nothing to resume; start the run again", file=sys.stderr)
+        else:
+            print(f"interrupted: a resumable snapshot is at {stop.snapshot}; continue with: graft train --resume {stop.snapshot}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
