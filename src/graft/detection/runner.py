@@ -302,7 +302,7 @@ def write_detection_results(run_dir: Path, model: GraftDetector, info: dict[str,
     save_model(run_dir, model, info)
     write_json(run_dir / "metrics.json", metrics)
     write_history_csv(history, run_dir / "history.csv")
-    name = f"{info['detector']['head']} on {info['backbone']['name']}, {len(classes)} classes"
+    name = f"{info['detector']['head']} on {info['backbone']['name']}, {len(classes)} class{'' if len(classes) == 1 else 'es'}"
     if history:
         terms = sorted({k for row in history for k in row if k.startswith("train_loss_")})
         panels = [
