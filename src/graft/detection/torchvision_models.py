@@ -115,7 +115,7 @@ def build_torchvision_detector(name: str, num_classes: int, *, weights: str, siz
         model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img = score_thresh, nms_thresh, detections
     if kind == "ssd":
         body: nn.Module = SSDStages(model.backbone.features)
-        model.backbone = Neck(SSDExtra(model.backbone.extra), 0)
+        model.backbone = Neck(SSDExtra(model.backbone.extra), 0)  # out_channels is read only while torchvision builds a detector: SSD is built already
         model.transform = InputBatch(size, SSD_MEAN, SSD_STD)
         strides = [16, 32, 64, 128, 256, 512]
         # Default boxes are fractions of the input: the smaller box of each level's pair, in pixels.
