@@ -22,14 +22,48 @@ def make_scene(rng: np.random.Generator, size: tuple[int, int] = (64, 48), objec
         s = int(rng.integers(10, 18))
         x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
         label = int(rng.integers(0, 2))
-        if label == 1:
-            pixels[y : y + s, x : x + s] = 235
-        else:
-            yy, xx = np.mgrid[0:s, 0:s]
-            disc = (yy - s / 2 + 0.5) ** 2 + (xx - s / 2 + 0.5) ** 2 <= (s / 2) ** 2
-            pixels[y : y + s, x : x + s][disc] = 20
+        draw(pixels, ("disc", "square")[label], x, y, s)
         boxes.append(([float(x), float(y), float(x + s), float(y + s)], label))
     return np.clip(pixels, 0, 255).astype(np.uint8), boxes
+
+
+def draw(pixels: np.ndarray, kind: str, x: int, y: int, s: int) -> None:
+    """A dark disc, a bright square, or a bright ring (the class that expansion tests add)."""
+    if kind == "square":
+        pixels[y : y + s, x : x + s] = 235
+        return
+    yy, xx = np.mgrid[0:s, 0:s]
+    r2 = (yy - s / 2 + 0.5) ** 2 + (xx - s / 2 + 0.5) ** 2
+    if kind == "disc":
+        pixels[y : y + s, x : x + s][r2 <= (s / 2) ** 2] = 20
+    else:
+        pixels[y : y + s, x : x + s][(r2 <= (s / 2) ** 2) & (r2 >= (s / 2 - 3) ** 2)] = 235
+
+
+def ring_scenes(n: int, seed: int, names: tuple[str, ...] = ("ring",), prefix: str = "new") -> list[tuple[str, np.ndarray, list[tuple[list[float], int]]]]:
+    """Scenes with one or two rings and one disc or square each, as the new data of an expansion:
+    only objects of classes in ``names`` are labelled (index into ``names``); the others are there,
+    unlabelled, as old objects in new photos are."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = 64, 48
+        pixels = rng.normal(120, 25, size=(h, w, 3))
+        boxes: list[tuple[list[float], int]] = []
+        kinds = ["ring"] * int(rng.integers(1, 3)) + [("disc", "square")[int(rng.integers(0, 2))]]
+        taken: list[tuple[int, int, int]] = []
+        for kind in kinds:
+            for _ in range(50):  # objects do not overlap
+                s = int(rng.integers(12, 18))
+                x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
+                if all(x + s <= a or a + b <= x or y + s <= c or c + b <= y for a, c, b in taken):
+                    break
+            taken.append((x, y, s))
+            draw(pixels, kind, x, y, s)
+            if kind in names:
+                boxes.append(([float(x), float(y), float(x + s), float(y + s)], names.index(kind)))
+        out.append((f"{prefix}_{i:03d}", np.clip(pixels, 0, 255).astype(np.uint8), boxes))
+    return out
 
 
 def make_scenes(n: int, seed: int = 0, negatives: int = 1) -> list[tuple[str, np.ndarray, list[tuple[list[float], int]]]]:
@@ -42,7 +76,7 @@ def make_scenes(n: int, seed: int = 0, negatives: int = 1) -> list[tuple[str, np
     return out
 
 
-def write_coco(root: Path, splits: dict[str, list], *, category_ids: tuple[int, ...] = (3, 7)) -> Path:
+def write_coco(root: Path, splits: dict[str, list], *, category_ids: tuple[int, ...] = (3, 7), names: tuple[str, ...] = tuple(CLASSES)) -> Path:
     """COCO 2017 layout: annotations/instances_<split>.json beside <split>/ image folders."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     ann_id = 1
@@ -55,12 +89,12 @@ def write_coco(root: Path, splits: dict[str, list], *, category_ids: tuple[int, 
             for (x1, y1, x2, y2), label in boxes:
                 anns.append({"id": ann_id, "image_id": n, "category_id": category_ids[label], "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
                 ann_id += 1
-        cats = [{"id": cid, "name": name} for cid, name in zip(category_ids, CLASSES)]
+        cats = [{"id": cid, "name": name} for cid, name in zip(category_ids, names)]
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
     return root
 
 
-def write_yolo(root: Path, splits: dict[str, list]) -> Path:
+def write_yolo(root: Path, splits: dict[str, list], names: list[str] | tuple[str, ...] = tuple(CLASSES)) -> Path:
     for split, scenes in splits.items():
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
@@ -71,7 +105,7 @@ def write_yolo(root: Path, splits: dict[str, list]) -> Path:
             if lines:
                 (root / "labels" / split / f"{name}.txt").write_text("\n".join(lines) + "\n")
     entries = "\n".join(f"{s}: images/{s}" for s in splits)
-    (root / "data.yaml").write_text(f"path: .\n{entries}\nnames:\n" + "".join(f"  {i}: {c}\n" for i, c in enumerate(CLASSES)))
+    (root / "data.yaml").write_text(f"path: .\n{entries}\nnames:\n" + "".join(f"  {i}: {c}\n" for i, c in enumerate(names)))
     return root
 
 

@@ -20,6 +20,7 @@ from graft.detection.build import build_detection_model
 from graft.detection.data import scan_detection
 from graft.detection.dataset import BoxDataset
 from graft.detection.model import GraftDetector
+from graft.detection.widen import rebuild_blocks
 from graft.errors import DataError
 from graft.predict import expand_inputs
 
@@ -56,7 +57,9 @@ class TrainedDetector:
     @classmethod
     def load(cls, run_dir: Path, info: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> TrainedDetector:
         cfg = parse_config(info["config"], str(run_dir / "model.json"))
-        model, _ = build_detection_model(cfg, int(info["num_classes"]), load_weights=False, level_sizes=info["detector"]["level_sizes"], frozen_bn=info["detector"].get("frozen_bn"))
+        blocks = info["detector"].get("class_blocks") or [int(info["num_classes"])]
+        model, _ = build_detection_model(cfg, int(blocks[0]), load_weights=False, level_sizes=info["detector"]["level_sizes"], frozen_bn=info["detector"].get("frozen_bn"))
+        rebuild_blocks(model, blocks)  # an expanded detector: its added classes as blocks of their own
         model.load_state_dict(weights)
         return cls(model, info, run_dir, device)
 

@@ -31,6 +31,7 @@ from graft.detection.metrics import detection_metrics
 from graft.detection.model import GraftDetector
 from graft.detection.plots import plot_detections, plot_per_class_ap, plot_pr_curves
 from graft.detection.task import DetectionTask, collect_detections
+from graft.detection.widen import class_blocks
 from graft.errors import ConfigError, SnapshotError
 from graft.io import write_json, write_text
 from graft.report import plot_learning_curves, write_history_csv
@@ -109,6 +110,7 @@ def run_info(cfg: GraftConfig, splits: DetectionSplits, model: GraftDetector, ph
         "detector": {
             "head": model.head_kind, "levels": cfg.detect.levels, "strides": model.strides, "level_sizes": model.level_sizes, "head_convs": cfg.detect.head_convs,
             "score_thresh": cfg.detect.score_thresh, "nms_iou": cfg.detect.nms_iou, "max_detections": cfg.detect.max_detections, "label_offset": model.label_offset, "frozen_bn": getattr(model, "frozen_bn", None),
+            "class_blocks": class_blocks(model),
         },
         "preprocessing": {"input_size": model.size, "resize": "longer side to input_size, bilinear, antialiased", "pad": "bottom and right to input_size x input_size, value 114", "mean": list(mean), "std": list(std), "range": "0..1 before normalising"},
         "output": {"boxes": "xyxy pixels of the original image", "labels": "indices into classes", "scores": "0..1"},
@@ -160,10 +162,12 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
             say(report.summary())
         elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
             shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
-        return _run(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
+        return train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
 
 
-def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DetectionSplits, model: GraftDetector, aug: BoxAugment, phases: list[Phase], device: torch.device, started: float, say: Any, quiet: bool, hooks: list[Any]):
+def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DetectionSplits, model: GraftDetector, aug: BoxAugment, phases: list[Phase], device: torch.device, started: float, say: Any, quiet: bool, hooks: list[Any], *, extra: dict[str, Any] | None = None):
+    """Train ``model`` on ``splits`` and write the run. ``extra`` goes into every snapshot and into
+    ``model.json`` (an expansion's record of where it came from)."""
     from graft.train.runner import TrainResult, seed_everything
 
     model.to(device)
@@ -217,7 +221,7 @@ def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits
             build_caches(aug)
         return PhaseData(caches["train"], caches["val"], forward=model, workers=0)
 
-    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes, "frozen_bn": getattr(model, "frozen_bn", None)}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights}
+    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes, "frozen_bn": getattr(model, "frozen_bn", None), "class_blocks": class_blocks(model)}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights, **(extra or {})}
     if decision is not None:
         static["decided"] = decision.to_dict()
     elif payload is not None and "decided" in payload:
@@ -238,7 +242,7 @@ def _run(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits
         state = trainer.fit(resume=payload)
     finally:
         _close(caches)
-    info = run_info(cfg, splits, model, phases, static["weights_source"])
+    info = {**run_info(cfg, splits, model, phases, static["weights_source"]), **(extra or {})}
     if stopping is not None:
         info["early_stopping"] = stopping.summary()
     if "decided" in static:

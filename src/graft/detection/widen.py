@@ -1,5 +1,5 @@
 """Widening a trained detector from K to K+N classes without touching the old ones (issue: detector
-expansion). This module is the surgery only; the expansion run that trains the new block is not built yet.
+expansion). This module is the surgery; ``graft.detection.expand`` trains the new block.
 
 For the sigmoid heads (FCOS, RetinaNet), a class's score at a location depends on its own logit
 alone, so the old classes keep their scores exactly when the old logits do:
@@ -64,7 +64,7 @@ class BlockPostprocess:
         merged: list[list[dict[str, torch.Tensor]]] = []
         start = 0
         for k in self.classes:
-            part = {**head_outputs, "cls_logits": [c[..., start : start + k] for c in head_outputs["cls_logits"]]}
+            part = {**head_outputs, "cls_logits": [c[..., start : start + k].contiguous() for c in head_outputs["cls_logits"]]}  # contiguous: the layout, hence the arithmetic, of the unwidened head
             dets = self.postprocess(part, anchors, image_shapes)
             for d in dets:
                 d["labels"] = d["labels"] + start
@@ -80,7 +80,8 @@ class BlockPostprocess:
 
 def class_blocks(model: GraftDetector) -> list[int]:
     """Classes per block of the classification head (one block for a detector never widened)."""
-    conv = model.detector.head.classification_head.cls_logits
+    head = getattr(model.detector, "head", None)
+    conv = getattr(getattr(head, "classification_head", None), "cls_logits", None)
     return list(conv.classes) if isinstance(conv, BlockConv2d) else [model.num_classes]
 
 
@@ -110,3 +111,11 @@ def widen_detector(model: GraftDetector, new_classes: int, *, seed: int = 0) -> 
     base = detector.postprocess_detections.postprocess if isinstance(detector.postprocess_detections, BlockPostprocess) else detector.postprocess_detections
     detector.postprocess_detections = BlockPostprocess(base, head.cls_logits.classes)
     return {"new_parameters": sum(p.numel() for p in new.parameters())}
+
+
+def rebuild_blocks(model: GraftDetector, blocks: Sequence[int] | None) -> GraftDetector:
+    """A detector built with ``blocks[0]`` classes, widened block by block to a saved layout
+    (``model.json``'s ``detector.class_blocks``), ready for the saved weights."""
+    for n in list(blocks or [])[1:]:
+        widen_detector(model, int(n))
+    return model

@@ -66,6 +66,10 @@ def expand(
     (make ``cfg`` with ``graft.expansion.source.expand_config``), or continue an expansion from its
     snapshot ``resume`` (``data_dir``: where its new data is now, if it moved). With
     ``overwrite``, a run already in ``out`` is kept in ``out/.replaced`` until this one finishes."""
+    if (cfg is not None and cfg.task == "detect") or (resume is not None and checkpoint.load_snapshot(resume).get("task") == "detect"):
+        from graft.detection.expand import expand_detector
+
+        return expand_detector(cfg, out, resume=resume, data_dir=data_dir, overwrite=overwrite, quiet=quiet, hooks=hooks)
     started = time.perf_counter()
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     job = open_expansion(cfg, out, resume, overwrite, data_dir)

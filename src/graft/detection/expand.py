@@ -1,0 +1,319 @@
+"""``graft expand`` for detectors: a finished detection run plus boxes of new classes -> one
+detector of K+N classes whose old classes detect exactly as before.
+
+Frozen mode (the mode built for detectors so far): the detector is widened by a block of new
+classes (``graft.detection.widen``). Backbone, neck, box regression, the classification tower and
+the old block keep their values; only the new block learns, with the detector's own loss, on
+cached backbone features. No old images are needed, and there is no background shift: with
+sigmoid scores every class is scored on its own, so an old object nobody labelled in a new image
+can only teach the new block that it is not a new class, which is true, and the old classes get no
+gradient at all. Boxes of old classes in the new data (classes named like old ones) are negatives
+for the new block too.
+
+The expanded run is a detection run like any other (model, snapshots, history, metrics, plots)
+plus ``expand_metrics.json``: the old classes' mAP before and after on the original run's held-out
+images, the new classes' mAP on the new data's, and the parameters that changed, counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graft.config import GraftConfig, parse_config, resolve_config
+from graft.data.dataset import default_workers, eval_loader
+from graft.detection.autotune import FALLBACK
+from graft.detection.boxes import BoxSample
+from graft.detection.data import DetectionSplits
+from graft.detection.dataset import BoxDataset
+from graft.detection.metrics import Prediction, detection_metrics
+from graft.detection.model import GraftDetector
+from graft.detection.task import DetectionTask, collect_detections
+from graft.detection.widen import SIGMOID_HEADS, BlockConv2d, class_blocks, widen_detector
+from graft.errors import ConfigError, DataError, SnapshotError
+from graft.io import read_json, write_json
+from graft.train import checkpoint
+from graft.train.embeddings import file_digest
+from graft.train.loop import Phase
+
+# Keys that define the detector's architecture and input: an expansion keeps the source run's.
+FIXED_KEYS = (("model", "name"), ("data", "img_size"), ("detect", "head"), ("detect", "levels"), ("detect", "level_sizes"), ("detect", "head_convs"))
+
+
+@dataclass
+class DetectionSource:
+    """A finished detection run being expanded."""
+
+    dir: Path
+    info: dict[str, Any]  # its model.json
+    model: GraftDetector  # on the CPU, in eval mode
+    digest: str  # sha256 of its model.safetensors: a resumed expansion checks it is the same model
+    splits: DetectionSplits | None  # its data split, for its held-out images (None without splits.json)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+
+def load_detection_source(run_dir: Path, model: GraftDetector, info: dict[str, Any]) -> DetectionSource:
+    splits = None
+    if (run_dir / "splits.json").is_file():
+        try:
+            splits = DetectionSplits.from_json(read_json(run_dir / "splits.json"))
+        except (DataError, ValueError, KeyError):
+            splits = None
+    return DetectionSource(run_dir, info, model.eval(), file_digest(run_dir / "model.safetensors"), splits)
+
+
+def detection_expand_config(source: DetectionSource, data_dir: str | os.PathLike | None, *, config_file: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), flags: dict[str, Any] | None = None) -> GraftConfig:
+    """The expansion's config: the source run's, then the user's file, ``--set`` overrides and
+    flags. The architecture and input size cannot change."""
+    base = copy.deepcopy(source.info["config"])
+    base["data"]["dir"] = str(data_dir) if data_dir is not None else None
+    if base["data"].get("augment") == "auto":  # a run stores what it decided; an older one may not have
+        base["data"]["augment"] = FALLBACK
+    base["model"].update(weights=str(source.dir), reinit=[])
+    base["train"]["strategy"] = "feature-extract"
+    base["expand"] = {"source": str(source.dir)}
+    base["task"] = "detect"
+    cfg = resolve_config(config_file, overrides, {k: v for k, v in (flags or {}).items() if k != "task"}, base=base)
+    for section, key in FIXED_KEYS:
+        if getattr(getattr(cfg, section), key) != base[section].get(key):
+            raise ConfigError(f"{section}.{key} cannot change when expanding: the old classes were trained with {source.dir}'s ({base[section].get(key)!r}); train a new run for another")
+    head = source.model.head_kind
+    if head not in SIGMOID_HEADS:
+        raise ConfigError(f"{source.dir} is a {head} detector: graft expand adds classes to sigmoid-head detectors ({', '.join(SIGMOID_HEADS)}) so far; "
+                          "for a softmax head (fasterrcnn, ssd) the old classes' scores would change")
+    if cfg.expand.mode != "frozen":
+        raise ConfigError("expand.mode fine-tune is not built for detectors yet: use the default frozen mode (backbone, boxes and old classes unchanged; the new classes learn)")
+    if cfg.expand.exemplars is not None:
+        raise ConfigError("--exemplars is for classifier runs; for a detector, put boxes of old classes (named as in the run) in --data to use them as rehearsal")
+    if cfg.model.reinit:
+        raise ConfigError("model.reinit cannot be used with graft expand: re-initialising layers would forget the old classes")
+    if cfg.expand.source is None or Path(cfg.expand.source).resolve() != source.dir.resolve():
+        raise ConfigError(f"expand.source is set by graft expand to the run being expanded ({source.dir}); leave it out of the config")
+    if not cfg.data.dir:
+        raise ConfigError("no data: pass --data DIR with boxes of the new classes (COCO, YOLO or Pascal VOC)")
+    if cfg.train.epochs == 0:
+        raise ConfigError("train.epochs is 0: the new classes would not learn; give them at least one epoch")
+    cfg.train.strategy = "feature-extract"
+    return cfg
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def gather_boxes(cfg: GraftConfig, source: DetectionSource) -> tuple[DetectionSplits, dict[str, Any]]:
+    """The new data with labels in the expanded index (old classes first, as they were), and the
+    record of what it holds."""
+    from graft.detection.runner import scan
+
+    scanned = scan(cfg)
+    old = source.classes
+    new = [c for c in scanned.classes if c not in old]
+    if not new:
+        raise DataError(f"{cfg.data.dir} only has classes {source.dir} already detects ({', '.join(scanned.classes)}): nothing to add. "
+                        "Boxes of new classes need names the run does not have")
+    classes = old + new
+    index = np.asarray([classes.index(c) for c in scanned.classes], dtype=np.int64)
+
+    def relabel(samples: list[BoxSample]) -> list[BoxSample]:
+        return [dataclasses.replace(s, labels=index[s.labels] if len(s.labels) else s.labels) for s in samples]
+
+    train, val, test = relabel(scanned.train), relabel(scanned.val), relabel(scanned.test)
+    counts = np.bincount(np.concatenate([s.labels[~s.crowd] for s in train]) if train else np.zeros(0, np.int64), minlength=len(classes))
+    empty = [c for c in new if counts[classes.index(c)] == 0]
+    if empty:
+        raise DataError(f"new class {empty[0]!r} has no boxes in the training images of {cfg.data.dir}: it cannot learn. Add boxes of it, or remove it from the class list")
+    rehearsal = [c for i, c in enumerate(old) if counts[i]]
+    splits = DetectionSplits(scanned.root, scanned.format, scanned.description, classes, train, val, test, scanned.skipped, scanned.problems, scanned.warnings)
+    spec = {
+        "source_sha256": source.digest,
+        "old_classes": old,
+        "new_classes": new,
+        "rehearsal": {"classes": rehearsal, "boxes": int(sum(counts[i] for i in range(len(old))))},
+    }
+    return splits, spec
+
+
+def restrict(samples: list[BoxSample], keep: range) -> list[BoxSample]:
+    """The samples with only the boxes of classes in ``keep``, relabelled from 0."""
+    out = []
+    for s in samples:
+        m = (s.labels >= keep.start) & (s.labels < keep.stop)
+        out.append(dataclasses.replace(s, boxes=s.boxes[m], labels=s.labels[m] - keep.start, crowd=s.crowd[m], difficult=s.difficult[m]))
+    return out
+
+
+def restrict_predictions(preds: list[Prediction], keep: range) -> list[Prediction]:
+    out = []
+    for p in preds:
+        m = (p.labels >= keep.start) & (p.labels < keep.stop)
+        out.append(Prediction(p.boxes[m], p.scores[m], p.labels[m] - keep.start))
+    return out
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def old_parameters(model: GraftDetector) -> tuple[str, ...]:
+    """Every parameter but the newest class block's: what frozen mode keeps as it was."""
+    newest = len(class_blocks(model)) - 1
+    learns = f"detector.head.classification_head.cls_logits.blocks.{newest}."
+    return tuple(n for n, _ in model.named_parameters() if not n.startswith(learns))
+
+
+def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, resume: str | Path | None = None, data_dir: str | Path | None = None, overwrite: bool = False, quiet: bool = False, hooks: list[Any] = ()) -> Any:
+    """Expand the detection run ``cfg.expand.source`` with the new classes' boxes in
+    ``cfg.data.dir`` into ``out`` (``cfg`` from ``detection_expand_config``), or continue an
+    expansion from its snapshot ``resume``."""
+    from graft.detection.runner import augmentation, train_and_report
+    from graft.expansion.run import ExpandResult
+    from graft.expansion.source import load_source
+    from graft.train.runner import holds_run, keeping_replaced_run, select_device, stash_run
+
+    started = time.perf_counter()
+    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    payload = None
+    if resume is not None:
+        if cfg is not None:
+            raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")
+        payload = checkpoint.load_snapshot(resume)
+        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
+        source = load_source(cfg.expand.source)
+        if not isinstance(source, DetectionSource) or source.digest != payload["expand"]["source_sha256"]:
+            raise SnapshotError(f"the model in {cfg.expand.source} changed since this expansion started; it cannot be continued (start it again from the run)")
+        snapshot_run = checkpoint.snapshot_run_dir(payload["path"])
+        run_dir = Path(out) if out else snapshot_run
+        splits = DetectionSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
+        missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
+        if missing:
+            raise SnapshotError(f"{len(missing)} image(s) of the snapshot's data split are gone (e.g. {missing[0]}); if the data moved, pass its new location with --data")
+        spec = payload["expand"]
+        replace = run_dir.resolve() != snapshot_run.resolve() and holds_run(run_dir)
+    else:
+        if cfg is None or cfg.expand.source is None:
+            raise ConfigError("expand needs a config made by graft.expansion.source.expand_config (or --resume SNAPSHOT)")
+        if out is None:
+            raise ConfigError("no output folder: pass --out RUNDIR")
+        source = load_source(cfg.expand.source)
+        run_dir = Path(out)
+        replace = holds_run(run_dir)
+    inside = run_dir.resolve()
+    if inside == source.dir.resolve() or source.dir.resolve() in inside.parents:
+        raise ConfigError(f"--out {run_dir} is (inside) the run being expanded, {source.dir}; write the expanded run to a new folder")
+    if replace and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
+    if payload is None:
+        splits, spec = gather_boxes(cfg, source)
+    old, new = spec["old_classes"], spec["new_classes"]
+    k = len(old)
+
+    model = copy.deepcopy(source.model)
+    added = widen_detector(model, len(new), seed=cfg.solver.seed)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+    phases = [Phase("feature-extract", cfg.train.epochs, None, cfg.solver.base_lr, freeze=old_parameters(model))]
+    _, aug = augmentation(cfg)
+    device = select_device(cfg.train.device)
+    lineage = list(source.info.get("expanded_from", [])) + [{"run": str(source.dir), "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode}]
+    if replace:
+        stash_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with keeping_replaced_run(run_dir):
+        rehearsal = spec["rehearsal"]
+        say(f"expanding {source.dir} ({k} classes, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode frozen: only the new classes' block learns"
+            + (f"; {rehearsal['boxes']} boxes of old classes ({', '.join(rehearsal['classes'])}) are negatives for it" if rehearsal["boxes"] else ""))
+        result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, list(hooks), extra={"expand": spec, "expanded_from": lineage})
+        metrics = expansion_metrics(source, model, splits, k, cfg, device)
+        metrics.update(mode=cfg.expand.mode, source=str(source.dir), rehearsal=rehearsal, parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
+        write_json(run_dir / "expand_metrics.json", metrics)
+    say(f"done: old classes mAP {_fmt(metrics['old_map_before'])} -> {_fmt(metrics['old_map_after'])} ({metrics['old_split']}), "
+        f"new classes mAP {_fmt(metrics['new_map'])} ({metrics['new_split']}), overall {_fmt(metrics['overall_map'])}; results in {run_dir}")
+    return ExpandResult(run_dir, result.metrics, result.history, metrics)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def held_out(samples_by_split: list[tuple[str, list[BoxSample]]]) -> tuple[str | None, list[BoxSample]]:
+    """The first non-empty split whose images are still on disk: test before val."""
+    for name, samples in samples_by_split:
+        present = [s for s in samples if Path(s.path).is_file()]
+        if present:
+            return name, present
+    return None, []
+
+
+def expansion_metrics(source: DetectionSource, model: GraftDetector, splits: DetectionSplits, k: int, cfg: GraftConfig, device: torch.device) -> dict[str, Any]:
+    """Old classes on the original run's held-out images (before and after), new classes on the new
+    data's; each block is scored on its own classes' boxes, so an object the other data set never
+    labelled does not count as a false positive."""
+    classes = splits.classes
+    old_classes, new_classes = classes[:k], classes[k:]
+    workers = min(2, cfg.data.num_workers if cfg.data.num_workers is not None else default_workers())
+
+    def detect(net: GraftDetector, samples: list[BoxSample]) -> list[Prediction]:
+        loader = eval_loader(BoxDataset(samples, net.size, max_pixels=cfg.data.max_pixels), batch_size=cfg.solver.batch_size, workers=workers, collate_fn=DetectionTask.collate)
+        return collect_detections(net.to(device), loader, device, samples)
+
+    def score(samples: list[BoxSample], preds: list[Prediction], keep: range, names: list[str]) -> dict[str, Any]:
+        return detection_metrics(restrict(samples, keep), restrict_predictions(preds, keep), names, conf=cfg.detect.conf).metrics
+
+    old_range, new_range = range(0, k), range(k, len(classes))
+    src = source.splits
+    old_split, old_samples = held_out([("test", src.test), ("val", src.val)] if src is not None else [])
+    new_split, new_samples = held_out([("test", splits.test), ("val", splits.val)])
+    out: dict[str, Any] = {"old_classes": old_classes, "new_classes": new_classes, "old_split": f"{source.dir.name} {old_split}" if old_split else None, "new_split": new_split, "old_images": len(old_samples), "new_images": len(new_samples)}
+    before = after = None
+    if old_samples:
+        teacher_preds, preds = detect(source.model, old_samples), detect(model, old_samples)
+        before, after = score(old_samples, teacher_preds, old_range, old_classes), score(old_samples, preds, old_range, old_classes)
+        kept = [restrict_predictions([p], old_range)[0] for p in preds]
+        same = sum(np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores) and np.array_equal(a.labels, b.labels) for a, b in zip(teacher_preds, kept))
+        out["old_detections_unchanged"] = same / len(old_samples)
+    else:
+        out["note"] = f"the old classes could not be measured: none of {source.dir}'s held-out images are on disk"
+    new = score(new_samples, detect(model, new_samples), new_range, new_classes) if new_samples else None
+    ap = {**({c: v["ap"] for c, v in after["per_class"].items()} if after else {}), **({c: v["ap"] for c, v in new["per_class"].items()} if new else {})}
+    measured = [v for v in ap.values() if v is not None]
+    out.update(
+        old_map_before=before["map"] if before else None, old_map_after=after["map"] if after else None,
+        old_map50_before=before["map50"] if before else None, old_map50_after=after["map50"] if after else None,
+        forgetting=before["map"] - after["map"] if before and after and before["map"] is not None and after["map"] is not None else None,
+        new_map=new["map"] if new else None, new_map50=new["map50"] if new else None,
+        overall_map=float(np.mean(measured)) if measured else None,
+        per_class_before=before["per_class"] if before else {}, per_class_after={**(after["per_class"] if after else {}), **(new["per_class"] if new else {})},
+    )
+    return out
+
+
+def parameter_changes(original: GraftDetector, expanded: GraftDetector, added: dict[str, int]) -> dict[str, int]:
+    """Counted by comparing tensors: the old parameters whose value changed, and the new ones."""
+    before = dict(original.named_parameters())
+    widened_before = isinstance(original.detector.head.classification_head.cls_logits, BlockConv2d)
+    changed = unchanged = new = 0
+    for name, param in expanded.named_parameters():
+        old_name = name if widened_before else name.replace("cls_logits.blocks.0.", "cls_logits.")
+        if old_name in before and before[old_name].shape == param.shape:
+            diff = int((before[old_name].detach().cpu() != param.detach().cpu()).sum())
+            changed += diff
+            unchanged += param.numel() - diff
+        else:
+            new += param.numel()
+    buffers_before = dict(original.named_buffers())
+    buffers_changed = sum(int((buffers_before[n].cpu() != b.cpu()).sum()) for n, b in expanded.named_buffers() if n in buffers_before and b.is_floating_point() and buffers_before[n].shape == b.shape)
+    return {"total": changed + unchanged + new, "added": new, "old_changed": changed, "old_unchanged": unchanged, "buffers_changed": buffers_changed, "expected_added": added["new_parameters"]}

@@ -1,0 +1,169 @@
+"""graft expand for detectors, driven through the CLI: a two-class FCOS run gains a "ring" class from
+images in which old objects are present but unlabelled. Old classes' scores and detections stay
+exactly as they were; the new class learns; the run resumes, expands again, and refuses bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from box_data import ring_scenes, three_splits, write_coco, write_yolo
+from graft.cli import main
+from graft.predict import load_run
+from graft.train import checkpoint
+
+TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",
+        "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "solver.base_lr=0.01", "--quiet"]
+EXPAND = ["--epochs", "30", "--set", "solver.base_lr=0.03", "--set", "solver.snapshot=10", "--quiet"]
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("expand-det")
+
+
+@pytest.fixture(scope="module")
+def original(root) -> Path:
+    data = write_yolo(root / "old", three_splits(n_train=24, n_val=6, n_test=6))
+    out = root / "runs" / "det"
+    assert main(["train", "--data", str(data), "--out", str(out), "--model", "fcos", "--epochs", "10", "--fine-tune-epochs", "10", *TINY]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def rings(root) -> Path:
+    """New data: rings labelled, the discs and squares beside them not."""
+    return write_yolo(root / "rings", {"train": ring_scenes(24, 5), "val": ring_scenes(6, 6, prefix="val"), "test": ring_scenes(6, 7, prefix="test")}, names=["ring"])
+
+
+@pytest.fixture(scope="module")
+def expanded(original, rings, root) -> Path:
+    out = root / "runs" / "det+ring"
+    assert main(["expand", str(original), "--data", str(rings), "--out", str(out), *EXPAND]) == 0
+    return out
+
+
+def cls_logits(model, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        features = list(model.detector.backbone(model.detector.transform.normalise(images)).values())
+        return model.detector.head.classification_head(features)
+
+
+def test_frozen_expansion_keeps_the_old_classes_exactly_and_learns_the_new_one(original, expanded) -> None:
+    info = json.loads((expanded / "model.json").read_text())
+    assert info["classes"] == ["disc", "square", "ring"] and info["detector"]["class_blocks"] == [2, 1]
+    assert info["expanded_from"][0]["run"] == str(original.resolve()) and info["expand"]["new_classes"] == ["ring"]
+    m = json.loads((expanded / "expand_metrics.json").read_text())
+    for key in ("old_classes", "new_classes", "old_map_before", "old_map_after", "new_map", "overall_map", "forgetting", "parameters", "per_class_before", "per_class_after"):
+        assert key in m, key
+    assert m["old_classes"] == ["disc", "square"] and m["new_classes"] == ["ring"]
+    # measured on the original run's test images: the old classes' detections are the original's, box for box
+    assert m["old_images"] == 6 and m["old_detections_unchanged"] == 1.0
+    assert m["old_map_after"] == m["old_map_before"] > 0.05 and m["forgetting"] == 0.0
+    assert m["per_class_after"]["disc"] == m["per_class_before"]["disc"]
+    # counted by comparing tensors: nothing old changed; what was added is the new block
+    p = m["parameters"]
+    assert p["old_changed"] == 0 and p["buffers_changed"] == 0 and p["added"] == p["expected_added"] > 0
+    # the new class learned: a fresh block ranks rings at chance (mAP@.5 under 0.02 on these images)
+    assert m["new_map50"] > 0.2 and m["new_map"] > 0.05
+    for name in ("model.safetensors", "metrics.json", "history.csv", "detections.png", "per_class_ap.png", "learning_curves.png"):
+        assert (expanded / name).is_file(), name
+
+
+def test_old_class_scores_are_bit_identical_after_loading(original, expanded) -> None:
+    a, b = load_run(original, device="cpu").model, load_run(expanded, device="cpu").model
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    before, after = cls_logits(a, images), cls_logits(b, images)
+    assert after.shape[-1] == 3 and torch.equal(after[..., :2], before)
+
+
+def test_eval_and_predict_of_the_expanded_run(original, expanded, root, capsys) -> None:
+    old_data = root / "old"
+    _, out_a, _ = run_cli(capsys, "eval", original, "--data", old_data, "--device", "cpu")
+    code, out_b, err = run_cli(capsys, "eval", expanded, "--data", old_data, "--device", "cpu")
+    assert code == 0, err
+    a, b = json.loads(out_a), json.loads(out_b)
+    for name in ("disc", "square"):  # no old-class detection changed, so neither did their AP
+        assert b["per_class"][name]["ap"] == a["per_class"][name]["ap"]
+    code, out, err = run_cli(capsys, "predict", expanded, root / "rings" / "images" / "test", "--format", "json", "--conf", "0.05", "--device", "cpu")
+    assert code == 0, err
+    labels = {box["label"] for image in json.loads(out) for box in image["boxes"]}
+    assert "ring" in labels and labels <= {"disc", "square", "ring"}
+
+
+def test_expanding_twice_keeps_both_earlier_blocks(expanded, root, capsys) -> None:
+    hoops = write_yolo(root / "hoops", {"train": ring_scenes(12, 8, prefix="a"), "val": ring_scenes(4, 9, prefix="b")}, names=["hoop"])  # the same objects by a new name
+    out = root / "runs" / "twice"
+    code, _, err = run_cli(capsys, "expand", expanded, "--data", hoops, "--out", out, "--epochs", "3", "--quiet")
+    assert code == 0, err
+    info = json.loads((out / "model.json").read_text())
+    assert info["classes"] == ["disc", "square", "ring", "hoop"] and info["detector"]["class_blocks"] == [2, 1, 1]
+    assert [e["classes_before"] for e in info["expanded_from"]] == [2, 3]
+    m = json.loads((out / "expand_metrics.json").read_text())
+    assert m["old_classes"] == ["disc", "square", "ring"] and m["old_detections_unchanged"] == 1.0 and m["parameters"]["old_changed"] == 0
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cls_logits(load_run(out, device="cpu").model, images)[..., :3], cls_logits(load_run(expanded, device="cpu").model, images))
+
+
+def test_resume_from_a_snapshot_is_bit_exact(expanded, tmp_path, capsys) -> None:
+    snap = checkpoint.load_snapshot(expanded / "snapshots" / "epoch-0010")
+    assert snap["task"] == "detect" and snap["expand"]["new_classes"] == ["ring"]
+    code, _, err = run_cli(capsys, "expand", "--resume", expanded / "snapshots" / "epoch-0010", "--out", tmp_path / "resumed", "--quiet")
+    assert code == 0, err
+    a, b = load_file(str(expanded / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and not [k for k in a if not torch.equal(a[k], b[k])]
+    assert json.loads((tmp_path / "resumed" / "expand_metrics.json").read_text())["new_map"] == json.loads((expanded / "expand_metrics.json").read_text())["new_map"]
+
+
+def test_old_class_boxes_in_the_new_data_are_used_as_rehearsal(original, root, capsys) -> None:
+    data = write_coco(root / "rings+squares", {"train": ring_scenes(12, 10, names=("ring", "square"))}, category_ids=(1, 2), names=("ring", "square"))
+    out = root / "runs" / "rehearsal"
+    code, _, err = run_cli(capsys, "expand", original, "--data", data, "--out", out, "--epochs", "2", "--quiet")
+    assert code == 0, err
+    info = json.loads((out / "model.json").read_text())
+    assert info["classes"] == ["disc", "square", "ring"]  # "square" is the old class, at its old index
+    m = json.loads((out / "expand_metrics.json").read_text())
+    assert m["rehearsal"]["classes"] == ["square"] and m["rehearsal"]["boxes"] > 0 and m["old_detections_unchanged"] == 1.0
+
+
+def test_bad_requests_get_clear_errors(original, rings, root, tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "expand", original, "--data", root / "old", "--out", tmp_path / "a")
+    assert code == 2 and "nothing to add" in err and "Traceback" not in err
+    empty = write_yolo(tmp_path / "empty-class", {"train": ring_scenes(4, 11), "val": ring_scenes(2, 12, prefix="v")}, names=["ring", "star"])
+    code, _, err = run_cli(capsys, "expand", original, "--data", empty, "--out", tmp_path / "b")
+    assert code == 2 and "new class 'star' has no boxes" in err
+    folders = tmp_path / "folders" / "ring"
+    folders.mkdir(parents=True)
+    (folders / "a.png").write_bytes((root / "rings" / "images" / "train" / "new_000.png").read_bytes())
+    code, _, err = run_cli(capsys, "expand", original, "--data", folders.parent, "--out", tmp_path / "c")
+    assert code == 2 and "Traceback" not in err and str(folders.parent) in err
+    code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", tmp_path / "d", "--set", "model.name=test_resnet")
+    assert code == 2 and "model.name cannot change when expanding" in err
+    code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", tmp_path / "e", "--mode", "fine-tune")
+    assert code == 2 and "fine-tune is not built for detectors yet" in err
+    code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", original / "inside")
+    assert code == 2 and "write the expanded run to a new folder" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_classifier_given_boxes_is_told_so(tmp_path, rings, capsys) -> None:
+    from PIL import Image
+
+    for c in ("red", "blue"):
+        (tmp_path / "cls" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), c).save(tmp_path / "cls" / c / f"{i}.png")
+    assert main(["train", "--data", str(tmp_path / "cls"), "--out", str(tmp_path / "clf"), "--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "32",
+                 "--epochs", "1", "--fine-tune-epochs", "0", "--augment", "none", "--set", "train.head_lr=0.001", "--set", "data.num_workers=0", "--quiet"]) == 0
+    code, _, err = run_cli(capsys, "expand", tmp_path / "clf", "--data", rings, "--out", tmp_path / "x")
+    assert code == 2 and "holds box annotations" in err and "is a classifier" in err
