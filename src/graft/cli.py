@@ -131,10 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         "expand",
         help="add classes to a trained run without forgetting the old ones",
         description="Widen a finished run's last layer with the classes in --data (folders not named like an old class); "
-        "folders named like old classes are optional rehearsal images. Writes a new run with expand_metrics.json.",
+        "folders named like old classes are optional rehearsal images. Writes a new run with expand_metrics.json. "
+        "A detection run (or coco:MODEL, torchvision's COCO detector) takes boxes instead: COCO, YOLO or Pascal VOC, new classes by name.",
     )
-    x.add_argument("run", metavar="RUNDIR", nargs="?", help="the finished run to expand (not needed with --resume)")
-    x.add_argument("--data", metavar="DIR", help="folder of class folders: the new classes, and optionally some old ones")
+    x.add_argument("run", metavar="RUNDIR", nargs="?", help="the finished run to expand, or coco:MODEL for torchvision's COCO detector (not needed with --resume)")
+    x.add_argument("--data", metavar="DIR", help="classifier: folder of class folders; detector: boxes (COCO, YOLO, VOC). The new classes, and optionally some old ones")
     x.add_argument("--out", metavar="RUNDIR", help="run folder to write the expanded model to")
     x.add_argument("--mode", choices=["frozen", "fine-tune"], help="frozen (default): only the new rows learn; fine-tune: the backbone's top adapts too, with distillation")
     x.add_argument("--exemplars", type=_count, metavar="N", help="old-class images kept per class for rehearsal (herding), from old-class folders in --data or else the original training images")

@@ -18,7 +18,7 @@ from graft.train import checkpoint
 
 TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",
         "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "solver.base_lr=0.01", "--quiet"]
-EXPAND = ["--epochs", "30", "--set", "solver.base_lr=0.03", "--set", "solver.snapshot=10", "--quiet"]
+EXPAND = ["--epochs", "30", "--set", "solver.base_lr=0.01", "--set", "solver.snapshot=10", "--quiet"]
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -80,11 +80,21 @@ def test_frozen_expansion_keeps_the_old_classes_exactly_and_learns_the_new_one(o
         assert (expanded / name).is_file(), name
 
 
-def test_old_class_scores_are_bit_identical_after_loading(original, expanded) -> None:
+def old_detections(model, images: torch.Tensor, k: int) -> list[dict[str, torch.Tensor]]:
+    with torch.no_grad():
+        out = model.eval()(images)
+    return [{key: d[key][d["labels"] < k] for key in ("boxes", "scores", "labels")} for d in out]
+
+
+def test_old_class_scores_and_detections_are_bit_identical_after_loading(original, expanded) -> None:
     a, b = load_run(original, device="cpu").model, load_run(expanded, device="cpu").model
+    assert b.blocks == [("base", 2), ("branch", 1)] and len(b.branches) == 1  # the default: the new class has a detector of its own
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    before, after = cls_logits(a, images), cls_logits(b, images)
-    assert after.shape[-1] == 3 and torch.equal(after[..., :2], before)
+    assert torch.equal(cls_logits(b, images), cls_logits(a, images))  # the original detector, untouched
+    for x, y in zip(old_detections(a, images, 2), old_detections(b, images, 2)):
+        assert all(torch.equal(x[key], y[key]) for key in x)
+    with torch.no_grad():
+        assert any(((d["labels"] == 2).any() for d in b(images)))  # the merged output holds the new class too
 
 
 def test_eval_and_predict_of_the_expanded_run(original, expanded, root, capsys) -> None:
@@ -102,17 +112,23 @@ def test_eval_and_predict_of_the_expanded_run(original, expanded, root, capsys) 
 
 
 def test_expanding_twice_keeps_both_earlier_blocks(expanded, root, capsys) -> None:
+    """A branch, then a widened last layer: labels 0-1 and 3 come from the original detector, 2 from the branch."""
     hoops = write_yolo(root / "hoops", {"train": ring_scenes(12, 8, prefix="a"), "val": ring_scenes(4, 9, prefix="b")}, names=["hoop"])  # the same objects by a new name
     out = root / "runs" / "twice"
-    code, _, err = run_cli(capsys, "expand", expanded, "--data", hoops, "--out", out, "--epochs", "3", "--quiet")
+    code, _, err = run_cli(capsys, "expand", expanded, "--data", hoops, "--out", out, "--epochs", "3", "--set", "expand.detector_block=widen", "--quiet")
     assert code == 0, err
     info = json.loads((out / "model.json").read_text())
     assert info["classes"] == ["disc", "square", "ring", "hoop"] and info["detector"]["class_blocks"] == [2, 1, 1]
+    assert info["detector"]["block_kinds"] == ["base", "branch", "widen"]
     assert [e["classes_before"] for e in info["expanded_from"]] == [2, 3]
     m = json.loads((out / "expand_metrics.json").read_text())
     assert m["old_classes"] == ["disc", "square", "ring"] and m["old_detections_unchanged"] == 1.0 and m["parameters"]["old_changed"] == 0
+    twice, once = load_run(out, device="cpu").model, load_run(expanded, device="cpu").model
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(cls_logits(load_run(out, device="cpu").model, images)[..., :3], cls_logits(load_run(expanded, device="cpu").model, images))
+    widened = cls_logits(twice, images)
+    assert widened.shape[-1] == 3 and torch.equal(widened[..., :2], cls_logits(once, images))  # disc, square and the new hoop
+    for x, y in zip(old_detections(once, images, 3), old_detections(twice, images, 3)):
+        assert all(torch.equal(x[key], y[key]) for key in x)
 
 
 def test_resume_from_a_snapshot_is_bit_exact(expanded, tmp_path, capsys) -> None:
@@ -167,3 +183,38 @@ def test_a_classifier_given_boxes_is_told_so(tmp_path, rings, capsys) -> None:
                  "--epochs", "1", "--fine-tune-epochs", "0", "--augment", "none", "--set", "train.head_lr=0.001", "--set", "data.num_workers=0", "--quiet"]) == 0
     code, _, err = run_cli(capsys, "expand", tmp_path / "clf", "--data", rings, "--out", tmp_path / "x")
     assert code == 2 and "holds box annotations" in err and "is a classifier" in err
+
+
+def test_coco_model_gains_a_class_and_keeps_its_coco_scores(rings, tmp_path, monkeypatch, capsys) -> None:
+    """coco:fcos_resnet50_fpn, offline: a COCO-shaped weights file (91 categories, frozen BatchNorm
+    body, random values) in a private torch hub cache stands in for torchvision's download."""
+    from torchvision.models import get_model, get_model_weights
+
+    from graft.detection.torchvision_models import _freeze_batchnorm, build_torchvision_detector, coco_categories
+
+    name = "fcos_resnet50_fpn"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    coco = get_model(name, weights=None, weights_backbone=None, num_classes=91)
+    _freeze_batchnorm(coco.backbone.body)
+    target = Path(torch.hub.get_dir()) / "checkpoints" / get_model_weights(name).DEFAULT.url.rsplit("/", 1)[1]
+    target.parent.mkdir(parents=True)
+    torch.save(coco.state_dict(), target)
+    out = tmp_path / "coco+ring"
+    code, _, err = run_cli(capsys, "expand", f"coco:{name}", "--data", rings, "--out", out, "--epochs", "1", "--batch-size", "8", "--set", "data.img_size=64", "--set", "data.num_workers=0", "--device", "cpu")
+    assert code == 0, err
+    assert f"expanding coco:{name} (91 classes, fcos)" in err
+    info = json.loads((out / "model.json").read_text())
+    categories = coco_categories(name)
+    assert len(info["classes"]) == 92 and info["classes"][-1] == "ring" and info["detector"]["class_blocks"] == [91, 1]
+    assert info["preprocessing"]["input_size"] == 64 and info["detector"]["block_kinds"] == ["base", "branch"]  # the size asked for, not graft's default
+    assert info["classes"][1] == categories[1] == "person" and info["classes"][12] == "N/A 12" and len(set(info["classes"])) == 92
+    m = json.loads((out / "expand_metrics.json").read_text())
+    assert m["parameters"]["old_changed"] == 0 and m["old_map_before"] is None and "COCO val" in m["note"]
+    # the expanded run's COCO outputs are the COCO model's, bit for bit
+    original, _ = build_torchvision_detector(name, 91, weights="coco", size=64, score_thresh=0.05, nms_thresh=0.5, detections=100, keep_coco_classes=True)
+    expanded = load_run(out, device="cpu").model
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(cls_logits(expanded, images)[..., :91], cls_logits(original.eval(), images))
+    code, _, err = run_cli(capsys, "expand", "coco:fasterrcnn_mobilenet_v3_large_fpn", "--data", rings, "--out", tmp_path / "frcnn")
+    assert code == 2 and "sigmoid-head detectors" in err

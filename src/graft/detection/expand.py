@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graft.config import GraftConfig, parse_config, resolve_config
+from graft.config import GraftConfig, LayerRule, parse_config, resolve_config
 from graft.data.dataset import default_workers, eval_loader
 from graft.detection.autotune import FALLBACK
 from graft.detection.boxes import BoxSample
@@ -38,12 +38,14 @@ from graft.detection.dataset import BoxDataset
 from graft.detection.metrics import Prediction, detection_metrics
 from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask, collect_detections
-from graft.detection.widen import SIGMOID_HEADS, BlockConv2d, class_blocks, widen_detector
+from graft.detection.widen import SIGMOID_HEADS, add_block, block_kinds
 from graft.errors import ConfigError, DataError, SnapshotError
 from graft.io import read_json, write_json
 from graft.train import checkpoint
 from graft.train.embeddings import file_digest
 from graft.train.loop import Phase
+
+EXPAND_SNAPSHOT = 10  # numbered snapshots every 10 epochs: a detector is large, only its new block changes
 
 # Keys that define the detector's architecture and input: an expansion keeps the source run's.
 FIXED_KEYS = (("model", "name"), ("data", "img_size"), ("detect", "head"), ("detect", "levels"), ("detect", "level_sizes"), ("detect", "head_convs"))
@@ -51,12 +53,13 @@ FIXED_KEYS = (("model", "name"), ("data", "img_size"), ("detect", "head"), ("det
 
 @dataclass
 class DetectionSource:
-    """A finished detection run being expanded."""
+    """The detector being expanded: a finished detection run, or torchvision's COCO model."""
 
-    dir: Path
-    info: dict[str, Any]  # its model.json
+    name: str  # the run folder, or coco:MODEL
+    dir: Path | None  # the run folder (None for torchvision's COCO model)
+    info: dict[str, Any]  # its model.json (for a COCO model, the same facts)
     model: GraftDetector  # on the CPU, in eval mode
-    digest: str  # sha256 of its model.safetensors: a resumed expansion checks it is the same model
+    digest: str  # sha256 of its weights file: a resumed expansion checks it is the same model
     splits: DetectionSplits | None  # its data split, for its held-out images (None without splits.json)
 
     @property
@@ -71,7 +74,45 @@ def load_detection_source(run_dir: Path, model: GraftDetector, info: dict[str, A
             splits = DetectionSplits.from_json(read_json(run_dir / "splits.json"))
         except (DataError, ValueError, KeyError):
             splits = None
-    return DetectionSource(run_dir, info, model.eval(), file_digest(run_dir / "model.safetensors"), splits)
+    return DetectionSource(str(run_dir), run_dir, info, model.eval(), file_digest(run_dir / "model.safetensors"), splits)
+
+
+def coco_source(spec: str) -> DetectionSource:
+    """``coco:MODEL``: torchvision's detector with its COCO weights and all its COCO classes, at
+    graft's detection input size (``--img-size`` changes it). The weights come from torch's hub
+    cache, downloaded there on a machine with internet."""
+    from graft.detection.build import input_size
+    from graft.detection.runner import apply_detection_defaults
+    from graft.detection.torchvision_models import DETECTORS, build_torchvision_detector, coco_class_names, coco_weights_file
+
+    name = spec.removeprefix("coco:")
+    if name not in DETECTORS:
+        raise ConfigError(f"{spec}: coco: takes one of torchvision's detectors ({', '.join(DETECTORS)})")
+    if DETECTORS[name] not in SIGMOID_HEADS:
+        raise ConfigError(f"{spec} is a {DETECTORS[name]} detector: graft expand adds classes to sigmoid-head detectors so far "
+                          f"(coco:{', coco:'.join(n for n, k in DETECTORS.items() if k in SIGMOID_HEADS)}); a softmax head's old scores would change")
+    cfg = parse_config({"task": "detect", "model": {"name": name, "weights": "coco"}})
+    apply_detection_defaults(cfg)
+    d = cfg.detect
+    classes = coco_class_names(name)
+    model, facts = build_torchvision_detector(name, len(classes), weights="coco", size=input_size(cfg), score_thresh=d.score_thresh, nms_thresh=d.nms_iou, detections=d.max_detections, bn_inference=cfg.model.bn_inference, keep_coco_classes=True)
+    model.frozen_bn = facts["frozen_bn"]
+    info = {
+        "task": "detect", "classes": classes, "num_classes": len(classes), "config": cfg.to_dict(),
+        "backbone": {"name": name, "weights": facts["source"]},
+        "detector": {"head": model.head_kind, "level_sizes": model.level_sizes, "frozen_bn": model.frozen_bn, "class_blocks": [len(classes)]},
+    }
+    return DetectionSource(spec, None, info, model.eval(), file_digest(coco_weights_file(name)), None)
+
+
+def with_input_size(source: DetectionSource, size: int) -> None:
+    """A COCO model at another input size (a graft run keeps the size it was trained at)."""
+    from graft.detection.model import InputBatch
+
+    t = source.model.detector.transform
+    source.model.detector.transform = InputBatch(size, t.image_mean, t.image_std)
+    source.model.size = size
+    source.info["config"]["data"]["img_size"] = size
 
 
 def detection_expand_config(source: DetectionSource, data_dir: str | os.PathLike | None, *, config_file: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), flags: dict[str, Any] | None = None) -> GraftConfig:
@@ -81,17 +122,21 @@ def detection_expand_config(source: DetectionSource, data_dir: str | os.PathLike
     base["data"]["dir"] = str(data_dir) if data_dir is not None else None
     if base["data"].get("augment") == "auto":  # a run stores what it decided; an older one may not have
         base["data"]["augment"] = FALLBACK
-    base["model"].update(weights=str(source.dir), reinit=[])
+    base["model"].update(weights=str(source.dir) if source.dir is not None else "coco", reinit=[])
     base["train"]["strategy"] = "feature-extract"
-    base["expand"] = {"source": str(source.dir)}
+    base["solver"]["snapshot"] = EXPAND_SNAPSHOT  # `last` is still written every epoch
+    base["expand"] = {"source": source.name}
     base["task"] = "detect"
     cfg = resolve_config(config_file, overrides, {k: v for k, v in (flags or {}).items() if k != "task"}, base=base)
     for section, key in FIXED_KEYS:
-        if getattr(getattr(cfg, section), key) != base[section].get(key):
-            raise ConfigError(f"{section}.{key} cannot change when expanding: the old classes were trained with {source.dir}'s ({base[section].get(key)!r}); train a new run for another")
+        changed = getattr(getattr(cfg, section), key) != base[section].get(key)
+        if changed and source.dir is None and (section, key) == ("data", "img_size"):
+            with_input_size(source, cfg.data.img_size)
+        elif changed:
+            raise ConfigError(f"{section}.{key} cannot change when expanding: the old classes were trained with {source.name}'s ({base[section].get(key)!r}); train a new run for another")
     head = source.model.head_kind
     if head not in SIGMOID_HEADS:
-        raise ConfigError(f"{source.dir} is a {head} detector: graft expand adds classes to sigmoid-head detectors ({', '.join(SIGMOID_HEADS)}) so far; "
+        raise ConfigError(f"{source.name} is a {head} detector: graft expand adds classes to sigmoid-head detectors ({', '.join(SIGMOID_HEADS)}) so far; "
                           "for a softmax head (fasterrcnn, ssd) the old classes' scores would change")
     if cfg.expand.mode != "frozen":
         raise ConfigError("expand.mode fine-tune is not built for detectors yet: use the default frozen mode (backbone, boxes and old classes unchanged; the new classes learn)")
@@ -99,8 +144,8 @@ def detection_expand_config(source: DetectionSource, data_dir: str | os.PathLike
         raise ConfigError("--exemplars is for classifier runs; for a detector, put boxes of old classes (named as in the run) in --data to use them as rehearsal")
     if cfg.model.reinit:
         raise ConfigError("model.reinit cannot be used with graft expand: re-initialising layers would forget the old classes")
-    if cfg.expand.source is None or Path(cfg.expand.source).resolve() != source.dir.resolve():
-        raise ConfigError(f"expand.source is set by graft expand to the run being expanded ({source.dir}); leave it out of the config")
+    if cfg.expand.source != source.name:
+        raise ConfigError(f"expand.source is set by graft expand to the detector being expanded ({source.name}); leave it out of the config")
     if not cfg.data.dir:
         raise ConfigError("no data: pass --data DIR with boxes of the new classes (COCO, YOLO or Pascal VOC)")
     if cfg.train.epochs == 0:
@@ -121,7 +166,7 @@ def gather_boxes(cfg: GraftConfig, source: DetectionSource) -> tuple[DetectionSp
     old = source.classes
     new = [c for c in scanned.classes if c not in old]
     if not new:
-        raise DataError(f"{cfg.data.dir} only has classes {source.dir} already detects ({', '.join(scanned.classes)}): nothing to add. "
+        raise DataError(f"{cfg.data.dir} only has classes {source.name} already detects ({', '.join(scanned.classes)}): nothing to add. "
                         "Boxes of new classes need names the run does not have")
     classes = old + new
     index = np.asarray([classes.index(c) for c in scanned.classes], dtype=np.int64)
@@ -167,8 +212,11 @@ def restrict_predictions(preds: list[Prediction], keep: range) -> list[Predictio
 
 def old_parameters(model: GraftDetector) -> tuple[str, ...]:
     """Every parameter but the newest class block's: what frozen mode keeps as it was."""
-    newest = len(class_blocks(model)) - 1
-    learns = f"detector.head.classification_head.cls_logits.blocks.{newest}."
+    kinds = block_kinds(model)
+    if kinds[-1] == "branch":
+        learns = f"branches.{len(model.branches) - 1}."
+    else:  # the newest of the base detector's last-layer blocks
+        learns = f"detector.head.classification_head.cls_logits.blocks.{sum(k != 'branch' for k in kinds) - 1}."
     return tuple(n for n, _ in model.named_parameters() if not n.startswith(learns))
 
 
@@ -208,8 +256,10 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         source = load_source(cfg.expand.source)
         run_dir = Path(out)
         replace = holds_run(run_dir)
+    if source.dir is None and cfg.data.img_size and cfg.data.img_size != source.model.size:
+        with_input_size(source, cfg.data.img_size)  # a COCO model at the size the expansion chose
     inside = run_dir.resolve()
-    if inside == source.dir.resolve() or source.dir.resolve() in inside.parents:
+    if source.dir is not None and (inside == source.dir.resolve() or source.dir.resolve() in inside.parents):
         raise ConfigError(f"--out {run_dir} is (inside) the run being expanded, {source.dir}; write the expanded run to a new folder")
     if replace and not overwrite:
         raise ConfigError(f"{run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
@@ -219,23 +269,32 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
     k = len(old)
 
     model = copy.deepcopy(source.model)
-    added = widen_detector(model, len(new), seed=cfg.solver.seed)
+    added = add_block(model, cfg.expand.detector_block, len(new), seed=cfg.solver.seed)
     if payload is not None:
         model.load_state_dict(payload["model"])
+    elif cfg.expand.detector_block == "branch":
+        # The branch's neck and heads start from trained weights: they are fine-tuned (at
+        # train.fine_tune_lr_mult), only its fresh class layer learns at the full rate. Adam's first
+        # full-rate steps on a trained box head push every FCOS box distance below zero, for good.
+        # Saved in the config, so a resumed expansion uses the same groups; the user's rules come first.
+        i = len(model.branches) - 1
+        cfg.model.lr_mult = [*cfg.model.lr_mult, LayerRule(pattern=f"branches.{i}.head.classification_head.cls_logits", lr_mult=1.0),
+                             LayerRule(pattern=f"branches.{i}", lr_mult=cfg.train.fine_tune_lr_mult)]
     phases = [Phase("feature-extract", cfg.train.epochs, None, cfg.solver.base_lr, freeze=old_parameters(model))]
     _, aug = augmentation(cfg)
     device = select_device(cfg.train.device)
-    lineage = list(source.info.get("expanded_from", [])) + [{"run": str(source.dir), "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode}]
+    lineage = list(source.info.get("expanded_from", [])) + [{"run": source.name, "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode, "block": cfg.expand.detector_block}]
     if replace:
         stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with keeping_replaced_run(run_dir):
         rehearsal = spec["rehearsal"]
-        say(f"expanding {source.dir} ({k} classes, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode frozen: only the new classes' block learns"
+        how = "a neck and heads of their own (copied from the old ones) learn" if cfg.expand.detector_block == "branch" else "only their outputs of the last layer learn"
+        say(f"expanding {source.name} ({k} classes, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode frozen: the old detector stays as it was, for the new classes {how}"
             + (f"; {rehearsal['boxes']} boxes of old classes ({', '.join(rehearsal['classes'])}) are negatives for it" if rehearsal["boxes"] else ""))
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, list(hooks), extra={"expand": spec, "expanded_from": lineage})
         metrics = expansion_metrics(source, model, splits, k, cfg, device)
-        metrics.update(mode=cfg.expand.mode, source=str(source.dir), rehearsal=rehearsal, parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
+        metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
         write_json(run_dir / "expand_metrics.json", metrics)
     say(f"done: old classes mAP {_fmt(metrics['old_map_before'])} -> {_fmt(metrics['old_map_after'])} ({metrics['old_split']}), "
         f"new classes mAP {_fmt(metrics['new_map'])} ({metrics['new_split']}), overall {_fmt(metrics['overall_map'])}; results in {run_dir}")
@@ -277,7 +336,7 @@ def expansion_metrics(source: DetectionSource, model: GraftDetector, splits: Det
     src = source.splits
     old_split, old_samples = held_out([("test", src.test), ("val", src.val)] if src is not None else [])
     new_split, new_samples = held_out([("test", splits.test), ("val", splits.val)])
-    out: dict[str, Any] = {"old_classes": old_classes, "new_classes": new_classes, "old_split": f"{source.dir.name} {old_split}" if old_split else None, "new_split": new_split, "old_images": len(old_samples), "new_images": len(new_samples)}
+    out: dict[str, Any] = {"old_classes": old_classes, "new_classes": new_classes, "old_split": f"{Path(source.name).name} {old_split}" if old_split else None, "new_split": new_split, "old_images": len(old_samples), "new_images": len(new_samples)}
     before = after = None
     if old_samples:
         teacher_preds, preds = detect(source.model, old_samples), detect(model, old_samples)
@@ -286,7 +345,8 @@ def expansion_metrics(source: DetectionSource, model: GraftDetector, splits: Det
         same = sum(np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores) and np.array_equal(a.labels, b.labels) for a, b in zip(teacher_preds, kept))
         out["old_detections_unchanged"] = same / len(old_samples)
     else:
-        out["note"] = f"the old classes could not be measured: none of {source.dir}'s held-out images are on disk"
+        out["note"] = (f"the old classes could not be measured: none of {source.name}'s held-out images are on disk" if source.dir is not None else
+                       f"the old classes are not measured: {source.name}'s held-out images (COCO val) are not at hand; in frozen mode their detections are the COCO model's by construction")
     new = score(new_samples, detect(model, new_samples), new_range, new_classes) if new_samples else None
     ap = {**({c: v["ap"] for c, v in after["per_class"].items()} if after else {}), **({c: v["ap"] for c, v in new["per_class"].items()} if new else {})}
     measured = [v for v in ap.values() if v is not None]
@@ -304,10 +364,9 @@ def expansion_metrics(source: DetectionSource, model: GraftDetector, splits: Det
 def parameter_changes(original: GraftDetector, expanded: GraftDetector, added: dict[str, int]) -> dict[str, int]:
     """Counted by comparing tensors: the old parameters whose value changed, and the new ones."""
     before = dict(original.named_parameters())
-    widened_before = isinstance(original.detector.head.classification_head.cls_logits, BlockConv2d)
     changed = unchanged = new = 0
     for name, param in expanded.named_parameters():
-        old_name = name if widened_before else name.replace("cls_logits.blocks.0.", "cls_logits.")
+        old_name = name if name in before else name.replace("cls_logits.blocks.0.", "cls_logits.")  # the first widening made the old layer block 0
         if old_name in before and before[old_name].shape == param.shape:
             diff = int((before[old_name].detach().cpu() != param.detach().cpu()).sum())
             changed += diff

@@ -87,6 +87,11 @@ class GraftDetector(nn.Module):
         self.label_offset = 1 if head in SOFTMAX_HEADS else 0
         self.cached_features: list[torch.Tensor] | None = None  # set for one forward by a cached phase
         detector.backbone.source = self.features
+        # Classes in blocks, in label order: ("base", K), then what graft expand added
+        # (graft.detection.widen): "widen" blocks live in ``detector``'s last layer, each "branch"
+        # block is a detector of its own in ``branches`` (neck and heads) over the shared backbone.
+        self.blocks: list[tuple[str, int]] = [("base", classes)]
+        self.branches = nn.ModuleList()
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's feature maps; without autograd when nothing in the backbone learns."""
@@ -111,17 +116,69 @@ class GraftDetector(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
         """Training: a dict of loss terms. Evaluation: per image ``boxes`` (xyxy pixels of the
-        input), ``scores`` and ``labels`` (0..K-1)."""
+        input), ``scores`` and ``labels`` (0..K-1).
+
+        With branches, training trains the detector that holds the newest class block, on the
+        boxes of its own classes (the others are background to it); evaluation runs the backbone
+        once and merges every detector's detections, in score order, with their global labels."""
         if self.training:
             if targets is None:
                 raise ValueError("a detector in training mode needs targets")
-            shifted = [{"boxes": t["boxes"].float(), "labels": t["labels"] + self.label_offset} for t in targets]
-            return self.detector(images, shifted)
-        out = self.detector(images)
-        if self.label_offset:
-            for o in out:
-                o["labels"] = o["labels"] - self.label_offset
-        return out
+            if not self.branches:
+                shifted = [{"boxes": t["boxes"].float(), "labels": t["labels"] + self.label_offset} for t in targets]
+                return self.detector(images, shifted)
+            owner = self.block_owners()[-1]
+            table = torch.tensor(self.label_tables()[owner], device=images.device)
+            local = []
+            for t in targets:
+                hit = t["labels"][:, None] == table[None, :]
+                keep = hit.any(1)
+                local.append({"boxes": t["boxes"][keep].float(), "labels": hit[keep].float().argmax(1) + (self.label_offset if owner == 0 else 0)})
+            return self.owner(owner)(images, local)
+        if not self.branches:
+            out = self.detector(images)
+            if self.label_offset:
+                for o in out:
+                    o["labels"] = o["labels"] - self.label_offset
+            return out
+        shared = self.cached_features is None
+        if shared:  # the backbone once, for every detector
+            self.cached_features = self.backbone_features(images)
+        try:
+            per_owner = [self.owner(i)(images) for i in range(1 + len(self.branches))]
+        finally:
+            if shared:
+                self.cached_features = None
+        tables = self.label_tables()
+        merged = []
+        for image_outs in zip(*per_owner):
+            labels = [torch.tensor(tables[i], device=o["labels"].device, dtype=torch.long)[o["labels"] - (self.label_offset if i == 0 else 0)] for i, o in enumerate(image_outs)]
+            scores = torch.cat([o["scores"] for o in image_outs])
+            order = torch.argsort(scores, descending=True, stable=True)
+            merged.append({"boxes": torch.cat([o["boxes"] for o in image_outs])[order], "scores": scores[order], "labels": torch.cat(labels)[order]})
+        return merged
+
+    def owner(self, index: int) -> nn.Module:
+        """Detector 0 is ``detector``, detector i > 0 the branch ``branches[i - 1]``."""
+        return self.detector if index == 0 else self.branches[index - 1]
+
+    def block_owners(self) -> list[int]:
+        """For each class block, the index of the detector that scores it."""
+        owners, branch = [], 0
+        for kind, _ in self.blocks:
+            if kind == "branch":
+                branch += 1
+            owners.append(branch if kind == "branch" else 0)
+        return owners
+
+    def label_tables(self) -> list[list[int]]:
+        """For each detector, the global label of each of its local labels."""
+        tables: list[list[int]] = [[] for _ in range(1 + len(self.branches))]
+        start = 0
+        for owner, (_, n) in zip(self.block_owners(), self.blocks):
+            tables[owner].extend(range(start, start + n))
+            start += n
+        return tables
 
 
 # ---------------------------------------------------------------------------------- building

@@ -59,16 +59,16 @@ class TrainedDetector:
         cfg = parse_config(info["config"], str(run_dir / "model.json"))
         blocks = info["detector"].get("class_blocks") or [int(info["num_classes"])]
         model, _ = build_detection_model(cfg, int(blocks[0]), load_weights=False, level_sizes=info["detector"]["level_sizes"], frozen_bn=info["detector"].get("frozen_bn"))
-        rebuild_blocks(model, blocks)  # an expanded detector: its added classes as blocks of their own
+        rebuild_blocks(model, blocks, info["detector"].get("block_kinds"))  # an expanded detector: its added classes as blocks of their own
         model.load_state_dict(weights)
         return cls(model, info, run_dir, device)
 
     def _set_thresholds(self, conf: float, iou: float | None) -> None:
-        d = self.model.detector
-        holder = d.roi_heads if hasattr(d, "roi_heads") else d
-        holder.score_thresh = min(conf, float(self.info["detector"]["score_thresh"]))
-        if iou is not None:
-            holder.nms_thresh = iou
+        for d in [self.model.detector, *self.model.branches]:
+            holder = d.roi_heads if hasattr(d, "roi_heads") else d
+            holder.score_thresh = min(conf, float(self.info["detector"]["score_thresh"]))
+            if iou is not None:
+                holder.nms_thresh = iou
 
     @torch.inference_mode()
     def predict(self, inputs: list[str | os.PathLike], *, conf: float | None = None, iou: float | None = None, batch_size: int = 8) -> list[ImageDetections]:

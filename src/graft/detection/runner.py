@@ -31,7 +31,7 @@ from graft.detection.metrics import detection_metrics
 from graft.detection.model import GraftDetector
 from graft.detection.plots import plot_detections, plot_per_class_ap, plot_pr_curves
 from graft.detection.task import DetectionTask, collect_detections
-from graft.detection.widen import class_blocks
+from graft.detection.widen import block_kinds, class_blocks
 from graft.errors import ConfigError, SnapshotError
 from graft.io import write_json, write_text
 from graft.report import plot_learning_curves, write_history_csv
@@ -110,7 +110,7 @@ def run_info(cfg: GraftConfig, splits: DetectionSplits, model: GraftDetector, ph
         "detector": {
             "head": model.head_kind, "levels": cfg.detect.levels, "strides": model.strides, "level_sizes": model.level_sizes, "head_convs": cfg.detect.head_convs,
             "score_thresh": cfg.detect.score_thresh, "nms_iou": cfg.detect.nms_iou, "max_detections": cfg.detect.max_detections, "label_offset": model.label_offset, "frozen_bn": getattr(model, "frozen_bn", None),
-            "class_blocks": class_blocks(model),
+            "class_blocks": class_blocks(model), "block_kinds": block_kinds(model),
         },
         "preprocessing": {"input_size": model.size, "resize": "longer side to input_size, bilinear, antialiased", "pad": "bottom and right to input_size x input_size, value 114", "mean": list(mean), "std": list(std), "range": "0..1 before normalising"},
         "output": {"boxes": "xyxy pixels of the original image", "labels": "indices into classes", "scores": "0..1"},
@@ -221,7 +221,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
             build_caches(aug)
         return PhaseData(caches["train"], caches["val"], forward=model, workers=0)
 
-    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes, "frozen_bn": getattr(model, "frozen_bn", None), "class_blocks": class_blocks(model)}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights, **(extra or {})}
+    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes, "frozen_bn": getattr(model, "frozen_bn", None), "class_blocks": class_blocks(model), "block_kinds": block_kinds(model)}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights, **(extra or {})}
     if decision is not None:
         static["decided"] = decision.to_dict()
     elif payload is not None and "decided" in payload:

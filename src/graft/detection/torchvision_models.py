@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,9 +89,21 @@ def coco_categories(name: str) -> list[str]:
     return list(get_model_weights(name).DEFAULT.meta["categories"])
 
 
-def build_torchvision_detector(name: str, num_classes: int, *, weights: str, size: int, score_thresh: float, nms_thresh: float, detections: int, frozen_bn: bool | None = None, bn_inference: bool = True) -> tuple[GraftDetector, dict[str, Any]]:
+def coco_class_names(name: str) -> list[str]:
+    """The COCO weights' categories as graft class names, one per output of a sigmoid head (whose
+    label i is category i): the unused slots get unique names ("N/A 12"), as names must be."""
+    return [f"{c} {i}" if c == "N/A" else c for i, c in enumerate(coco_categories(name))]
+
+
+def coco_weights_file(name: str) -> Path:
+    """Where torchvision keeps the model's COCO weights once downloaded (torch's hub cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / get_model_weights(name).DEFAULT.url.rsplit("/", 1)[1]
+
+
+def build_torchvision_detector(name: str, num_classes: int, *, weights: str, size: int, score_thresh: float, nms_thresh: float, detections: int, frozen_bn: bool | None = None, bn_inference: bool = True, keep_coco_classes: bool = False) -> tuple[GraftDetector, dict[str, Any]]:
     """(detector, facts for the weights report). ``weights``: coco | none (``frozen_bn`` says
-    whether the model being rebuilt had torchvision's frozen BatchNorm)."""
+    whether the model being rebuilt had torchvision's frozen BatchNorm). With
+    ``keep_coco_classes`` the COCO class predictor stays (``num_classes``: the weights' categories)."""
     kind = DETECTORS[name]
     offset = 1 if kind in SOFTMAX_HEADS else 0
     if weights == "coco":
@@ -99,7 +112,10 @@ def build_torchvision_detector(name: str, num_classes: int, *, weights: str, siz
             model = get_model(name, weights=enum, trainable_backbone_layers=5)
         except Exception as err:  # no internet and no cached file, a damaged file, ...
             raise WeightsError(f"could not load torchvision's COCO weights for {name} ({type(err).__name__}: {str(err)[:200]}); on a machine without internet, put {enum.url.rsplit('/', 1)[1]} into {torch.hub.get_dir()}/checkpoints/") from None
-        _replace_predictor(model, kind, num_classes + offset)
+        if not keep_coco_classes:
+            _replace_predictor(model, kind, num_classes + offset)
+        elif kind in SOFTMAX_HEADS or num_classes != len(enum.meta["categories"]):  # a sigmoid head's output i is category i
+            raise WeightsError(f"keeping the COCO classes of {name} is built for sigmoid heads, with all {len(enum.meta['categories'])} categories")
         facts = {"source": f"torchvision:{name} ({enum})", "coco_classes": len(enum.meta["categories"])}
     elif weights == "none":
         model = get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + offset)

@@ -1,8 +1,15 @@
-"""Widening a trained detector from K to K+N classes without touching the old ones (issue: detector
-expansion). This module is the surgery; ``graft.detection.expand`` trains the new block.
+"""Adding classes to a trained detector without touching the old ones (issue: detector expansion).
+This module is the surgery; ``graft.detection.expand`` trains the new block. Two ways:
+
+- ``add_branch``: the new classes get a detector of their own (a copy of the neck and heads, a
+  fresh classification layer) over the shared backbone; ``GraftDetector`` merges the detections.
+  The original detector is not touched at all. Costs a second neck and head at inference.
+- ``widen_detector``: the new classes become new outputs of the last classification layer; only
+  that layer's new block learns, on the old neck and towers. No extra inference cost, but the new
+  classes must make do with features and box regression trained for the old ones.
 
 For the sigmoid heads (FCOS, RetinaNet), a class's score at a location depends on its own logit
-alone, so the old classes keep their scores exactly when the old logits do:
+alone, so the old classes keep their scores exactly when the old logits do. When widening:
 
 - the last classification conv becomes a ``BlockConv2d``: the original conv as the old block, a
   fresh one for the new classes, their outputs interleaved in torchvision's (anchor, class)
@@ -15,6 +22,7 @@ alone, so the old classes keep their scores exactly when the old logits do:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,43 +87,87 @@ class BlockPostprocess:
 
 
 def class_blocks(model: GraftDetector) -> list[int]:
-    """Classes per block of the classification head (one block for a detector never widened)."""
-    head = getattr(model.detector, "head", None)
-    conv = getattr(getattr(head, "classification_head", None), "cls_logits", None)
-    return list(conv.classes) if isinstance(conv, BlockConv2d) else [model.num_classes]
+    """Classes per block, in label order (one block for a detector never expanded)."""
+    return [n for _, n in model.blocks]
+
+
+def block_kinds(model: GraftDetector) -> list[str]:
+    """How each block was added: base, widen (new outputs of the last layer), branch (a detector of its own)."""
+    return [kind for kind, _ in model.blocks]
+
+
+def _new_class_conv(like: nn.Conv2d, outputs: int, seed: int) -> nn.Conv2d:
+    """A classification conv as torchvision initialises one: small weights, the prior's bias."""
+    conv = nn.Conv2d(like.in_channels, outputs, kernel_size=like.kernel_size, stride=like.stride, padding=like.padding)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nn.init.normal_(conv.weight, std=0.01)
+    nn.init.constant_(conv.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+    return conv.to(device=like.weight.device, dtype=like.weight.dtype)
+
+
+def _check_sigmoid(model: GraftDetector, new_classes: int) -> None:
+    if model.head_kind not in SIGMOID_HEADS:
+        raise ValueError(f"adding classes to a {model.head_kind} head is not built yet: only {', '.join(SIGMOID_HEADS)} (sigmoid scores) keep old scores by construction")
+    if new_classes < 1:
+        raise ValueError("no new classes to add")
 
 
 def widen_detector(model: GraftDetector, new_classes: int, *, seed: int = 0) -> dict[str, int]:
     """Add ``new_classes`` outputs to a sigmoid-head detector, old classes unchanged; returns the
     counts of new parameters. Call it again to add more (each addition is a block of its own)."""
-    if model.head_kind not in SIGMOID_HEADS:
-        raise ValueError(f"widening a {model.head_kind} head is not built yet: only {', '.join(SIGMOID_HEADS)} (sigmoid scores) keep old scores by construction")
-    if new_classes < 1:
-        raise ValueError("no new classes to add")
+    _check_sigmoid(model, new_classes)
     head = model.detector.head.classification_head
     old = head.cls_logits
     anchors = head.num_anchors
     blocks = list(old.blocks) if isinstance(old, BlockConv2d) else [old]
-    classes = class_blocks(model)
-    first = blocks[0]
-    new = nn.Conv2d(first.in_channels, anchors * new_classes, kernel_size=first.kernel_size, stride=first.stride, padding=first.padding)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        nn.init.normal_(new.weight, std=0.01)  # as torchvision initialises a classification head
-    nn.init.constant_(new.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
-    new.to(device=first.weight.device, dtype=first.weight.dtype)
+    classes = list(old.classes) if isinstance(old, BlockConv2d) else [head.num_classes]
+    new = _new_class_conv(blocks[0], anchors * new_classes, seed)
     head.cls_logits = BlockConv2d([*blocks, new], anchors, [*classes, new_classes])
     head.num_classes = sum(classes) + new_classes
-    model.num_classes = head.num_classes
     detector = model.detector
     base = detector.postprocess_detections.postprocess if isinstance(detector.postprocess_detections, BlockPostprocess) else detector.postprocess_detections
     detector.postprocess_detections = BlockPostprocess(base, head.cls_logits.classes)
+    model.blocks.append(("widen", new_classes))
+    model.num_classes += new_classes
     return {"new_parameters": sum(p.numel() for p in new.parameters())}
 
 
-def rebuild_blocks(model: GraftDetector, blocks: Sequence[int] | None) -> GraftDetector:
-    """A detector built with ``blocks[0]`` classes, widened block by block to a saved layout
-    (``model.json``'s ``detector.class_blocks``), ready for the saved weights."""
-    for n in list(blocks or [])[1:]:
-        widen_detector(model, int(n))
+def add_branch(model: GraftDetector, new_classes: int, *, seed: int = 0) -> dict[str, int]:
+    """Add ``new_classes`` as a detector of their own over the shared backbone: a copy of the
+    detector's neck and heads (a warm start) with a fresh classification layer. The original
+    detector is not touched, so its scores and detections stay exactly as they were, and the new
+    classes get a neck, towers and box regression that can learn what the old ones never saw."""
+    _check_sigmoid(model, new_classes)
+    neck = model.detector.backbone
+    source = neck.__dict__.pop("source")  # a bound method of the whole model: not to be copied
+    try:
+        branch = copy.deepcopy(model.detector)
+    finally:
+        neck.source = source
+    branch.backbone.source = model.features
+    branch.__dict__.pop("postprocess_detections", None)  # the class's own, not a widened head's blocks
+    head = branch.head.classification_head
+    old = head.cls_logits
+    head.cls_logits = _new_class_conv(old.blocks[0] if isinstance(old, BlockConv2d) else old, head.num_anchors * new_classes, seed)
+    head.num_classes = new_classes
+    model.branches.append(branch)
+    model.blocks.append(("branch", new_classes))
+    model.num_classes += new_classes
+    return {"new_parameters": sum(p.numel() for p in branch.parameters())}
+
+
+def rebuild_blocks(model: GraftDetector, blocks: Sequence[int] | None, kinds: Sequence[str] | None = None) -> GraftDetector:
+    """A detector built with ``blocks[0]`` classes, expanded block by block to a saved layout
+    (``model.json``'s ``detector.class_blocks`` and ``block_kinds``), ready for the saved weights."""
+    blocks = list(blocks or [])
+    kinds = list(kinds or ["base"] + ["widen"] * (len(blocks) - 1))
+    for kind, n in zip(kinds[1:], blocks[1:]):
+        (add_branch if kind == "branch" else widen_detector)(model, int(n))
     return model
+
+
+def add_block(model: GraftDetector, kind: str, new_classes: int, *, seed: int = 0) -> dict[str, int]:
+    if kind not in ("branch", "widen"):
+        raise ValueError(f"a class block is added as branch or widen, not {kind!r}")
+    return (add_branch if kind == "branch" else widen_detector)(model, new_classes, seed=seed)

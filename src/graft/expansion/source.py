@@ -48,6 +48,10 @@ def load_source(run_dir: str | os.PathLike) -> Source | DetectionSource:
     """The finished run at ``run_dir``: a ``Source`` for a classifier, a ``DetectionSource`` for a detector."""
     from graft.predict import TrainedModel
 
+    if str(run_dir).startswith("coco:"):  # torchvision's COCO detector, with its COCO classes
+        from graft.detection.expand import coco_source
+
+        return coco_source(str(run_dir))
     run_dir = Path(run_dir).resolve()  # recorded in the expansion's snapshots: must work from any folder
     trained = TrainedModel.load(run_dir, device="cpu")
     if not isinstance(trained, TrainedModel):

@@ -1,0 +1,270 @@
+"""Adding classes to a trained detector: graft expand against the usual recipes, on real images.
+
+    .venv/bin/python benchmarks/expand_detection.py [--report val|test] [--seed 0] [--new face]
+
+Data: the ``objects`` scenes of ``detection_data.py`` (real coins, handwritten digits and faces
+pasted onto real photos, 192 px; every object instance and background band belongs to one split).
+The original detector learns the old classes from the first half of the training scenes, with
+only their boxes labelled. The new data is the second half, with only the new class labelled: its
+scenes also hold old-class objects nobody labelled, as new photos do. Every method is scored by
+pycocotools on the same held-out scenes with every class labelled (``--report val`` to choose
+settings, ``test`` for the table; 40 scenes each).
+
+Methods, one JSON line each (old mAP before/after, new mAP, overall mAP, seconds):
+
+- ``naive-fresh-head``: the original's backbone, neck and box head, a fresh K+N classification
+  layer, trained on the new data alone;
+- ``copy-rows``: the mission document's recipe: a K+N classification layer with the old rows
+  copied in, trained on the new boxes plus ``--rehearsal`` old-class training scenes (old boxes
+  only), then the old rows copied back;
+- ``graft-frozen``: ``graft expand``, defaults, no old images;
+- ``joint``: graft train on all training scenes with every class labelled, as the original was
+  trained (the upper bound).
+
+``graft expand --mode fine-tune`` is not built for detectors yet, so it has no row. The two
+baselines train the classification layer with graft's detection solver (AdamW, the source run's
+learning rate, cosine) for as many epochs as graft expand, backbone frozen, on the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from detection_data import CLASSES, write_objects  # noqa: E402
+
+SIZE = 192
+
+
+def subset_voc(source: Path, target: Path, parts: dict[str, list[str]], keep: set[str]) -> Path:
+    """A Pascal VOC copy of ``source`` holding the scenes ``parts[split]``, with only the boxes of
+    the classes in ``keep`` (the images are links)."""
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (target / d).mkdir(parents=True, exist_ok=True)
+    for split, stems in parts.items():
+        for stem in stems:
+            tree = ET.parse(source / "Annotations" / f"{stem}.xml")
+            root = tree.getroot()
+            for obj in list(root.findall("object")):
+                if obj.findtext("name") not in keep:
+                    root.remove(obj)
+            tree.write(target / "Annotations" / f"{stem}.xml")
+            link = target / "JPEGImages" / f"{stem}.png"
+            if not link.exists():
+                os.symlink(source / "JPEGImages" / f"{stem}.png", link)
+        (target / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+    return target
+
+
+def stems(root: Path, split: str) -> list[str]:
+    return (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+
+
+def cli(*args) -> float:
+    from graft.cli import main
+
+    started = time.perf_counter()
+    code = main([str(a) for a in args])
+    if code != 0:
+        raise SystemExit(f"graft {' '.join(map(str, args))} failed with exit code {code}")
+    return time.perf_counter() - started
+
+
+def relabelled(samples, classes_from: list[str], classes_to: list[str]):
+    import dataclasses
+
+    import numpy as np
+
+    index = np.asarray([classes_to.index(c) for c in classes_from], dtype=np.int64)
+    return [dataclasses.replace(s, labels=index[s.labels] if len(s.labels) else s.labels) for s in samples]
+
+
+def score(model, samples, classes: list[str], k: int) -> dict:
+    """Old-class mAP, new-class mAP and the mean AP over all classes, on fully labelled scenes."""
+    from graft.data.dataset import eval_loader
+    from graft.detection.dataset import BoxDataset, collate_boxes
+    from graft.detection.expand import restrict, restrict_predictions
+    from graft.detection.metrics import detection_metrics
+    from graft.detection.task import collect_detections
+
+    preds = collect_detections(model, eval_loader(BoxDataset(samples, model.size), batch_size=8, workers=0, collate_fn=collate_boxes), torch.device("cpu"), samples)
+    out = {}
+    aps = []
+    for part, keep in (("old", range(0, k)), ("new", range(k, len(classes)))):
+        m = detection_metrics(restrict(samples, keep), restrict_predictions(preds, keep), classes[keep.start : keep.stop]).metrics
+        out[f"{part}_map"], out[f"{part}_map50"] = m["map"], m["map50"]
+        aps += [v["ap"] for v in m["per_class"].values() if v["ap"] is not None]
+    out["overall_map"] = sum(aps) / len(aps) if aps else None
+    return out
+
+
+def train_classifier_layer(model, conv_owner, samples, *, epochs: int, lr: float, batch: int, seed: int) -> float:
+    """Train only ``conv_owner.cls_logits`` (the rest frozen, BatchNorm in inference mode) with the
+    detector's own loss, AdamW and a cosine schedule, as graft's solver would."""
+    from graft.detection.dataset import BoxDataset, collate_boxes
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(conv_owner.cls_logits.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    ds = BoxDataset(samples, model.size, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, generator=g, collate_fn=collate_boxes, num_workers=0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    started = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for images, targets in loader:
+            losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+            loss = sum(losses.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return time.perf_counter() - started
+
+
+def widened_conv(old: torch.nn.Conv2d, anchors: int, k: int, n: int, *, copy_old: bool, seed: int) -> torch.nn.Conv2d:
+    """One K+N classification conv in torchvision's (anchor, class) layout: fresh, or with the old
+    rows copied into place."""
+    conv = torch.nn.Conv2d(old.in_channels, anchors * (k + n), kernel_size=old.kernel_size, stride=old.stride, padding=old.padding)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.nn.init.normal_(conv.weight, std=0.01)
+    torch.nn.init.constant_(conv.bias, -math.log(99))
+    if copy_old:
+        with torch.no_grad():
+            for a in range(anchors):
+                conv.weight[a * (k + n) : a * (k + n) + k] = old.weight[a * k : (a + 1) * k]
+                conv.bias[a * (k + n) : a * (k + n) + k] = old.bias[a * k : (a + 1) * k]
+    return conv
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new", nargs="+", default=["face"], choices=CLASSES, help="the classes added; the others are the original's")
+    parser.add_argument("--report", choices=["val", "test"], default="test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rehearsal", type=int, default=10, help="old-class training scenes given to copy-rows")
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    work = args.work or Path(tempfile.mkdtemp(prefix="graft-expand-det-bench-"))
+    os.environ["GRAFT_CACHE_DIR"] = str(work / "cache")
+    full = write_objects(work / "objects", seed=args.seed)
+    old_classes = [c for c in CLASSES if c not in args.new]
+    new_classes = [c for c in CLASSES if c in args.new]
+    classes = old_classes + new_classes
+    k = len(old_classes)
+    train, val, test = stems(full, "train"), stems(full, "val"), stems(full, "test")
+    half, val_half = len(train) // 2, len(val) // 2
+    old_data = subset_voc(full, work / "old", {"train": train[:half], "val": val[:val_half], "test": test}, set(old_classes))
+    new_data = subset_voc(full, work / "new", {"train": train[half:], "val": val[val_half:]}, set(new_classes))
+    common = ["--quiet", "--img-size", SIZE, "--seed", args.seed, "--device", "cpu"]
+    secs = cli("train", "--data", old_data, "--out", work / "runs/original", *common)
+    print(json.dumps({"step": "original", "old_classes": old_classes, "new_classes": new_classes, "train_scenes": half, "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
+
+    from graft.config import parse_config
+    from graft.detection.runner import scan
+    from graft.predict import load_run
+
+    original = load_run(work / "runs/original", device="cpu")
+    report_splits = scan(parse_config({"task": "detect", "data": {"dir": str(full)}}))
+    held = relabelled(getattr(report_splits, args.report), report_splits.classes, classes)
+    before = score(original.model, held, old_classes, k)
+    rows = []
+
+    def emit(method: str, model, seconds: float, **extra) -> None:
+        after = score(model, held, classes, k)
+        row = {"method": method, "split": args.report, "old_map_before": round(before["old_map"], 4), "old_map_after": round(after["old_map"], 4),
+               "new_map": round(after["new_map"], 4), "overall_map": round(after["overall_map"], 4), "old_map50_after": round(after["old_map50"], 4), "new_map50": round(after["new_map50"], 4), "seconds": round(seconds, 1), **extra}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def want(name: str) -> bool:
+        return args.only is None or name in args.only
+
+    expand_cfg = parse_config(original.info["config"])
+    epochs, lr, batch = expand_cfg.train.epochs, expand_cfg.solver.base_lr, expand_cfg.solver.batch_size
+    new_splits = scan(parse_config({"task": "detect", "data": {"dir": str(new_data)}}))
+    new_train = relabelled(new_splits.train, new_splits.classes, classes)
+    head = original.model.detector.head.classification_head
+    anchors = head.num_anchors
+    if want("naive-fresh-head"):
+        model = copy.deepcopy(original.model)
+        h = model.detector.head.classification_head
+        h.cls_logits, h.num_classes = widened_conv(h.cls_logits, anchors, k, len(new_classes), copy_old=False, seed=args.seed), len(classes)
+        emit("naive-fresh-head", model, train_classifier_layer(model, h, new_train, epochs=epochs, lr=lr, batch=batch, seed=args.seed), old_images_used=0)
+    if want("copy-rows"):
+        model = copy.deepcopy(original.model)
+        h = model.detector.head.classification_head
+        old_conv = copy.deepcopy(h.cls_logits)
+        h.cls_logits, h.num_classes = widened_conv(old_conv, anchors, k, len(new_classes), copy_old=True, seed=args.seed), len(classes)
+        old_splits = scan(parse_config({"task": "detect", "data": {"dir": str(old_data)}}))
+        rehearsal = relabelled(old_splits.train[: args.rehearsal], old_splits.classes, classes)
+        secs = train_classifier_layer(model, h, new_train + rehearsal, epochs=epochs, lr=lr, batch=batch, seed=args.seed)
+        with torch.no_grad():  # the old rows copied back
+            n = len(classes)
+            for a in range(anchors):
+                h.cls_logits.weight[a * n : a * n + k] = old_conv.weight[a * k : (a + 1) * k]
+                h.cls_logits.bias[a * n : a * n + k] = old_conv.bias[a * k : (a + 1) * k]
+        emit("copy-rows", model, secs, old_images_used=len(rehearsal))
+    if want("graft-frozen"):
+        secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/frozen", "--quiet")
+        emit("graft-frozen", load_run(work / "runs/frozen", device="cpu").model, secs, old_images_used=0)
+    if want("joint"):
+        joint_data = subset_voc(full, work / "joint", {"train": train, "val": val}, set(CLASSES))
+        os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")
+        secs = cli("train", "--data", joint_data, "--out", work / "runs/joint", *common)
+        joint = load_run(work / "runs/joint", device="cpu")
+        order = [joint.classes.index(c) for c in classes]
+        if order != list(range(len(classes))):  # the joint run sorts its classes: score it in the expansion's order
+            emit_model = _reordered(joint.model, order)
+        else:
+            emit_model = joint.model
+        emit("joint", emit_model, secs, old_images_used=half)
+    print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
+    print(f"\n| method | old mAP before -> after | new mAP | overall mAP | {args.report} scenes | seconds |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['old_map_before']:.3f} -> {r['old_map_after']:.3f} | {r['new_map']:.3f} | {r['overall_map']:.3f} | {len(held)} | {r['seconds']} |")
+
+
+class _Reordered(torch.nn.Module):
+    """A detector whose output labels are mapped to another class order."""
+
+    def __init__(self, model, order: list[int]) -> None:
+        super().__init__()
+        self.model, self.size = model, model.size
+        self.to_new = torch.tensor([order.index(i) for i in range(len(order))])
+
+    def forward(self, images, targets=None):
+        out = self.model(images, targets)
+        for o in out:
+            o["labels"] = self.to_new[o["labels"]]
+        return out
+
+
+def _reordered(model, order: list[int]):
+    return _Reordered(model, order).eval()
+
+
+if __name__ == "__main__":
+    main()
