@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         if stop.snapshot is None:  # e.g. while auto was still being decided: nothing to resume yet
             print("interrupted before the first snapshot: nothing to resume; start the run again", file=sys.stderr)
         else:
-            print(f"interrupted: a resumable snapshot is at {stop.snapshot}; continue with: graft train --resume {stop.snapshot}", file=sys.stderr)
+            print(f"interrupted: a resumable snapshot is at {stop.snapshot}; continue with: graft {'expand' if args.command == 'expand' else 'train'} --resume {stop.snapshot}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -216,5 +216,24 @@ def test_coco_model_gains_a_class_and_keeps_its_coco_scores(rings, tmp_path, mon
     expanded = load_run(out, device="cpu").model
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     assert torch.equal(cls_logits(expanded, images)[..., :91], cls_logits(original.eval(), images))
-    code, _, err = run_cli(capsys, "expand", "coco:fasterrcnn_mobilenet_v3_large_fpn", "--data", rings, "--out", tmp_path / "frcnn")
-    assert code == 2 and "sigmoid-head detectors" in err
+
+
+def test_a_softmax_head_gains_a_branch_and_keeps_its_detections(original, root, rings, tmp_path, capsys) -> None:
+    """Faster R-CNN: widening its softmax would change every old probability; a branch scores the
+    new class with its own softmax, and the old detections stay the original's."""
+    out = tmp_path / "frcnn"
+    assert main(["train", "--data", str(root / "old"), "--out", str(out), "--model", "fasterrcnn", "--epochs", "2", "--fine-tune-epochs", "0", "--augment", "none",
+                 "--set", "detect.score_thresh=0.0", *TINY]) == 0
+    code, _, err = run_cli(capsys, "expand", out, "--data", rings, "--out", tmp_path / "widened", "--set", "expand.detector_block=widen")
+    assert code == 2 and "would change every old class's score" in err
+    code, _, err = run_cli(capsys, "expand", out, "--data", rings, "--out", tmp_path / "frcnn+ring", "--epochs", "2", "--quiet")
+    assert code == 0, err
+    m = json.loads((tmp_path / "frcnn+ring" / "expand_metrics.json").read_text())
+    assert m["old_detections_unchanged"] == 1.0 and m["parameters"]["old_changed"] == 0
+    a, b = load_run(out, device="cpu").model, load_run(tmp_path / "frcnn+ring", device="cpu").model
+    assert b.blocks == [("base", 2), ("branch", 1)] and b.branches[0].roi_heads.box_predictor.cls_score.out_features == 2  # background + ring
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    before = old_detections(a, images, 2)
+    assert sum(len(d["scores"]) for d in before) > 0  # something to compare
+    for x, y in zip(before, old_detections(b, images, 2)):
+        assert all(torch.equal(x[key], y[key]) for key in x)

@@ -38,9 +38,10 @@ from graft.detection.dataset import BoxDataset
 from graft.detection.metrics import Prediction, detection_metrics
 from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask, collect_detections
-from graft.detection.widen import SIGMOID_HEADS, add_block, block_kinds
+from graft.detection.widen import SIGMOID_HEADS, add_block, block_kinds, branch_class_layer
 from graft.errors import ConfigError, DataError, SnapshotError
 from graft.io import read_json, write_json
+from graft.models import surgery
 from graft.train import checkpoint
 from graft.train.embeddings import file_digest
 from graft.train.loop import Phase
@@ -88,9 +89,6 @@ def coco_source(spec: str) -> DetectionSource:
     name = spec.removeprefix("coco:")
     if name not in DETECTORS:
         raise ConfigError(f"{spec}: coco: takes one of torchvision's detectors ({', '.join(DETECTORS)})")
-    if DETECTORS[name] not in SIGMOID_HEADS:
-        raise ConfigError(f"{spec} is a {DETECTORS[name]} detector: graft expand adds classes to sigmoid-head detectors so far "
-                          f"(coco:{', coco:'.join(n for n, k in DETECTORS.items() if k in SIGMOID_HEADS)}); a softmax head's old scores would change")
     cfg = parse_config({"task": "detect", "model": {"name": name, "weights": "coco"}})
     apply_detection_defaults(cfg)
     d = cfg.detect
@@ -135,9 +133,9 @@ def detection_expand_config(source: DetectionSource, data_dir: str | os.PathLike
         elif changed:
             raise ConfigError(f"{section}.{key} cannot change when expanding: the old classes were trained with {source.name}'s ({base[section].get(key)!r}); train a new run for another")
     head = source.model.head_kind
-    if head not in SIGMOID_HEADS:
-        raise ConfigError(f"{source.name} is a {head} detector: graft expand adds classes to sigmoid-head detectors ({', '.join(SIGMOID_HEADS)}) so far; "
-                          "for a softmax head (fasterrcnn, ssd) the old classes' scores would change")
+    if head not in SIGMOID_HEADS and cfg.expand.detector_block == "widen":
+        raise ConfigError(f"{source.name} is a {head} detector: widening its last layer would change every old class's score (softmax over all classes); "
+                          "use expand.detector_block=branch (the default), which scores the new classes with a detector of their own")
     if cfg.expand.mode != "frozen":
         raise ConfigError("expand.mode fine-tune is not built for detectors yet: use the default frozen mode (backbone, boxes and old classes unchanged; the new classes learn)")
     if cfg.expand.exemplars is not None:
@@ -278,7 +276,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         # full-rate steps on a trained box head push every FCOS box distance below zero, for good.
         # Saved in the config, so a resumed expansion uses the same groups; the user's rules come first.
         i = len(model.branches) - 1
-        cfg.model.lr_mult = [*cfg.model.lr_mult, LayerRule(pattern=f"branches.{i}.head.classification_head.cls_logits", lr_mult=1.0),
+        cfg.model.lr_mult = [*cfg.model.lr_mult, LayerRule(pattern=branch_class_layer(model, i), lr_mult=1.0),
                              LayerRule(pattern=f"branches.{i}", lr_mult=cfg.train.fine_tune_lr_mult)]
     phases = [Phase("feature-extract", cfg.train.epochs, None, cfg.solver.base_lr, freeze=old_parameters(model))]
     _, aug = augmentation(cfg)
@@ -364,15 +362,5 @@ def expansion_metrics(source: DetectionSource, model: GraftDetector, splits: Det
 def parameter_changes(original: GraftDetector, expanded: GraftDetector, added: dict[str, int]) -> dict[str, int]:
     """Counted by comparing tensors: the old parameters whose value changed, and the new ones."""
     before = dict(original.named_parameters())
-    changed = unchanged = new = 0
-    for name, param in expanded.named_parameters():
-        old_name = name if name in before else name.replace("cls_logits.blocks.0.", "cls_logits.")  # the first widening made the old layer block 0
-        if old_name in before and before[old_name].shape == param.shape:
-            diff = int((before[old_name].detach().cpu() != param.detach().cpu()).sum())
-            changed += diff
-            unchanged += param.numel() - diff
-        else:
-            new += param.numel()
-    buffers_before = dict(original.named_buffers())
-    buffers_changed = sum(int((buffers_before[n].cpu() != b.cpu()).sum()) for n, b in expanded.named_buffers() if n in buffers_before and b.is_floating_point() and buffers_before[n].shape == b.shape)
-    return {"total": changed + unchanged + new, "added": new, "old_changed": changed, "old_unchanged": unchanged, "buffers_changed": buffers_changed, "expected_added": added["new_parameters"]}
+    # the first widening made the old class layer block 0
+    return surgery.parameter_changes(original, expanded, added["new_parameters"], old_name=lambda n: n if n in before else n.replace("cls_logits.blocks.0.", "cls_logits."))

@@ -133,7 +133,7 @@ class GraftDetector(nn.Module):
             for t in targets:
                 hit = t["labels"][:, None] == table[None, :]
                 keep = hit.any(1)
-                local.append({"boxes": t["boxes"][keep].float(), "labels": hit[keep].float().argmax(1) + (self.label_offset if owner == 0 else 0)})
+                local.append({"boxes": t["boxes"][keep].float(), "labels": hit[keep].float().argmax(1) + self.label_offset})
             return self.owner(owner)(images, local)
         if not self.branches:
             out = self.detector(images)
@@ -152,7 +152,7 @@ class GraftDetector(nn.Module):
         tables = self.label_tables()
         merged = []
         for image_outs in zip(*per_owner):
-            labels = [torch.tensor(tables[i], device=o["labels"].device, dtype=torch.long)[o["labels"] - (self.label_offset if i == 0 else 0)] for i, o in enumerate(image_outs)]
+            labels = [torch.tensor(tables[i], device=o["labels"].device, dtype=torch.long)[o["labels"] - self.label_offset] for i, o in enumerate(image_outs)]
             scores = torch.cat([o["scores"] for o in image_outs])
             order = torch.argsort(scores, descending=True, stable=True)
             merged.append({"boxes": torch.cat([o["boxes"] for o in image_outs])[order], "scores": scores[order], "labels": torch.cat(labels)[order]})

@@ -90,9 +90,11 @@ def coco_categories(name: str) -> list[str]:
 
 
 def coco_class_names(name: str) -> list[str]:
-    """The COCO weights' categories as graft class names, one per output of a sigmoid head (whose
-    label i is category i): the unused slots get unique names ("N/A 12"), as names must be."""
-    return [f"{c} {i}" if c == "N/A" else c for i, c in enumerate(coco_categories(name))]
+    """The COCO weights' categories as graft class names, one per label the detector gives: for a
+    sigmoid head label i is category i; a softmax head's background (category 0) is graft's
+    business, so its labels start at category 1. Unused slots get unique names ("N/A 12")."""
+    names = [f"{c} {i}" if c == "N/A" else c for i, c in enumerate(coco_categories(name))]
+    return names[1:] if DETECTORS[name] in SOFTMAX_HEADS else names
 
 
 def coco_weights_file(name: str) -> Path:
@@ -114,8 +116,8 @@ def build_torchvision_detector(name: str, num_classes: int, *, weights: str, siz
             raise WeightsError(f"could not load torchvision's COCO weights for {name} ({type(err).__name__}: {str(err)[:200]}); on a machine without internet, put {enum.url.rsplit('/', 1)[1]} into {torch.hub.get_dir()}/checkpoints/") from None
         if not keep_coco_classes:
             _replace_predictor(model, kind, num_classes + offset)
-        elif kind in SOFTMAX_HEADS or num_classes != len(enum.meta["categories"]):  # a sigmoid head's output i is category i
-            raise WeightsError(f"keeping the COCO classes of {name} is built for sigmoid heads, with all {len(enum.meta['categories'])} categories")
+        elif num_classes + offset != len(enum.meta["categories"]):  # every COCO output kept, in order
+            raise WeightsError(f"{name}'s COCO weights have {len(enum.meta['categories'])} outputs, not {num_classes + offset}")
         facts = {"source": f"torchvision:{name} ({enum})", "coco_classes": len(enum.meta["categories"])}
     elif weights == "none":
         model = get_model(name, weights=None, weights_backbone=None, num_classes=num_classes + offset)

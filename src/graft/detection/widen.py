@@ -108,7 +108,7 @@ def _new_class_conv(like: nn.Conv2d, outputs: int, seed: int) -> nn.Conv2d:
 
 def _check_sigmoid(model: GraftDetector, new_classes: int) -> None:
     if model.head_kind not in SIGMOID_HEADS:
-        raise ValueError(f"adding classes to a {model.head_kind} head is not built yet: only {', '.join(SIGMOID_HEADS)} (sigmoid scores) keep old scores by construction")
+        raise ValueError(f"widening the last layer of a {model.head_kind} head would change every old score (softmax): add a branch instead")
     if new_classes < 1:
         raise ValueError("no new classes to add")
 
@@ -138,7 +138,8 @@ def add_branch(model: GraftDetector, new_classes: int, *, seed: int = 0) -> dict
     detector's neck and heads (a warm start) with a fresh classification layer. The original
     detector is not touched, so its scores and detections stay exactly as they were, and the new
     classes get a neck, towers and box regression that can learn what the old ones never saw."""
-    _check_sigmoid(model, new_classes)
+    if new_classes < 1:
+        raise ValueError("no new classes to add")
     neck = model.detector.backbone
     source = neck.__dict__.pop("source")  # a bound method of the whole model: not to be copied
     try:
@@ -147,14 +148,31 @@ def add_branch(model: GraftDetector, new_classes: int, *, seed: int = 0) -> dict
         neck.source = source
     branch.backbone.source = model.features
     branch.__dict__.pop("postprocess_detections", None)  # the class's own, not a widened head's blocks
-    head = branch.head.classification_head
-    old = head.cls_logits
-    head.cls_logits = _new_class_conv(old.blocks[0] if isinstance(old, BlockConv2d) else old, head.num_anchors * new_classes, seed)
-    head.num_classes = new_classes
+    if model.head_kind in SIGMOID_HEADS:
+        head = branch.head.classification_head
+        old = head.cls_logits
+        head.cls_logits = _new_class_conv(old.blocks[0] if isinstance(old, BlockConv2d) else old, head.num_anchors * new_classes, seed)
+        head.num_classes = new_classes
+    else:  # Faster R-CNN, SSDlite: a fresh class predictor with its own background class, softmax over the new classes only
+        from graft.detection.torchvision_models import _replace_predictor
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _replace_predictor(branch, model.head_kind, new_classes + model.label_offset)
+        branch.to(next(model.detector.parameters()).device)
     model.branches.append(branch)
     model.blocks.append(("branch", new_classes))
     model.num_classes += new_classes
     return {"new_parameters": sum(p.numel() for p in branch.parameters())}
+
+
+CLASS_LAYERS = {"fcos": "head.classification_head.cls_logits", "retinanet": "head.classification_head.cls_logits", "fasterrcnn": "roi_heads.box_predictor", "ssd": "head.classification_head"}
+
+
+def branch_class_layer(model: GraftDetector, index: int = -1) -> str:
+    """The name of a branch's fresh class layer (what learns at the full rate)."""
+    i = index % len(model.branches)
+    return f"branches.{i}.{CLASS_LAYERS[model.head_kind]}"
 
 
 def rebuild_blocks(model: GraftDetector, blocks: Sequence[int] | None, kinds: Sequence[str] | None = None) -> GraftDetector:

@@ -511,17 +511,5 @@ def expansion_metrics(old: list[str], new: list[str], samples: list[Sample], bef
 
 def parameter_changes(original: GraftClassifier, expanded: GraftClassifier, added: dict[str, int]) -> dict[str, int]:
     """Counted by comparing tensors: the old parameters whose value changed, and the new ones."""
-    before = dict(original.named_parameters())
-    plain_head = not hasattr(original.head.fc, "blocks")
-    changed = unchanged = new = 0
-    for name, param in expanded.named_parameters():
-        old_name = name.replace("head.fc.blocks.0.", "head.fc.") if plain_head else name
-        if old_name in before and before[old_name].shape == param.shape:
-            diff = int((before[old_name].detach().cpu() != param.detach().cpu()).sum())
-            changed += diff
-            unchanged += param.numel() - diff
-        else:
-            new += param.numel()
-    buffers_before = dict(original.named_buffers())
-    buffers_changed = sum(int((buffers_before[n].cpu() != b.cpu()).sum()) for n, b in expanded.named_buffers() if n in buffers_before and b.is_floating_point())
-    return {"total": changed + unchanged + new, "added": new, "old_changed": changed, "old_unchanged": unchanged, "changed": changed + new, "buffers_changed": buffers_changed, "expected_added": added["new_parameters"]}
+    plain_head = not hasattr(original.head.fc, "blocks")  # the widening made the old layer block 0
+    return surgery.parameter_changes(original, expanded, added["new_parameters"], old_name=lambda n: n.replace("head.fc.blocks.0.", "head.fc.") if plain_head else n)

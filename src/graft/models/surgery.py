@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -266,3 +266,22 @@ def widen_head(model: nn.Module, new_classes: int, *, seed: int = 0) -> dict[str
     widened.to(old_blocks[0].weight.device)
     model.head.fc = widened
     return {"old_classes": old, "new_classes": new_classes, "new_parameters": new_classes * in_features + new_classes}
+
+
+def parameter_changes(original: nn.Module, expanded: nn.Module, added: int, *, old_name: Callable[[str], str] = lambda name: name) -> dict[str, int]:
+    """What an expansion changed, counted by comparing tensors: old parameters (found in
+    ``original`` under ``old_name(name)``) whose values differ, and new ones. ``added``: how many
+    new parameters the surgery said it added."""
+    before = dict(original.named_parameters())
+    changed = unchanged = new = 0
+    for name, param in expanded.named_parameters():
+        was = old_name(name)
+        if was in before and before[was].shape == param.shape:
+            diff = int((before[was].detach().cpu() != param.detach().cpu()).sum())
+            changed += diff
+            unchanged += param.numel() - diff
+        else:
+            new += param.numel()
+    buffers_before = dict(original.named_buffers())
+    buffers_changed = sum(int((buffers_before[n].cpu() != b.cpu()).sum()) for n, b in expanded.named_buffers() if n in buffers_before and b.is_floating_point() and buffers_before[n].shape == b.shape)
+    return {"total": changed + unchanged + new, "added": new, "old_changed": changed, "old_unchanged": unchanged, "changed": changed + new, "buffers_changed": buffers_changed, "expected_added": added}
