@@ -20,6 +20,8 @@ Methods, one JSON line each (old mAP before/after, new mAP, overall mAP, seconds
   copied in, trained on the new boxes plus ``--rehearsal`` old-class training scenes (old boxes
   only), then the old rows copied back;
 - ``graft-frozen``: ``graft expand``, defaults, no old images;
+- ``graft-fine-tune``: ``graft expand --mode fine-tune``: that, then the backbone's top adapts too,
+  with the old detector's features distilled towards the original's; no old images;
 - ``joint``: graft train on all training scenes with every class labelled, as the original was
   trained (the upper bound).
 
@@ -233,6 +235,9 @@ def main() -> None:
     if want("graft-frozen"):
         secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/frozen", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
         emit("graft-frozen", load_run(work / "runs/frozen", device="cpu").model, secs, old_images_used=0)
+    if want("graft-fine-tune"):
+        secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/fine-tune", "--mode", "fine-tune", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
+        emit("graft-fine-tune", load_run(work / "runs/fine-tune", device="cpu").model, secs, old_images_used=0)
     if want("joint"):
         joint_data = subset_voc(full, work / "joint", {"train": train, "val": val}, set(CLASSES))
         os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")

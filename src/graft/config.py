@@ -139,8 +139,8 @@ class ExpandConfig(_Strict):
     max_old_loss: float = Field(0.01, ge=0.0, le=1.0, description="Calibration guard: the new rows may take at most this share of the old-class held-out samples the old rows classify correctly (1%: one such sample per hundred; with 0, the one old sample nearest a new class can silence it); raise it to trade old-class accuracy for new-class accuracy.")
     guard_confidence: float = Field(0.5, ge=0.0, le=1.0, description="Calibration guard: only old-class held-out samples the old rows classify correctly, with at least this fraction of the median correct sample's probability, count.")
     detector_block: Literal["branch", "widen"] = Field("branch", description="Detectors: branch: the new classes get their own neck and heads (copied from the old ones) over the shared backbone | widen: new outputs of the last classification layer only (no extra inference cost; the new classes use the old features and box regression).")
-    distill_weight: float = Field(1.0, ge=0.0, description="fine-tune mode: weight of the distillation loss on the old classes' outputs.")
-    distill_temperature: float = Field(2.0, gt=0.0, description="fine-tune mode: softmax temperature of the distillation.")
+    distill_weight: float = Field(1.0, ge=0.0, description="fine-tune mode: weight of the distillation loss (classifiers: on the old classes' outputs; detectors: on the old detector's neck features, relative squared error).")
+    distill_temperature: float = Field(2.0, gt=0.0, description="fine-tune mode: softmax temperature of the distillation (classifiers).")
     source: str | None = Field(None, description="The run being expanded (set by graft expand).")
 
 

@@ -237,3 +237,38 @@ def test_a_softmax_head_gains_a_branch_and_keeps_its_detections(original, root, 
     assert sum(len(d["scores"]) for d in before) > 0  # something to compare
     for x, y in zip(before, old_detections(b, images, 2)):
         assert all(torch.equal(x[key], y[key]) for key in x)
+
+
+def old_neck_drift(original: Path, expanded: Path, images: torch.Tensor) -> float:
+    """How far the old detector's neck maps moved from the original's: what distillation bounds."""
+    from graft.detection.distill import neck_maps, relative_l2
+
+    a, b = load_run(original, device="cpu").model, load_run(expanded, device="cpu").model
+    with torch.no_grad():
+        return float(relative_l2(neck_maps(b, b.backbone_features(images)), neck_maps(a, a.backbone_features(images))))
+
+
+def test_fine_tune_mode_adapts_the_backbone_and_distillation_holds_the_old_detector(original, rings, root, capsys) -> None:
+    """Fine-tune mode: the backbone's top learns too; the old detector's neck and heads do not; the
+    distillation term is in the history and keeps the old features closer to the original's than
+    the same run without it."""
+    runs = {}
+    for weight in ("0", "10"):
+        out = root / "runs" / f"det+ring-ft{weight}"
+        code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", out, "--mode", "fine-tune", "--epochs", "2", "--fine-tune-epochs", "3",
+                               "--set", "solver.base_lr=0.01", "--set", "train.fine_tune_lr_mult=1.0", "--set", f"expand.distill_weight={weight}", "--set", "data.augment=none", "--device", "cpu")
+        assert code == 0, err
+        runs[weight] = out
+    assert "mode fine-tune" in err and "distilled towards the original's (weight 10)" in err
+    history = (runs["10"] / "history.csv").read_text().splitlines()
+    header, rows = history[0].split(","), [r.split(",") for r in history[1:]]
+    assert len(rows) == 5 and "train_loss_distill" in header
+    distill = [r[header.index("train_loss_distill")] for r in rows]
+    assert all(v == "" for v in distill[:2]) and all(float(v) > 0 for v in distill[2:])  # only while the backbone learns
+    m = json.loads((runs["10"] / "expand_metrics.json").read_text())
+    assert m["mode"] == "fine-tune" and m["parameters"]["old_changed"] > 0  # the backbone's top moved
+    a, b = load_run(original, device="cpu").model.state_dict(), load_run(runs["10"], device="cpu").model.state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith("backbone.") for k in changed)  # the old neck and heads are the original's
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    assert old_neck_drift(original, runs["10"], images) < 0.5 * old_neck_drift(original, runs["0"], images)

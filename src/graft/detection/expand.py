@@ -1,14 +1,20 @@
 """``graft expand`` for detectors: a finished detection run plus boxes of new classes -> one
-detector of K+N classes whose old classes detect exactly as before.
+detector of K+N classes that keeps the old ones.
 
-Frozen mode (the mode built for detectors so far): the detector is widened by a block of new
-classes (``graft.detection.widen``). Backbone, neck, box regression, the classification tower and
-the old block keep their values; only the new block learns, with the detector's own loss, on
-cached backbone features. No old images are needed, and there is no background shift: with
-sigmoid scores every class is scored on its own, so an old object nobody labelled in a new image
-can only teach the new block that it is not a new class, which is true, and the old classes get no
-gradient at all. Boxes of old classes in the new data (classes named like old ones) are negatives
-for the new block too.
+The new classes enter as a class block (``graft.detection.widen``): by default a *branch*, a copy
+of the detector's neck and heads with a fresh class layer over the shared backbone; or, for
+sigmoid heads, a *widened* last classification layer. Old labels and names keep their indices.
+
+Frozen mode (default): backbone, the old detector and its class rows keep their values; only the
+new block learns, with the detector's own loss, on cached backbone features. No old images are
+needed and the old classes' detections are the original's, bit for bit. There is no background
+shift: the new block scores its own classes only, so an old object nobody labelled in a new image
+can only teach it that this is not a new class, which is true. Boxes of old classes in the new
+data (classes named like old ones) are negatives for the new block too.
+
+Fine-tune mode: that, then a phase in which the backbone's top adapts as well, on images, while
+the old detector's neck maps are distilled towards the original's (``graft.detection.distill``).
+The old detections then change a little; ``expand_metrics.json`` says how much.
 
 The expanded run is a detection run like any other (model, snapshots, history, metrics, plots)
 plus ``expand_metrics.json``: the old classes' mAP before and after on the original run's held-out
@@ -35,6 +41,7 @@ from graft.detection.autotune import FALLBACK
 from graft.detection.boxes import BoxSample
 from graft.detection.data import DetectionSplits
 from graft.detection.dataset import BoxDataset
+from graft.detection.distill import DistillingDetectionTask
 from graft.detection.metrics import Prediction, detection_metrics
 from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask, collect_detections
@@ -136,8 +143,8 @@ def detection_expand_config(source: DetectionSource, data_dir: str | os.PathLike
     if head not in SIGMOID_HEADS and cfg.expand.detector_block == "widen":
         raise ConfigError(f"{source.name} is a {head} detector: widening its last layer would change every old class's score (softmax over all classes); "
                           "use expand.detector_block=branch (the default), which scores the new classes with a detector of their own")
-    if cfg.expand.mode != "frozen":
-        raise ConfigError("expand.mode fine-tune is not built for detectors yet: use the default frozen mode (backbone, boxes and old classes unchanged; the new classes learn)")
+    if cfg.expand.mode == "fine-tune" and cfg.train.fine_tune_epochs == 0:
+        raise ConfigError("expand.mode fine-tune with train.fine_tune_epochs 0: the backbone would not adapt; give the fine-tuning phase epochs, or use the frozen mode")
     if cfg.expand.exemplars is not None:
         raise ConfigError("--exemplars is for classifier runs; for a detector, put boxes of old classes (named as in the run) in --data to use them as rehearsal")
     if cfg.model.reinit:
@@ -278,7 +285,13 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         i = len(model.branches) - 1
         cfg.model.lr_mult = [*cfg.model.lr_mult, LayerRule(pattern=branch_class_layer(model, i), lr_mult=1.0),
                              LayerRule(pattern=f"branches.{i}", lr_mult=cfg.train.fine_tune_lr_mult)]
-    phases = [Phase("feature-extract", cfg.train.epochs, None, cfg.solver.base_lr, freeze=old_parameters(model))]
+    frozen = old_parameters(model)
+    phases = [Phase("feature-extract", cfg.train.epochs, None, cfg.solver.base_lr, freeze=frozen)]
+    task = None
+    if cfg.expand.mode == "fine-tune":  # then the backbone's top too; the old detector above it stays frozen
+        at = surgery.resolve_fine_tune_at(model, cfg.train.fine_tune_at)
+        phases.append(Phase("fine-tune", cfg.train.fine_tune_epochs, at, cfg.solver.base_lr * cfg.train.fine_tune_lr_mult, freeze=tuple(n for n in frozen if not n.startswith("backbone."))))
+        task = DistillingDetectionTask(splits.val, splits.classes, cfg.detect.conf, teacher=source.model, weight=cfg.expand.distill_weight)
     _, aug = augmentation(cfg)
     device = select_device(cfg.train.device)
     lineage = list(source.info.get("expanded_from", [])) + [{"run": source.name, "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode, "block": cfg.expand.detector_block}]
@@ -288,9 +301,10 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
     with keeping_replaced_run(run_dir):
         rehearsal = spec["rehearsal"]
         how = "a neck and heads of their own (copied from the old ones) learn" if cfg.expand.detector_block == "branch" else "only their outputs of the last layer learn"
-        say(f"expanding {source.name} ({k} classes, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode frozen: the old detector stays as it was, for the new classes {how}"
+        then = f"; then the backbone's top adapts too for {cfg.train.fine_tune_epochs} epoch(s), its features for the old detector distilled towards the original's (weight {cfg.expand.distill_weight:g})" if task is not None else ""
+        say(f"expanding {source.name} ({k} classes, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}: the old detector stays as it was, for the new classes {how}{then}"
             + (f"; {rehearsal['boxes']} boxes of old classes ({', '.join(rehearsal['classes'])}) are negatives for it" if rehearsal["boxes"] else ""))
-        result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, list(hooks), extra={"expand": spec, "expanded_from": lineage})
+        result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, list(hooks), extra={"expand": spec, "expanded_from": lineage}, task=task)
         metrics = expansion_metrics(source, model, splits, k, cfg, device)
         metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
         write_json(run_dir / "expand_metrics.json", metrics)

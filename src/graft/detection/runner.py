@@ -165,9 +165,10 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
         return train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
 
 
-def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DetectionSplits, model: GraftDetector, aug: BoxAugment, phases: list[Phase], device: torch.device, started: float, say: Any, quiet: bool, hooks: list[Any], *, extra: dict[str, Any] | None = None):
+def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DetectionSplits, model: GraftDetector, aug: BoxAugment, phases: list[Phase], device: torch.device, started: float, say: Any, quiet: bool, hooks: list[Any], *, extra: dict[str, Any] | None = None, task: DetectionTask | None = None):
     """Train ``model`` on ``splits`` and write the run. ``extra`` goes into every snapshot and into
-    ``model.json`` (an expansion's record of where it came from)."""
+    ``model.json`` (an expansion's record of where it came from); ``task`` replaces the plain
+    detection loss (an expansion's distillation)."""
     from graft.train.runner import TrainResult, seed_everything
 
     model.to(device)
@@ -191,7 +192,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
             caches["val"] = build_feature_cache(model, val_ds, views=1, **common) if len(val_ds) else None
         say(f"feature cache: {len(splits.train)} training images x {caches['train'].views} view(s) and {len(val_ds)} validation images through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
 
-    task = DetectionTask(splits.val, splits.classes, cfg.detect.conf)
+    task = task or DetectionTask(splits.val, splits.classes, cfg.detect.conf)
     decision = None
     if cfg.data.augment == "auto":
         frozen = next((p for p in phases if p.backbone_frozen), None)
