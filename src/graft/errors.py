@@ -23,3 +23,16 @@ class WeightsError(GraftError):
 
 class SnapshotError(GraftError):
     """A snapshot or finished run that cannot be resumed or loaded."""
+
+
+class ExportError(GraftError):
+    """An export that could not be written, or that disagrees with the model it came from."""
+
+
+class Interrupted(Exception):
+    """Training stopped on request (Ctrl-C); a resumable snapshot was written (``snapshot``, or
+    None when there was nothing to resume yet)."""
+
+    def __init__(self, snapshot: str | None) -> None:
+        super().__init__(snapshot)
+        self.snapshot = snapshot

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,24 +12,14 @@ from safetensors.torch import load_file
 from graft.config import parse_config
 from graft.data.dataset import ImageDataset, default_workers, eval_loader
 from graft.data.folder import Sample, scan_class_folders
-from graft.data.images import IMAGE_EXTENSIONS, ImageError, load_image
+from graft.data.images import ImageError, load_image
 from graft.data.transforms import Preprocessing, eval_transform
 from graft.errors import SnapshotError
 from graft.evaluate import collect_outputs, metrics_from_outputs
 from graft.io import read_json
 from graft.models.backbones import build_model
 from graft.models.classifier import GraftClassifier
-
-
-@dataclass
-class Prediction:
-    path: str
-    top: list[tuple[str, float]]  # (class, probability), most likely first
-    error: str | None = None
-
-    @property
-    def label(self) -> str | None:
-        return self.top[0][0] if self.top else None
+from graft.prediction import Prediction, expand_inputs
 
 
 class TrainedModel:
@@ -113,23 +102,6 @@ class TrainedModel:
         metrics["warnings"] = warnings
         metrics["data"] = str(data_dir)
         return metrics
-
-
-def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
-    """Files as given; folders expanded to the image files under them (hidden ones left out)."""
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = [
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            ]
-            paths.extend(found)
-        else:
-            paths.append(p)
-    return paths
 
 
 def load_run(run_dir: str | os.PathLike, device: str = "auto") -> Any:

@@ -47,6 +47,7 @@ from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask, collect_detections
 from graft.detection.widen import SIGMOID_HEADS, add_block, block_kinds, branch_class_layer
 from graft.errors import ConfigError, DataError, SnapshotError
+from graft.html_report import write_report_after_run
 from graft.io import read_json, write_json
 from graft.models import surgery
 from graft.train import checkpoint
@@ -308,6 +309,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         metrics = expansion_metrics(source, model, splits, k, cfg, device)
         metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
         write_json(run_dir / "expand_metrics.json", metrics)
+        write_report_after_run(run_dir)
     say(f"done: old classes mAP {_fmt(metrics['old_map_before'])} -> {_fmt(metrics['old_map_after'])} ({metrics['old_split']}), "
         f"new classes mAP {_fmt(metrics['new_map'])} ({metrics['new_split']}), overall {_fmt(metrics['overall_map'])}; results in {run_dir}")
     return ExpandResult(run_dir, result.metrics, result.history, metrics)

@@ -1,16 +1,14 @@
 """A finished detection run as a usable detector: predict boxes on new images, evaluate on a
-labelled folder in any of the three formats, draw what it found."""
+labelled folder in any of the three formats (drawing them: ``graft.prediction.draw``)."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import ImageDraw
 
 from graft.config import parse_config
 from graft.data.dataset import default_workers
@@ -22,26 +20,7 @@ from graft.detection.dataset import BoxDataset
 from graft.detection.model import GraftDetector
 from graft.detection.widen import rebuild_blocks
 from graft.errors import DataError
-from graft.predict import expand_inputs
-
-PALETTE = ["#e8590c", "#1971c2", "#2f9e44", "#ae3ec9", "#f59f00", "#c2255c", "#0c8599", "#5c940d"]
-
-
-@dataclass
-class Box:
-    label: str
-    score: float
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-
-
-@dataclass
-class ImageDetections:
-    path: str
-    boxes: list[Box] = field(default_factory=list)
-    error: str | None = None
+from graft.prediction import Box, ImageDetections, expand_inputs
 
 
 class TrainedDetector:
@@ -122,22 +101,3 @@ class TrainedDetector:
         _, result = evaluate_detector(self.model, samples, self.classes, device=self.device, amp=False, workers=min(2, default_workers()), batch_size=batch_size, conf=float(self.info["config"]["detect"]["conf"]))
         return {**result.metrics, "split": split, "data": str(data_dir), "data_format": splits.format,
                 "skipped_files": [{"path": str(s.path), "reason": s.reason} for s in splits.skipped], "annotation_problems": splits.problems, "warnings": splits.warnings}
-
-
-def draw(path: str | os.PathLike, detections: ImageDetections, classes: list[str], out: Path) -> Path:
-    """The image with its boxes, class and score drawn, saved under ``out``."""
-    image = load_image(path).copy()
-    pen = ImageDraw.Draw(image)
-    width = max(1, round(max(image.size) / 300))
-    for b in detections.boxes:
-        colour = PALETTE[classes.index(b.label) % len(PALETTE)]
-        pen.rectangle([b.x1, b.y1, b.x2, b.y2], outline=colour, width=width)
-        text = f"{b.label} {b.score:.2f}"
-        left, top, right, bottom = pen.textbbox((b.x1, b.y1), text)
-        pen.rectangle([left, top - (bottom - top) - 2, right + 2, b.y1], fill=colour)
-        pen.text((b.x1 + 1, top - (bottom - top) - 1), text, fill="white")
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / (Path(path).stem + ".png")
-    image.save(target)
-    return target
-

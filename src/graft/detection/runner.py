@@ -33,6 +33,7 @@ from graft.detection.plots import plot_detections, plot_per_class_ap, plot_pr_cu
 from graft.detection.task import DetectionTask, collect_detections
 from graft.detection.widen import block_kinds, class_blocks
 from graft.errors import ConfigError, SnapshotError
+from graft.html_report import write_report_after_run
 from graft.io import write_json, write_text
 from graft.report import plot_learning_curves, write_history_csv
 from graft.train.hooks import EarlyStoppingHook, HistoryHook, ProgressHook, SnapshotHook
@@ -162,7 +163,9 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
             say(report.summary())
         elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
             shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
-        return train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
+        result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
+        write_report_after_run(run_dir)
+        return result
 
 
 def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DetectionSplits, model: GraftDetector, aug: BoxAugment, phases: list[Phase], device: torch.device, started: float, say: Any, quiet: bool, hooks: list[Any], *, extra: dict[str, Any] | None = None, task: DetectionTask | None = None):

@@ -27,6 +27,7 @@ from graft.data.transforms import (
 )
 from graft.errors import ConfigError, DataError, SnapshotError
 from graft.evaluate import Outputs, collect_outputs
+from graft.html_report import write_report_after_run
 from graft.expansion.calibrate import Calibration, fit_calibration, norm_ratio
 from graft.expansion.classes import plan_classes
 from graft.expansion.negatives import ExpandEmbeddings, balanced_weights
@@ -196,6 +197,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
         seconds=round(time.perf_counter() - started, 2),
     )
     write_json(run_dir / "expand_metrics.json", result)
+    write_report_after_run(run_dir)
     say(f"done: old classes {_pct(result['old_accuracy_before'])} -> {_pct(result['old_accuracy_after'])}, new classes {_pct(result['new_accuracy'])}, "
         f"overall {_pct(result['overall_accuracy'])} ({split_name} images); results in {run_dir}")
     return ExpandResult(run_dir, metrics, state.history, result)

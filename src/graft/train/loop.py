@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from graft.data.dataset import EpochBatchSampler, ImageDataset, eval_loader, train_loader
-from graft.errors import GraftError
+from graft.errors import GraftError, Interrupted  # Interrupted lives there so the CLI can catch it without importing torch
 from graft.evaluate import autocast
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
@@ -66,14 +66,6 @@ class LoopState:
     running: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "seen": 0.0, "seconds": 0.0})  # an epoch's sums so far (plus the task's)
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0  # seconds spent in fit() by earlier sessions of this run
-
-
-class Interrupted(Exception):
-    """Training stopped on request (Ctrl-C); a resumable snapshot was written."""
-
-    def __init__(self, snapshot: str | None) -> None:
-        super().__init__(snapshot)
-        self.snapshot = snapshot
 
 
 class Hook:

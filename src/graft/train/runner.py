@@ -27,6 +27,7 @@ from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, scan_folder
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
 from graft.errors import ConfigError, SnapshotError
+from graft.html_report import write_report_after_run
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.backbones import build_model
@@ -94,7 +95,7 @@ def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
 RUN_FILES = RUN_MARKERS + (
     "model.safetensors", "metrics.json", "config.yaml", "splits.json", "weights_report.json",
     "learning_curves.png", "confusion_matrix.png", "predictions.png", CLASS_STATS_FILE, "expand_metrics.json",
-    "detections.png", "per_class_ap.png", "pr_curves.png",
+    "detections.png", "per_class_ap.png", "pr_curves.png", "report.html", "export",
 )
 
 
@@ -317,6 +318,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         stats.save(run_dir / CLASS_STATS_FILE)
         info["class_stats"] = {"file": CLASS_STATS_FILE, "embeddings": int(stats.counts.sum()), "backbone": stats.backbone}
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs, batch_size=cfg.solver.batch_size)
+    write_report_after_run(run_dir)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
     return TrainResult(run_dir, metrics, state.history)
 

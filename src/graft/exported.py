@@ -1,0 +1,185 @@
+"""An exported graft model (``graft export``) run without graft's PyTorch code: the model file,
+its sidecar (``model.onnx.json``) and the preprocessing the sidecar describes, in NumPy and PIL.
+
+This is what ``graft predict EXPORT images`` runs, and what the export's parity check compares
+with the run: if the sidecar described the preprocessing wrongly, the check would fail. For ONNX
+nothing here imports torch; onnxruntime runs the model. A TorchScript export needs torch to run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from graft.data.images import ImageError, load_image
+from graft.errors import GraftError
+from graft.prediction import Box, ImageDetections, Prediction, expand_inputs
+
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def sidecar_path(model_path: str | os.PathLike) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``."""
+    p = Path(model_path)
+    return p.with_name(p.name + ".json")
+
+
+# ---------------------------------------------------------------------------- preprocessing
+
+
+def classifier_input(image: Image.Image, pre: dict[str, Any]) -> np.ndarray:
+    """float32 ``[3, S, S]``: the shorter side resized to ``floor(S / crop_pct)`` (PIL, as
+    torchvision's Resize does for a PIL image), the centre ``S x S`` cut out, scaled to 0..1 and
+    normalised with ``mean`` and ``std``: graft's evaluation transform."""
+    size, resize = int(pre["input_size"]), int(pre["resize_shorter_to"])
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), resample=RESAMPLE[pre["interpolation"]])
+    pixels = np.asarray(image, dtype=np.uint8)
+    if new_w < size or new_h < size:  # torchvision's CenterCrop pads with zeros first
+        pad_h, pad_w = max(0, size - new_h), max(0, size - new_w)
+        pixels = np.pad(pixels, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
+        new_h, new_w = pixels.shape[:2]
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    crop = pixels[top : top + size, left : left + size].astype(np.float32) / 255.0
+    mean, std = np.asarray(pre["mean"], np.float32), np.asarray(pre["std"], np.float32)
+    return ((crop - mean) / std).transpose(2, 0, 1)
+
+
+def detector_input(image: Image.Image, pre: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """(float32 ``[3, S, S]`` in 0..1, scale): the longer side resized to S (PIL bilinear), padded
+    right and below with grey to ``S x S``; boxes come back divided by ``scale``."""
+    size = int(pre["input_size"])
+    w, h = image.size
+    scale = size / max(w, h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = np.asarray(image.resize((new_w, new_h), resample=Image.BILINEAR), dtype=np.uint8)
+    canvas = np.full((size, size, 3), pre["pad_value"], dtype=np.uint8)
+    canvas[:new_h, :new_w] = resized
+    return canvas.astype(np.float32).transpose(2, 0, 1) / np.float32(255.0), new_w / w
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class ExportedModel:
+    """An exported model and its sidecar. ``logits`` / ``detect`` run it on prepared inputs;
+    ``predict`` / ``predict_boxes`` take image files, as a run's model does."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+        """``meta``: the sidecar's content, when it is not (yet) beside the model file."""
+        self.path = Path(path)
+        meta_path = sidecar_path(self.path)
+        if not self.path.is_file():
+            raise GraftError(f"no such exported model: {self.path}")
+        if meta is None and not meta_path.is_file():
+            raise GraftError(f"{self.path} has no sidecar {meta_path.name} beside it: graft export writes one, and it holds the classes and preprocessing")
+        try:
+            self.meta: dict[str, Any] = meta if meta is not None else json.loads(meta_path.read_text())
+            self.task, self.classes, self.pre = self.meta["task"], list(self.meta["classes"]), self.meta["preprocessing"]
+            self.format = self.meta["format"]
+        except (ValueError, KeyError) as err:
+            raise GraftError(f"{meta_path} is not a graft export sidecar ({type(err).__name__}: {err})") from None
+        self.dtype = np.float16 if self.meta["input"].get("dtype") == "float16" else np.float32
+        self._run = self._onnx() if self.format == "onnx" else self._torchscript()
+
+    def _onnx(self):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise GraftError("running an ONNX export needs onnxruntime: pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})
+
+    def _torchscript(self):
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice: the format still loads
+            module = torch.jit.load(str(self.path), map_location="cpu").eval()
+
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            with torch.inference_mode():
+                out = module(torch.from_numpy(x))
+            return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+
+        return run
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Classifier logits (float32) for prepared inputs ``[B, 3, S, S]``."""
+        return np.asarray(self._run(np.ascontiguousarray(batch, dtype=self.dtype))[0], dtype=np.float32)
+
+    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(boxes xyxy in input pixels, scores, labels) for one prepared image ``[3, S, S]``."""
+        boxes, scores, labels = self._run(np.ascontiguousarray(image[None], dtype=self.dtype))
+        return np.asarray(boxes, np.float32), np.asarray(scores, np.float32), np.asarray(labels, np.int64)
+
+    def predict(self, inputs: list[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
+        if self.task != "classify":
+            raise GraftError(f"{self.path} is a detector: it finds boxes, use predict_boxes")
+        top_k = max(1, min(top_k, len(self.classes)))
+        results: list[Prediction] = []
+        batch: list[tuple[str, np.ndarray]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            logits = self.logits(np.stack([x for _, x in batch]))
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
+            for (path, _), p in zip(batch, probs):
+                order = np.argsort(-p, kind="stable")[:top_k]
+                results.append(Prediction(path, [(self.classes[i], float(p[i])) for i in order]))
+            batch.clear()
+
+        for path in expand_inputs(inputs):
+            try:
+                batch.append((str(path), classifier_input(load_image(path), self.pre)))
+            except ImageError as err:
+                flush()
+                results.append(Prediction(str(path), [], error=str(err)))
+                continue
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        return results
+
+    def predict_boxes(self, inputs: list[str | os.PathLike], *, conf: float | None = None) -> list[ImageDetections]:
+        """Boxes at or above ``conf`` (default: the run's) in each image's own pixels."""
+        if self.task != "detect":
+            raise GraftError(f"{self.path} is a classifier: it has no boxes, use predict")
+        conf = float(self.meta["detector"]["conf"]) if conf is None else conf
+        results = []
+        for path in expand_inputs(inputs):
+            try:
+                image = load_image(path)
+            except ImageError as err:
+                results.append(ImageDetections(str(path), error=str(err)))
+                continue
+            x, scale = detector_input(image, self.pre)
+            boxes, scores, labels = self.detect(x)
+            keep = scores >= conf
+            w, h = image.size
+            boxes = (boxes[keep] / scale).clip(0, [w, h, w, h])
+            found = [Box(self.classes[int(c)], float(s), *map(float, b)) for b, s, c in zip(boxes, scores[keep], labels[keep])]
+            results.append(ImageDetections(str(path), sorted(found, key=lambda b: -b.score)))
+        return results
+
+
+def resize_shorter_to(input_size: int, crop_pct: float) -> int:
+    """The shorter side before the centre crop, as graft's evaluation transform computes it."""
+    return int(math.floor(input_size / crop_pct))

@@ -1,0 +1,81 @@
+"""What a prediction is, whoever made it (a run's PyTorch model or an exported one), and how it is
+drawn. Nothing here imports torch: ``graft predict`` on an exported model needs only onnxruntime."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import ImageDraw
+
+from graft.data.images import IMAGE_EXTENSIONS, load_image
+
+PALETTE = ["#e8590c", "#1971c2", "#2f9e44", "#ae3ec9", "#f59f00", "#c2255c", "#0c8599", "#5c940d"]
+
+
+@dataclass
+class Prediction:
+    """A classifier's answer for one image."""
+
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), most likely first
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.top[0][0] if self.top else None
+
+
+@dataclass
+class Box:
+    label: str
+    score: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass
+class ImageDetections:
+    """A detector's boxes for one image, in its own pixels, highest score first."""
+
+    path: str
+    boxes: list[Box] = field(default_factory=list)
+    error: str | None = None
+
+
+def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders expanded to the image files under them (hidden ones left out)."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = [
+                f
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            ]
+            paths.extend(found)
+        else:
+            paths.append(p)
+    return paths
+
+
+def draw(path: str | os.PathLike, detections: ImageDetections, classes: list[str], out: Path) -> Path:
+    """The image with its boxes, class and score drawn, saved under ``out``."""
+    image = load_image(path).copy()
+    pen = ImageDraw.Draw(image)
+    width = max(1, round(max(image.size) / 300))
+    for b in detections.boxes:
+        colour = PALETTE[classes.index(b.label) % len(PALETTE)]
+        pen.rectangle([b.x1, b.y1, b.x2, b.y2], outline=colour, width=width)
+        text = f"{b.label} {b.score:.2f}"
+        left, top, right, bottom = pen.textbbox((b.x1, b.y1), text)
+        pen.rectangle([left, top - (bottom - top) - 2, right + 2, b.y1], fill=colour)
+        pen.text((b.x1 + 1, top - (bottom - top) - 1), text, fill="white")
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / (Path(path).stem + ".png")
+    image.save(target)
+    return target
