@@ -101,6 +101,7 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: bool | Literal["auto"] = Field("auto", description="Mixed precision; auto = on for CUDA.")
     channels_last: bool | Literal["auto"] = Field("auto", description="Channels-last memory format for convolutions; auto = on for CUDA, where it is faster.")
+    tensorboard: bool = Field(False, description="Also log every history column per epoch to RUNDIR/tensorboard/ (needs the tensorboard package: pip install 'graft[tensorboard]').")
 
 
 class SolverConfig(_Strict):

@@ -36,7 +36,7 @@ from graft.errors import ConfigError, SnapshotError
 from graft.html_report import write_report_after_run
 from graft.io import write_json, write_text
 from graft.report import plot_learning_curves, write_history_csv
-from graft.train.hooks import EarlyStoppingHook, HistoryHook, ProgressHook, SnapshotHook
+from graft.train.hooks import EarlyStoppingHook, run_hooks
 from graft.train.autotune import Decision
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import save_model
@@ -236,7 +236,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     trainer = Trainer(
         model, phases, solver=cfg.solver, train_data=train_ds, val_data=val_ds, device=device, amp=amp, workers=workers,
         freeze_patterns=cfg.model.freeze, lr_rules=cfg.model.lr_mult, task=task,
-        hooks=[*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
+        hooks=run_hooks(run_dir, cfg, static, quiet=quiet, stopping=stopping, extra=hooks),
         data_for_phase=data_for_phase,
         channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
     )

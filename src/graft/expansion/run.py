@@ -40,7 +40,7 @@ from graft.train.caches import training_views
 from graft.train.class_stats import FILE_NAME as STATS_FILE
 from graft.train.class_stats import ClassStats, herding
 from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir, file_digest
-from graft.train.hooks import HistoryHook, ProgressHook, SnapshotHook
+from graft.train.hooks import run_hooks
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import write_results
 from graft.train.runner import TrainResult, check_files_exist, holds_run, keeping_replaced_run, run_info, seed_everything, select_device, stash_run
@@ -128,7 +128,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
         workers=workers,
         freeze_patterns=cfg.model.freeze,
         lr_rules=cfg.model.lr_mult,
-        hooks=[SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
+        hooks=run_hooks(run_dir, cfg, static, quiet=quiet, extra=hooks),
         data_for_phase=PhaseSources(cfg, model, teacher, splits, pre, source_cache, stats, say).phase_data,
         channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
     )

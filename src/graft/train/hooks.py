@@ -1,4 +1,5 @@
-"""Side concerns of the loop: snapshots, the history file, progress output."""
+"""Side concerns of the loop: snapshots, the history file, the TensorBoard log, progress output;
+``run_hooks`` is the one place that decides which of them a run gets."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from graft.errors import ConfigError
 from graft.report import write_history_csv
 from graft.train import checkpoint
 from graft.train.loop import Hook, Trainer
@@ -44,6 +46,49 @@ class HistoryHook(Hook):
 
     def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
         write_history_csv(trainer.state.history, self.path)
+
+
+class TensorBoardHook(Hook):
+    """The history's numeric columns as TensorBoard scalars (tag = column, step = epoch) in
+    ``RUNDIR/tensorboard``. A resumed run first drops events written after its snapshot's epoch."""
+
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("train.tensorboard needs the tensorboard package: pip install 'graft[tensorboard]' (or tensorboard), or set train.tensorboard: false") from None
+        self.make = SummaryWriter
+        self.dir = Path(run_dir) / "tensorboard"
+        self.writer = None
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        if self.writer is None:
+            self.writer = self.make(str(self.dir), purge_step=trainer.state.epoch + 1)
+
+    def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=int(row["epoch"]))
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.close()
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self.close()
+
+
+def run_hooks(run_dir: Path, cfg: Any, static: dict[str, Any], *, quiet: bool, stopping: Hook | None = None, extra: list[Hook] = ()) -> list[Hook]:
+    """The hooks every run gets, in order: early stopping (restores the best weights before the
+    snapshot sees them), snapshots, history, TensorBoard (``train.tensorboard``), progress, then
+    the caller's."""
+    return [*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir),
+            *([TensorBoardHook(run_dir)] if cfg.train.tensorboard else []), *([] if quiet else [ProgressHook()]), *extra]
 
 
 class ProgressHook(Hook):

@@ -34,7 +34,7 @@ from graft.models.backbones import build_model
 from graft.models.classifier import HEAD_LAYER, GraftClassifier
 from graft.train import checkpoint
 from graft.train import autotune
-from graft.train.hooks import EarlyStoppingHook, HistoryHook, ProgressHook, SnapshotHook
+from graft.train.hooks import EarlyStoppingHook, run_hooks
 from graft.train.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, frozen_bn_fixed, phase_sources, prefix_data
 from graft.train.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.train.loop import Phase, Trainer
@@ -95,7 +95,7 @@ def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
 RUN_FILES = RUN_MARKERS + (
     "model.safetensors", "metrics.json", "config.yaml", "splits.json", "weights_report.json",
     "learning_curves.png", "confusion_matrix.png", "predictions.png", CLASS_STATS_FILE, "expand_metrics.json",
-    "detections.png", "per_class_ap.png", "pr_curves.png", "report.html", "export",
+    "detections.png", "per_class_ap.png", "pr_curves.png", "report.html", "export", "tensorboard",
 )
 
 
@@ -295,7 +295,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         freeze_patterns=cfg.model.freeze,
         lr_rules=cfg.model.lr_mult,
         task=ClassificationTask(cfg.train.label_smoothing),
-        hooks=[*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir), *([] if quiet else [ProgressHook()]), *hooks],
+        hooks=run_hooks(run_dir, cfg, static, quiet=quiet, stopping=stopping, extra=hooks),
         data_for_phase=phase_sources(cached, prefix),
         channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
     )
