@@ -6,9 +6,12 @@ Data: the ``objects`` scenes of ``detection_data.py`` (real coins, handwritten d
 pasted onto real photos, 192 px; every object instance and background band belongs to one split).
 As in the incremental-detection literature (Shmelkov et al. 2017, "19 + 1" on VOC), the original
 detector learns the old classes from every training scene with only their boxes labelled (the new
-class is in the photos, unlabelled). The new data is half of the training scenes with only the new
-class labelled: they also hold old-class objects nobody labelled, as new photos do. Joint
-retraining sees every training scene with every class labelled. Every method is scored by
+class is in the photos, unlabelled). The new data holds the training scenes with only the new class
+labelled: they also hold old-class objects nobody labelled, as new photos do. ``--new-scenes all``
+(default) gives it every training scene, as the literature's "+1" step gets every training image of
+the new class; ``half`` only the second half of them, a harder setting in which the expansion has
+half of joint retraining's new-class boxes. Joint retraining sees every training scene with every
+class labelled. Every method is scored by
 pycocotools on the same held-out scenes with every class labelled (``--report val`` to choose
 settings, ``test`` for the table; 40 scenes each).
 
@@ -25,8 +28,7 @@ Methods, one JSON line each (old mAP before/after, new mAP, overall mAP, seconds
 - ``joint``: graft train on all training scenes with every class labelled, as the original was
   trained (the upper bound).
 
-``graft expand --mode fine-tune`` is not built for detectors yet, so it has no row. The two
-baselines train the classification layer with graft's detection solver (AdamW, the source run's
+The two baselines train the classification layer with graft's detection solver (AdamW, the source run's
 learning rate, cosine) for as many epochs as graft expand, backbone frozen, on the same images.
 """
 
@@ -165,6 +167,7 @@ def main() -> None:
     parser.add_argument("--new", nargs="+", default=["face"], choices=CLASSES, help="the classes added; the others are the original's")
     parser.add_argument("--report", choices=["val", "test"], default="test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--new-scenes", choices=["all", "half"], default="all", help="training scenes the new data holds (new-class boxes only)")
     parser.add_argument("--rehearsal", type=int, default=10, help="old-class training scenes given to copy-rows")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--work", type=Path, default=None, help="work folder; an original trained there before is reused")
@@ -181,11 +184,12 @@ def main() -> None:
     train, val, test = stems(full, "train"), stems(full, "val"), stems(full, "test")
     half, val_half = len(train) // 2, len(val) // 2
     old_data = subset_voc(full, work / "old", {"train": train, "val": val, "test": test}, set(old_classes))
-    new_data = subset_voc(full, work / "new", {"train": train[half:], "val": val[val_half:]}, set(new_classes))
+    new_train_scenes, new_val_scenes = (train, val) if args.new_scenes == "all" else (train[half:], val[val_half:])
+    new_data = subset_voc(full, work / f"new-{args.new_scenes}", {"train": new_train_scenes, "val": new_val_scenes}, set(new_classes))
     common = ["--quiet", "--img-size", SIZE, "--seed", args.seed, "--device", "cpu"]
     reuse = args.work is not None and (work / "runs/original/model.json").is_file()  # a second look at the same split: the same original
     secs = 0.0 if reuse else cli("train", "--data", old_data, "--out", work / "runs/original", *common)
-    print(json.dumps({"step": "original", "old_classes": old_classes, "new_classes": new_classes, "train_scenes": len(train), "new_train_scenes": len(train) - half, "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
+    print(json.dumps({"step": "original", "old_classes": old_classes, "new_classes": new_classes, "train_scenes": len(train), "new_train_scenes": len(new_train_scenes), "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
 
     from graft.config import parse_config
     from graft.detection.runner import scan

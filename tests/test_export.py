@@ -150,3 +150,16 @@ def test_an_export_that_disagrees_with_the_run_is_not_kept(runs, tmp_path, capsy
     assert target.read_bytes() == good and sorted(p.name for p in target.parent.iterdir()) == ["model.onnx", "model.onnx.json"]
     code, _, err = run_cli(capsys, "export", runs["classifier"], "--out", tmp_path / "fresh" / "model.onnx")
     assert code == 2 and list((tmp_path / "fresh").iterdir()) == []
+
+
+def test_a_detector_export_that_disagrees_is_not_kept(runs, tmp_path, capsys, monkeypatch) -> None:
+    """Images fed to the export one pixel off (a wrong padding or resize in the sidecar would do
+    this): its boxes move a little everywhere, which must fail, not pass as NMS edge cases."""
+    import graft.export as export
+
+    real = export.detector_input
+    monkeypatch.setattr(export, "detector_input", lambda image, pre: (lambda x, s: (np.roll(x, 1, axis=2), s))(*real(image, pre)))
+    target = tmp_path / "det.onnx"
+    code, _, err = run_cli(capsys, "export", runs["detector"], "--out", target)
+    assert code == 2 and "disagrees with the run, so it was not kept" in err and "unmatched" in err
+    assert not target.exists() and list(tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from PIL import Image
 
 from graft.data.images import ImageError, load_image
 from graft.errors import GraftError
-from graft.prediction import Box, ImageDetections, Prediction, expand_inputs
+from graft.prediction import Box, ImageDetections, Prediction, classify_files, expand_inputs
 
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
@@ -132,31 +132,14 @@ class ExportedModel:
         if self.task != "classify":
             raise GraftError(f"{self.path} is a detector: it finds boxes, use predict_boxes")
         top_k = max(1, min(top_k, len(self.classes)))
-        results: list[Prediction] = []
-        batch: list[tuple[str, np.ndarray]] = []
 
-        def flush() -> None:
-            if not batch:
-                return
-            logits = self.logits(np.stack([x for _, x in batch]))
+        def classify(inputs: list[np.ndarray]) -> list[list[tuple[str, float]]]:
+            logits = self.logits(np.stack(inputs))
             probs = np.exp(logits - logits.max(1, keepdims=True))
             probs /= probs.sum(1, keepdims=True)
-            for (path, _), p in zip(batch, probs):
-                order = np.argsort(-p, kind="stable")[:top_k]
-                results.append(Prediction(path, [(self.classes[i], float(p[i])) for i in order]))
-            batch.clear()
+            return [[(self.classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:top_k]] for p in probs]
 
-        for path in expand_inputs(inputs):
-            try:
-                batch.append((str(path), classifier_input(load_image(path), self.pre)))
-            except ImageError as err:
-                flush()
-                results.append(Prediction(str(path), [], error=str(err)))
-                continue
-            if len(batch) >= batch_size:
-                flush()
-        flush()
-        return results
+        return classify_files(inputs, lambda image: classifier_input(image, self.pre), classify, batch_size)
 
     def predict_boxes(self, inputs: list[str | os.PathLike], *, conf: float | None = None) -> list[ImageDetections]:
         """Boxes at or above ``conf`` (default: the run's) in each image's own pixels."""

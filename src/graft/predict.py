@@ -12,14 +12,13 @@ from safetensors.torch import load_file
 from graft.config import parse_config
 from graft.data.dataset import ImageDataset, default_workers, eval_loader
 from graft.data.folder import Sample, scan_class_folders
-from graft.data.images import ImageError, load_image
 from graft.data.transforms import Preprocessing, eval_transform
 from graft.errors import SnapshotError
 from graft.evaluate import collect_outputs, metrics_from_outputs
 from graft.io import read_json
 from graft.models.backbones import build_model
 from graft.models.classifier import GraftClassifier
-from graft.prediction import Prediction, expand_inputs
+from graft.prediction import Prediction, classify_files, expand_inputs
 
 
 class TrainedModel:
@@ -65,32 +64,14 @@ class TrainedModel:
     def predict(self, inputs: list[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
         """One ``Prediction`` per image file (folders are searched recursively, in sorted order).
         A file that cannot be read gets a Prediction with ``error`` set instead of stopping the rest."""
-        paths = expand_inputs(inputs)
         top_k = max(1, min(top_k, len(self.classes)))
-        results: list[Prediction] = []
-        batch: list[tuple[str, torch.Tensor]] = []
 
-        def flush() -> None:
-            if not batch:
-                return
-            x = torch.stack([t for _, t in batch]).to(self.device)
-            probs = self.model(x).float().softmax(1).cpu()
+        def classify(inputs: list[torch.Tensor]) -> list[list[tuple[str, float]]]:
+            probs = self.model(torch.stack(inputs).to(self.device)).float().softmax(1).cpu()
             values, indices = probs.topk(top_k, dim=1)
-            for (path, _), vs, ix in zip(batch, values.tolist(), indices.tolist()):
-                results.append(Prediction(path, [(self.classes[i], v) for v, i in zip(vs, ix)]))
-            batch.clear()
+            return [[(self.classes[i], v) for v, i in zip(vs, ix)] for vs, ix in zip(values.tolist(), indices.tolist())]
 
-        for path in paths:
-            try:
-                batch.append((str(path), self.transform(load_image(path))))
-            except ImageError as err:
-                flush()
-                results.append(Prediction(str(path), [], error=str(err)))
-                continue
-            if len(batch) >= batch_size:
-                flush()
-        flush()
-        return results
+        return classify_files(inputs, self.transform, classify, batch_size)
 
     def evaluate(self, data_dir: str | os.PathLike, *, batch_size: int = 64, strict: bool = False) -> dict[str, Any]:
         """Metrics on a folder of class folders whose names are among this model's classes."""

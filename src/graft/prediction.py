@@ -4,12 +4,14 @@ drawn. Nothing here imports torch: ``graft predict`` on an exported model needs 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import ImageDraw
 
-from graft.data.images import IMAGE_EXTENSIONS, load_image
+from graft.data.images import IMAGE_EXTENSIONS, ImageError, load_image
 
 PALETTE = ["#e8590c", "#1971c2", "#2f9e44", "#ae3ec9", "#f59f00", "#c2255c", "#0c8599", "#5c940d"]
 
@@ -61,6 +63,32 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
         else:
             paths.append(p)
     return paths
+
+
+def classify_files(inputs: list[str | os.PathLike], prepare: Callable[[Any], Any], classify: Callable[[list[Any]], Sequence[list[tuple[str, float]]]], batch_size: int) -> list[Prediction]:
+    """One ``Prediction`` per image file (folders searched recursively, in sorted order):
+    ``prepare`` turns a loaded image into a model input, ``classify`` a batch of them into each
+    one's (class, probability) list. A file that cannot be read gets a Prediction with ``error``
+    set instead of stopping the rest."""
+    results: list[Prediction] = []
+    batch: list[tuple[str, Any]] = []
+
+    def flush() -> None:
+        if batch:
+            results.extend(Prediction(path, top) for (path, _), top in zip(batch, classify([x for _, x in batch])))
+            batch.clear()
+
+    for path in expand_inputs(inputs):
+        try:
+            batch.append((str(path), prepare(load_image(path))))
+        except ImageError as err:
+            flush()
+            results.append(Prediction(str(path), [], error=str(err)))
+            continue
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return results
 
 
 def draw(path: str | os.PathLike, detections: ImageDetections, classes: list[str], out: Path) -> Path:
