@@ -245,7 +245,10 @@ def main() -> None:
     if want("joint"):
         joint_data = subset_voc(full, work / "joint", {"train": train, "val": val}, set(CLASSES))
         os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")
-        secs = cli("train", "--data", joint_data, "--out", work / "runs/joint", *common)
+        if reuse and (work / "runs/joint/model.json").is_file():  # the same scenes and seed: the same joint run
+            secs = json.loads((work / "runs/joint/metrics.json").read_text())["train_seconds"]
+        else:
+            secs = cli("train", "--data", joint_data, "--out", work / "runs/joint", *common)
         joint = load_run(work / "runs/joint", device="cpu")
         order = [joint.classes.index(c) for c in classes]
         if order != list(range(len(classes))):  # the joint run sorts its classes: score it in the expansion's order

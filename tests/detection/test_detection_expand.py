@@ -167,8 +167,8 @@ def test_bad_requests_get_clear_errors(original, rings, root, tmp_path, capsys) 
     assert code == 2 and "Traceback" not in err and str(folders.parent) in err
     code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", tmp_path / "d", "--set", "model.name=test_resnet")
     assert code == 2 and "model.name cannot change when expanding" in err
-    code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", tmp_path / "e", "--mode", "fine-tune")
-    assert code == 2 and "fine-tune is not built for detectors yet" in err
+    code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", tmp_path / "e", "--mode", "fine-tune", "--fine-tune-epochs", "0")
+    assert code == 2 and "the backbone would not adapt" in err and not (tmp_path / "e").exists()
     code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", original / "inside")
     assert code == 2 and "write the expanded run to a new folder" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
