@@ -1,6 +1,6 @@
 """graft: adapt pretrained image models to your own images.
 
-The Python API in six names::
+The Python API in eight names::
 
     import graft
     cfg = graft.config(data={"dir": "pets/"}, train={"strategy": "two-phase", "epochs": 5})
@@ -11,6 +11,8 @@ The Python API in six names::
     det = graft.fit(graft.config(task="detect", data={"dir": "boxes/"}), "runs/det")  # COCO, YOLO or VOC
     graft.load_run("runs/det").predict(["aerial.jpg"], conf=0.3)  # -> [ImageDetections(path, boxes)]
     graft.expand("runs/pets", "new_pets/", "runs/pets+2")  # add classes, keep the old ones
+    graft.export("runs/pets", "onnx")               # runs/pets/export/model.onnx, checked against the run
+    graft.load_export("runs/pets/export/model.onnx").predict(["photo.jpg"])  # onnxruntime only
 
 Lower levels (data scanning, model building, surgery, the loop) are importable from their
 modules: ``graft.data.folder.scan_folder``, ``graft.models.backbones.build_model``,
@@ -73,4 +75,20 @@ def load_run(run_dir: str, device: str = "auto"):
     return _load(run_dir, device)
 
 
-__all__ = ["__version__", "config", "expand", "fit", "load_run"]
+def export(run_dir: str, fmt: str = "onnx", *, out: str | None = None, half: bool = False, images: str | None = None):
+    """Export the finished run to ONNX or TorchScript, kept only if it predicts as the run does;
+    returns an ``ExportResult`` (path, sidecar, parity figures)."""
+    from graft.export import export_run
+
+    return export_run(run_dir, fmt, out=out, half=half, images=images)
+
+
+def load_export(path: str):
+    """An exported model with its sidecar: ``predict`` (classifiers) or ``predict_boxes`` (detectors),
+    without PyTorch for ONNX."""
+    from graft.exported import ExportedModel
+
+    return ExportedModel(path)
+
+
+__all__ = ["__version__", "config", "expand", "export", "fit", "load_export", "load_run"]
