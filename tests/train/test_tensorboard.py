@@ -6,14 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # a test dependency (pyproject [test])
 
 from box_data import three_splits, write_yolo
 from graft.cli import main
 from graft.report import read_history_csv
 from helpers import make_class_folders
-
-pytest.importorskip("tensorboard", reason="tensorboard is a test dependency (pyproject [test])")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 COMMON = ["--weights", "none", "--augment", "none", "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "train.tensorboard=true", "--quiet"]
 
