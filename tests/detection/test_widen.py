@@ -87,7 +87,7 @@ def test_widened_state_dict_loads_into_a_model_widened_the_same_way() -> None:
 
 
 def test_softmax_heads_and_no_new_classes_are_refused() -> None:
-    with pytest.raises(ValueError, match="fasterrcnn head is not built yet"):
+    with pytest.raises(ValueError, match="would change every old score \\(softmax\\): add a branch instead"):
         widen_detector(tiny("fasterrcnn"), 1)
     with pytest.raises(ValueError, match="no new classes"):
         widen_detector(tiny("fcos"), 0)
