@@ -40,3 +40,12 @@ def tiny_config(data_dir: Path | str, **sections) -> dict:
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``graft ARGS`` in this process: (exit status, stdout, stderr)."""
+    from graft.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err

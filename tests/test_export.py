@@ -15,15 +15,10 @@ import pytest
 
 from box_data import three_splits, write_yolo
 from graft.cli import main
-from helpers import make_class_folders
+from helpers import make_class_folders, run_cli
 
 COMMON = ["--weights", "none", "--augment", "none", "--set", "data.num_workers=0", "--set", "train.device=cpu", "--quiet"]
 
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

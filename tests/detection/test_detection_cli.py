@@ -15,15 +15,11 @@ from safetensors.torch import load_file
 from box_data import three_splits, write_coco, write_voc, write_yolo
 from graft.cli import main
 from graft.train import checkpoint
+from helpers import run_cli
 
 TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",
         "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "solver.base_lr=0.01", "--quiet"]
 
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,12 @@ from box_data import ring_scenes, three_splits, write_coco, write_yolo
 from graft.cli import main
 from graft.predict import load_run
 from graft.train import checkpoint
+from helpers import run_cli
 
 TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",
         "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "solver.base_lr=0.01", "--quiet"]
 EXPAND = ["--epochs", "30", "--set", "solver.base_lr=0.01", "--set", "solver.snapshot=10", "--quiet"]
 
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
