@@ -84,11 +84,11 @@ def export(run_dir: str, fmt: str = "onnx", *, out: str | None = None, half: boo
 
 
 def load_export(path: str):
-    """An exported model with its sidecar: ``predict`` (classifiers) or ``predict_boxes`` (detectors),
+    """An exported model with its sidecar; ``predict`` as the run's model (classes, or boxes),
     without PyTorch for ONNX."""
-    from graft.exported import ExportedModel
+    from graft.exported import load_export as _load_export
 
-    return ExportedModel(path)
+    return _load_export(path)
 
 
 __all__ = ["__version__", "config", "expand", "export", "fit", "load_export", "load_run"]

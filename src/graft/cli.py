@@ -253,11 +253,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not os.path.exists(item):
             raise GraftError(f"no such file or folder: {item}")
     if os.path.isfile(args.run) or Path(args.run).suffix in (".onnx", ".pt"):  # an exported model: onnxruntime and the sidecar, no torch for ONNX
-        from graft.exported import ExportedModel
+        from graft.exported import load_export
 
-        exported = ExportedModel(args.run)
-        if args.iou is not None:
-            raise GraftError(f"--iou is fixed in an exported detector (NMS IoU {exported.meta.get('detector', {}).get('nms_iou')}); export the run again with detect.nms_iou set")
+        exported = load_export(args.run)
         if exported.task == "detect":
             return _predict_boxes(args, exported)
         return _print_classes(args, exported)
@@ -302,10 +300,7 @@ def _print_classes(args: argparse.Namespace, run) -> int:
 def _predict_boxes(args: argparse.Namespace, run) -> int:
     from graft.prediction import draw
 
-    if hasattr(run, "predict_boxes"):  # an exported detector
-        found = run.predict_boxes(args.inputs, conf=args.conf)
-    else:
-        found = run.predict(args.inputs, conf=args.conf, iou=args.iou, batch_size=min(args.batch_size, 8))
+    found = run.predict(args.inputs, conf=args.conf, iou=args.iou, batch_size=min(args.batch_size, 8))
     if not found:
         raise GraftError(f"no image files found in {', '.join(args.inputs)}")
     rows = [(d.path, b) for d in found for b in d.boxes]

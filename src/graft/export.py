@@ -35,7 +35,7 @@ from torch import nn
 from graft import __version__
 from graft.data.images import ImageError, load_image
 from graft.errors import ConfigError, ExportError
-from graft.exported import ExportedModel, classifier_input, detector_input, resize_shorter_to, sidecar_path
+from graft.exported import ExportedModel, classifier_input, load_export, detector_input, resize_shorter_to, sidecar_path
 from graft.io import read_json, write_json
 from graft.train.embeddings import file_digest
 
@@ -102,7 +102,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", *, out: str | os.P
     try:
         _trace(run, task, fmt, half, opset, tmp)
         say(f"exported {run_dir} to {fmt}{' (float16)' if half else ''} in {time.perf_counter() - started:.1f}s; checking it against the run on {len(checked)} image(s)")
-        exported = ExportedModel(tmp, meta=meta)
+        exported = load_export(tmp, meta=meta)
         parity = _classifier_parity(run, exported, checked, half) if task == "classify" else _detector_parity(run, exported, checked, half)
         meta["parity"] = parity
         if not parity["passed"]:

@@ -72,23 +72,13 @@ def detector_input(image: Image.Image, pre: dict[str, Any]) -> tuple[np.ndarray,
 
 
 class ExportedModel:
-    """An exported model and its sidecar. ``logits`` / ``detect`` run it on prepared inputs;
-    ``predict`` / ``predict_boxes`` take image files, as a run's model does."""
+    """An exported model and its sidecar; ``logits`` / ``detect`` run it on prepared inputs.
+    ``load_export`` gives the subclass whose ``predict`` takes image files as the run's does."""
 
-    def __init__(self, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
-        """``meta``: the sidecar's content, when it is not (yet) beside the model file."""
-        self.path = Path(path)
-        meta_path = sidecar_path(self.path)
-        if not self.path.is_file():
-            raise GraftError(f"no such exported model: {self.path}")
-        if meta is None and not meta_path.is_file():
-            raise GraftError(f"{self.path} has no sidecar {meta_path.name} beside it: graft export writes one, and it holds the classes and preprocessing")
-        try:
-            self.meta: dict[str, Any] = meta if meta is not None else json.loads(meta_path.read_text())
-            self.task, self.classes, self.pre = self.meta["task"], list(self.meta["classes"]), self.meta["preprocessing"]
-            self.format = self.meta["format"]
-        except (ValueError, KeyError) as err:
-            raise GraftError(f"{meta_path} is not a graft export sidecar ({type(err).__name__}: {err})") from None
+    def __init__(self, path: str | os.PathLike, meta: dict[str, Any]) -> None:
+        """``meta``: the sidecar's content (``read_sidecar``)."""
+        self.path, self.meta = Path(path), meta
+        self.task, self.classes, self.pre, self.format = meta["task"], list(meta["classes"]), meta["preprocessing"], meta["format"]
         self.dtype = np.float16 if self.meta["input"].get("dtype") == "float16" else np.float32
         self._run = self._onnx() if self.format == "onnx" else self._torchscript()
 
@@ -128,9 +118,11 @@ class ExportedModel:
         boxes, scores, labels = self._run(np.ascontiguousarray(image[None], dtype=self.dtype))
         return np.asarray(boxes, np.float32), np.asarray(scores, np.float32), np.asarray(labels, np.int64)
 
+
+class ExportedClassifier(ExportedModel):
+    """An exported classifier; ``predict`` as the run's ``TrainedModel.predict``."""
+
     def predict(self, inputs: list[str | os.PathLike], *, top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
-        if self.task != "classify":
-            raise GraftError(f"{self.path} is a detector: it finds boxes, use predict_boxes")
         top_k = max(1, min(top_k, len(self.classes)))
 
         def classify(inputs: list[np.ndarray]) -> list[list[tuple[str, float]]]:
@@ -141,10 +133,15 @@ class ExportedModel:
 
         return classify_files(inputs, lambda image: classifier_input(image, self.pre), classify, batch_size)
 
-    def predict_boxes(self, inputs: list[str | os.PathLike], *, conf: float | None = None) -> list[ImageDetections]:
-        """Boxes at or above ``conf`` (default: the run's) in each image's own pixels."""
-        if self.task != "detect":
-            raise GraftError(f"{self.path} is a classifier: it has no boxes, use predict")
+
+class ExportedDetector(ExportedModel):
+    """An exported detector; ``predict`` as the run's ``TrainedDetector.predict``."""
+
+    def predict(self, inputs: list[str | os.PathLike], *, conf: float | None = None, iou: float | None = None, batch_size: int = 1) -> list[ImageDetections]:
+        """Boxes at or above ``conf`` (default: the run's) in each image's own pixels, as the run's
+        ``TrainedDetector.predict`` gives them. The NMS IoU was fixed at export; one image per call."""
+        if iou is not None:
+            raise GraftError(f"--iou is fixed in an exported detector (NMS IoU {self.meta['detector']['nms_iou']}); export the run again with detect.nms_iou set")
         conf = float(self.meta["detector"]["conf"]) if conf is None else conf
         results = []
         for path in expand_inputs(inputs):
@@ -161,6 +158,34 @@ class ExportedModel:
             found = [Box(self.classes[int(c)], float(s), *map(float, b)) for b, s, c in zip(boxes, scores[keep], labels[keep])]
             results.append(ImageDetections(str(path), sorted(found, key=lambda b: -b.score)))
         return results
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """The sidecar of the exported model at ``path``, checked for what running it needs."""
+    meta_path = sidecar_path(path)
+    if not path.is_file():
+        raise GraftError(f"no such exported model: {path}")
+    if not meta_path.is_file():
+        raise GraftError(f"{path} has no sidecar {meta_path.name} beside it: graft export writes one, and it holds the classes and preprocessing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        missing = [k for k in ("task", "classes", "preprocessing", "format", "input") if k not in meta]
+    except ValueError as err:
+        raise GraftError(f"{meta_path} is not a graft export sidecar (ValueError: {err})") from None
+    if missing:
+        raise GraftError(f"{meta_path} is not a graft export sidecar (no {', '.join(missing)})")
+    return meta
+
+
+def load_export(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> ExportedClassifier | ExportedDetector:
+    """The exported model at ``path`` as a classifier or a detector; ``meta``: its sidecar's
+    content when the sidecar is not (yet) beside it, as during graft export's parity check."""
+    path = Path(path)
+    if meta is None:
+        meta = read_sidecar(path)
+    elif not path.is_file():
+        raise GraftError(f"no such exported model: {path}")
+    return (ExportedDetector if meta["task"] == "detect" else ExportedClassifier)(path, meta)
 
 
 def resize_shorter_to(input_size: int, crop_pct: float) -> int:
