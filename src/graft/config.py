@@ -93,7 +93,7 @@ class TrainConfig(_Strict):
         return v
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     embedding_cache: bool = Field(True, description="Train frozen-backbone phases on cached backbone embeddings (computed once per image, stored on disk).")
-    cache_views: int = Field(4, ge=1, le=64, description="With augmentation: augmented views per training image in the embedding cache; each epoch draws one.")
+    cache_views: int = Field(4, ge=1, le=64, description="With augmentation: augmented views per training image in the embedding (or detection feature) cache; each epoch draws one. An augmentation that only flips caches its 2 or 4 outcomes instead, each once.")
     prefix_cache: bool = Field(True, description="Fine-tuning without augmentation: compute the frozen layers' activations once and run only the layers that learn.")
     prefix_cache_mb: float = Field(1024, ge=0, description="Memory limit for those activations (half precision); over it, the whole network runs each epoch.")
     class_stats: bool = Field(True, description="Store per-class statistics of the trained model's embeddings in the run (class_stats.safetensors), so `graft expand` can add classes later without the old images.")

@@ -120,6 +120,33 @@ def test_augmented_views_differ_and_each_epoch_draws_deterministically(setup):
     assert len({tuple(d[:3].tolist()) for d in drawn}) > 1  # different epochs draw different views
 
 
+def test_a_flips_only_augmentation_caches_each_outcome_once(setup):
+    """flip: the unflipped view (the evaluation embedding, shared) and the mirrored one, exactly;
+    random draws would compute some outcomes twice and miss others."""
+    tmp, _, samples, model, pre = setup
+    from graft.data.images import load_image
+    from graft.data.transforms import Augmentation
+    from graft.train.caches import training_views
+
+    cache = make_cache(model, tmp / "c", pre)
+    plain = cache.embed(samples, eval_transform(pre))
+    cfg = parse_config({})
+    views = training_views(cache, samples, pre, Augmentation(hflip=True), cfg, epochs=10)
+    assert views.shape[1] == 2 and cache.computed == 2 * len(samples)  # one more pass per image, not cache_views
+    assert torch.equal(views[:, 0], plain)
+    model.eval()
+    with torch.inference_mode():
+        mirrored = model.backbone(torch.stack([eval_transform(pre)(load_image(s.path)).flip(-1) for s in samples]))
+    torch.testing.assert_close(views[:, 1], mirrored)
+    both = training_views(cache, samples, pre, Augmentation(hflip=True, vflip=True), cfg, epochs=10)
+    assert both.shape[1] == 4 and torch.equal(both[:, :2], views)  # the outcomes already cached are reused
+    ds = EmbeddingDataset(views, [s.label for s in samples], seed=0)
+    drawn = [int(torch.equal(ds[(i, e)][0], views[i, 1])) for i in range(len(samples)) for e in range(8)]
+    assert 0.3 < sum(drawn) / len(drawn) < 0.7  # each epoch flips about half of the images
+    rotate = training_views(cache, samples, pre, Augmentation(hflip=True, rotation=30.0), cfg, epochs=10)
+    assert rotate.shape[1] == cfg.train.cache_views  # anything else random: random views as before
+
+
 def test_head_on_cached_embeddings_matches_the_slow_way(tmp_path):
     """Feature extraction with and without the cache: same accuracy, (nearly) the same head."""
     data = make_class_folders(tmp_path / "data", per_class=10)

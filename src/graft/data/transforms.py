@@ -84,6 +84,19 @@ class Augmentation:
     def is_identity(self) -> bool:
         return not (self.hflip or self.vflip or self.rotation or self.crop_scale or self.color_jitter)
 
+    @property
+    def flips(self) -> list[tuple[bool, bool]] | None:
+        """Every outcome ``(hflip, vflip)`` of an augmentation that only flips, identity first (2 or
+        4): a cache holds each once instead of random draws that repeat some and miss others.
+        None when anything else is random."""
+        return flip_outcomes(self.hflip, self.vflip) if not (self.rotation or self.crop_scale or self.color_jitter) else None
+
+
+def flip_outcomes(hflip: bool, vflip: bool) -> list[tuple[bool, bool]] | None:
+    if not (hflip or vflip):
+        return None
+    return [(h, v) for v in ((False, True) if vflip else (False,)) for h in ((False, True) if hflip else (False,))]
+
 
 PRESETS = {
     "none": Augmentation(),
@@ -120,6 +133,13 @@ def eval_transform(pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
     interp = _INTERPOLATION[pre.interpolation]
     resize = int(math.floor(pre.input_size / pre.crop_pct))
     return T.Compose([T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(pre.input_size), *_to_tensor(pre)])
+
+
+def flipped_transform(pre: Preprocessing, hflip: bool, vflip: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation pipeline with fixed flips: one outcome of a flips-only ``train_transform``."""
+    steps = eval_transform(pre).transforms
+    flips = ([T.RandomHorizontalFlip(1.0)] if hflip else []) + ([T.RandomVerticalFlip(1.0)] if vflip else [])
+    return T.Compose([*steps[:2], *flips, *steps[2:]])
 
 
 def train_transform(pre: Preprocessing, aug: Augmentation) -> Callable[[Image.Image], torch.Tensor]:

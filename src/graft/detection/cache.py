@@ -68,10 +68,15 @@ def cache_bytes(model: GraftDetector, size: int, items: int, device: torch.devic
 def build_feature_cache(
     model: GraftDetector, dataset: BoxDataset, *, views: int, seed: int, device: torch.device, amp: bool, budget_mb: float, cache_dir: str | os.PathLike, batch_size: int = 16, say=None,
 ) -> FeatureCache:
-    """Run the (frozen) backbone once over every (image, view) of ``dataset``."""
+    """Run the (frozen) backbone once over every (image, view) of ``dataset``. An augmentation that
+    only flips has 2 or 4 outcomes: those are the views, each computed once, instead of ``views``
+    random draws that would repeat some outcomes and miss others."""
     shapes = feature_shapes(model, dataset.size, device)
     per_item = sum(c * h * w for c, h, w in shapes)
     views = views if dataset.augment is not None else 1
+    flips = dataset.augment.flips if views > 1 else None
+    if flips is not None:
+        views = len(flips)
     n = len(dataset) * views
     need_mb = 2 * n * per_item / 2**20
     file = None
@@ -88,7 +93,7 @@ def build_feature_cache(
     keys = [(i, v) for v in range(views) for i in range(len(dataset))] if views > 1 else list(range(len(dataset)))
     rows = {key: (key[0] * views + key[1]) if views > 1 else key for key in keys}
     targets: list[dict[str, torch.Tensor] | None] = [None] * n
-    loader = DataLoader(_Keyed(dataset, keys), batch_size=batch_size, shuffle=False, collate_fn=_collate_keyed)
+    loader = DataLoader(_Keyed(dataset, keys, flips), batch_size=batch_size, shuffle=False, collate_fn=_collate_keyed)
     was = model.training
     model.eval()
     try:
@@ -111,17 +116,18 @@ def build_feature_cache(
 
 
 class _Keyed(Dataset):
-    """``dataset`` under explicit keys: (index, view) draws view ``view``'s augmentation."""
+    """``dataset`` under explicit keys: (index, view) draws view ``view``'s augmentation, or with
+    ``flips`` is that flip outcome."""
 
-    def __init__(self, dataset: BoxDataset, keys: Sequence) -> None:
-        self.dataset, self.keys = dataset, list(keys)
+    def __init__(self, dataset: BoxDataset, keys: Sequence, flips: Sequence[tuple[bool, bool]] | None = None) -> None:
+        self.dataset, self.keys, self.flips = dataset, list(keys), flips
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, i: int):
         key = self.keys[i]
-        image, target = self.dataset[key]
+        image, target = self.dataset.outcome(key[0], *self.flips[key[1]]) if self.flips is not None else self.dataset[key]
         return key, image, target
 
 

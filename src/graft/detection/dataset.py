@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from graft.data.dataset import _mix
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from graft.data.transforms import flip_outcomes
 from graft.detection.boxes import BoxSample
 from graft.errors import DataError
 
@@ -52,6 +53,12 @@ class BoxAugment:
     @property
     def active(self) -> bool:
         return self.hflip or self.vflip or self.scale is not None or self.color > 0
+
+    @property
+    def flips(self) -> list[tuple[bool, bool]] | None:
+        """Every outcome ``(hflip, vflip)`` of an augmentation that only flips, identity first: a
+        feature cache holds each once. None when anything else is random."""
+        return flip_outcomes(self.hflip, self.vflip) if self.scale is None and not self.color else None
 
     def transforms(self) -> list[Any]:
         out: list[Any] = []
@@ -133,11 +140,16 @@ class BoxDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         return self._item(self.resized(index), index, epoch)
 
+    def outcome(self, index: int, hflip: bool, vflip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Image ``index`` flipped as asked, boxes moved with it: one outcome of a flips-only augmentation."""
+        flips = ([v2.RandomHorizontalFlip(1.0)] if hflip else []) + ([v2.RandomVerticalFlip(1.0)] if vflip else [])
+        return self._item(self.resized(index), index, None, v2.Compose(flips) if flips else None)
+
     def item_from(self, image: Any, index: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The input for an image already loaded (prediction), as ``ds[index]`` would give it."""
         return self._item(resize_longer(image, self.size), index, None)
 
-    def _item(self, pixels: torch.Tensor, index: int, epoch: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _item(self, pixels: torch.Tensor, index: int, epoch: int | None, fixed: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.samples[index]
         h, w = pixels.shape[-2:]
         scale = w / s.width
@@ -146,7 +158,10 @@ class BoxDataset(Dataset):
         labels = torch.from_numpy(s.labels[keep]).long()
         image = tv_tensors.Image(pixels)
         target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)), "labels": labels}
-        if self.pipeline is not None and epoch is not None:
+        if fixed is not None:
+            image, target = fixed(image, target)
+            target = _sanitize(target, image.shape[-2:])
+        elif self.pipeline is not None and epoch is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_mix(self.seed, epoch, index))
                 image, target = self.pipeline(image, target)

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from graft.config import GraftConfig
 from graft.data.dataset import ImageDataset, eval_loader
 from graft.data.folder import DatasetSplits, Sample
-from graft.data.transforms import Preprocessing, eval_transform, train_transform
+from graft.data.transforms import Preprocessing, eval_transform, flipped_transform, train_transform
 from graft.evaluate import Outputs, collect_outputs
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
@@ -33,11 +33,18 @@ from graft.train.loop import Phase, PhaseData
 
 def training_views(cache: EmbeddingCache, samples: list[Sample], pre: Preprocessing, aug: Any, cfg: GraftConfig, epochs: int, decoded: Any = None) -> torch.Tensor:
     """``[N, V, D]``: without augmentation the one evaluation view, else V augmented views, never
-    more than there are epochs (then the cache costs at most what the slow path would)."""
+    more than there are epochs (then the cache costs at most what the slow path would). An
+    augmentation that only flips has 2 or 4 outcomes: each is cached once (the unflipped one is the
+    evaluation view, already needed), and each epoch draws one of them, as a random flip would."""
     if aug.is_identity:
         return cache.embed(samples, eval_transform(pre)).unsqueeze(1)
-    tf, spec = train_transform(pre, aug), asdict(aug)
     views = max(1, min(cfg.train.cache_views, epochs))
+    if aug.flips is not None and views > 1:
+        return torch.stack([
+            cache.embed(samples, flipped_transform(pre, h, v), view=i, augmentation={"flips": [h, v]} if i else None, decoded=decoded)
+            for i, (h, v) in enumerate(aug.flips)
+        ], 1)
+    tf, spec = train_transform(pre, aug), asdict(aug)
     return torch.stack([cache.embed(samples, tf, view=v, augmentation=spec, seed=cfg.solver.seed, decoded=decoded) for v in range(1, views + 1)], 1)
 
 
