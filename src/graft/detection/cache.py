@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from graft.data.dataset import _mix
 from graft.detection.dataset import BoxDataset, collate_boxes
 from graft.detection.model import GraftDetector
-from graft.evaluate import autocast
+from graft.evaluate import autocast, in_chunks
 
 
 class FeatureCache(Dataset):
@@ -100,7 +100,7 @@ def build_feature_cache(
         with torch.no_grad():
             for batch_keys, images, batch_targets in loader:
                 with autocast(device, amp):
-                    maps = model.backbone_features(images.to(device))
+                    maps = in_chunks(model.backbone_features, images.to(device))
                 flat_maps = torch.cat([m.float().flatten(1) for m in maps], 1).half().cpu()
                 for key, row, target in zip(batch_keys, flat_maps, batch_targets):
                     flat[rows[key]] = row

@@ -18,7 +18,7 @@ from graft.detection.boxes import BoxSample
 from graft.detection.dataset import collate_boxes
 from graft.detection.metrics import Prediction, detection_metrics
 from graft.detection.model import GraftDetector
-from graft.evaluate import autocast
+from graft.evaluate import autocast, in_chunks
 from graft.train.task import Task
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def collect_detections(model: GraftDetector, batches: Iterable, device: torch.de
             for inputs, targets in batches:
                 inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else [f.to(device) for f in inputs]
                 with autocast(device, amp):
-                    dets = run_detector(model, inputs)
+                    dets = in_chunks(model, inputs) if isinstance(inputs, torch.Tensor) else run_detector(model, inputs)
                 for det, t in zip(dets, targets):
                     i = int(t["index"])
                     s = samples[i]

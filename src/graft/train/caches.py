@@ -23,7 +23,7 @@ from graft.config import GraftConfig
 from graft.data.dataset import ImageDataset, eval_loader
 from graft.data.folder import DatasetSplits, Sample
 from graft.data.transforms import Preprocessing, eval_transform, flipped_transform, train_transform
-from graft.evaluate import Outputs, collect_outputs
+from graft.evaluate import Outputs, collect_outputs, in_chunks
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
 from graft.train.class_stats import ClassStats
@@ -317,7 +317,7 @@ class PrefixActivations:
         prefix.eval()
         try:
             ds = ImageDataset(samples, eval_transform(self.pre), max_pixels=self.cfg.data.max_pixels, decoded=decoded)
-            chunks = [prefix(images.to(self.device)).half().cpu() for images, _ in eval_loader(ds, batch_size=self.cfg.solver.batch_size, workers=0)]
+            chunks = [in_chunks(prefix, images.to(self.device)).half().cpu() for images, _ in eval_loader(ds, batch_size=self.cfg.solver.batch_size, workers=0)]
         finally:
             prefix.train(was)
         return torch.cat(chunks) if chunks else torch.zeros(0)

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from graft.data.dataset import ImageDataset, _mix, eval_loader
 from graft.data.folder import Sample
+from graft.evaluate import in_chunks
 from graft.io import atomic_write
 
 FORMAT = "graft-embeddings/1"
@@ -156,7 +157,7 @@ class EmbeddingCache:
         out: list[torch.Tensor] = []
         try:
             for images, _ in eval_loader(ds, batch_size=self.batch_size, workers=self.workers, pin_memory=self.device.type == "cuda"):
-                out.extend(self.backbone(images.to(self.device)).float().cpu())
+                out.extend(in_chunks(self.backbone, images.to(self.device)).float().cpu())
         finally:
             self.backbone.train(was_training)
         self.computed += len(samples)
