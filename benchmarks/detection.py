@@ -41,7 +41,7 @@ SIZES = {"objects": 192, "trees": 384}
 
 
 def graft_recipe(data: Path, out: Path, size: int, epochs: int, fine_tune_epochs: int, seed: int, report: str) -> dict:
-    from graft.config import parse_config
+    from graft.configuration import parse_config
     from graft.train.runner import train
 
     cfg = parse_config({
@@ -75,7 +75,7 @@ def graft_recipe(data: Path, out: Path, size: int, epochs: int, fine_tune_epochs
 
 def tutorial_recipe(data: Path, size: int, epochs: int, seed: int, report: str) -> dict:
     """torchvision's detection tutorial loop (references/detection/engine.py's train_one_epoch)."""
-    from graft.config import parse_config
+    from graft.configuration import parse_config
     from graft.data.dataset import eval_loader
     from graft.detection.build import build_detection_model
     from graft.detection.dataset import BoxAugment, BoxDataset, collate_boxes

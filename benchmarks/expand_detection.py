@@ -191,7 +191,7 @@ def main() -> None:
     secs = 0.0 if reuse else cli("train", "--data", old_data, "--out", work / "runs/original", *common)
     print(json.dumps({"step": "original", "old_classes": old_classes, "new_classes": new_classes, "train_scenes": len(train), "new_train_scenes": len(new_train_scenes), "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
 
-    from graft.config import parse_config
+    from graft.configuration import parse_config
     from graft.detection.runner import scan
     from graft.predict import load_run
 

@@ -35,7 +35,7 @@ def peak_rss_mib() -> float:
 def setup(data: Path, augment: str):
     import torch
 
-    from graft.config import parse_config
+    from graft.configuration import parse_config
     from graft.data.dataset import ImageDataset, default_workers
     from graft.data.folder import scan_folder
     from graft.data.transforms import augmentation_from_config, eval_transform, preprocessing_for, train_transform
@@ -116,7 +116,7 @@ def case_fe_plain(data: Path, epochs: int) -> dict:
 
 
 def graft_train(data: Path, out: Path, strategy: str, augment: str, epochs: int, cache_dir: Path, **train_opts) -> dict:
-    from graft.config import parse_config
+    from graft.configuration import parse_config
     from graft.train.runner import train
 
     cfg = parse_config(

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from graft.config import (
+from graft.configuration import (
     GraftConfig,
     LayerRule,
     describe,
@@ -362,3 +362,20 @@ def test_every_example_config_is_valid():
     assert len(examples) >= 3
     for path in examples:
         resolve_config(path)  # raises ConfigError naming the key if an example went stale
+
+
+def test_the_python_api_survives_its_own_imports() -> None:
+    """Importing a submodule binds it as an attribute of the package: a submodule named like an
+    API function (``graft.config``, ``graft.export``) replaced the function after its first call."""
+    import pkgutil
+
+    import graft
+    import graft.configuration  # noqa: F401 - what graft.config's first call imports
+    import graft.exporter  # noqa: F401
+
+    modules = {m.name for m in pkgutil.iter_modules(graft.__path__)}
+    assert not modules & set(graft.__all__), "a submodule is named like an API function"
+    first = graft.config(data={"dir": "pets/"}, train={"epochs": 3})
+    second = graft.config(data={"dir": "pets/"}, train={"epochs": 4})
+    assert (first.train.epochs, second.train.epochs) == (3, 4)
+    assert all(callable(getattr(graft, name)) for name in graft.__all__ if name != "__version__")

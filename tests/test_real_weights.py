@@ -11,7 +11,7 @@ from graft.data.images import load_image
 from graft.data.transforms import eval_transform, preprocessing_for
 from graft.demo import run_demo, skimage_photo
 from graft.models.backbones import build_model, imagenet_model
-from graft.config import ModelConfig
+from graft.configuration import ModelConfig
 
 # ImageNet classes 281-285: tabby, tiger cat, Persian, Siamese, Egyptian cat.
 CAT_CLASSES = range(281, 286)

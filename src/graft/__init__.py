@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 def config(file: str | None = None, overrides: list[str] = (), **sections: dict[str, Any]):
     """A validated ``GraftConfig`` from an optional YAML file, ``a.b=value`` overrides and section dicts."""
-    from graft.config import resolve_config
+    from graft.configuration import resolve_config
 
     flags = {f"{section}.{key}": value for section, values in sections.items() if isinstance(values, dict) for key, value in values.items()}
     flags.update({key: value for key, value in sections.items() if not isinstance(value, dict)})  # top-level keys: task
@@ -78,7 +78,7 @@ def load_run(run_dir: str, device: str = "auto"):
 def export(run_dir: str, fmt: str = "onnx", *, out: str | None = None, half: bool = False, images: str | None = None):
     """Export the finished run to ONNX or TorchScript, kept only if it predicts as the run does;
     returns an ``ExportResult`` (path, sidecar, parity figures)."""
-    from graft.export import export_run
+    from graft.exporter import export_run
 
     return export_run(run_dir, fmt, out=out, half=half, images=images)
 

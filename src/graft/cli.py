@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from graft.config import resolve_config
+    from graft.configuration import resolve_config
     from graft.train.runner import train
 
     flags = {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()}
@@ -240,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from graft.export import DEFAULT_OPSET, export_run
+    from graft.exporter import DEFAULT_OPSET, export_run
 
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = export_run(args.run, args.format, out=args.out, half=args.half, opset=args.opset or DEFAULT_OPSET, images=args.images, parity_images=args.parity_images, say=say)
@@ -337,7 +337,7 @@ def _predict_boxes(args: argparse.Namespace, run) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from graft.config import resolve_config
+    from graft.configuration import resolve_config
     from graft.plan import describe_plan, format_plan
 
     flags = {"task": args.task, "model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "train.device": args.device}

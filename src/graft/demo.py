@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.errors import DataError
 from graft.train.runner import TrainResult, train
 

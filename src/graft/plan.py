@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from graft.config import GraftConfig
+from graft.configuration import GraftConfig
 from graft.errors import ConfigError, DataError
 from graft.data.transforms import augmentation_from_config, preprocessing_for
 from graft.models import surgery

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.data.dataset import ImageDataset, default_workers, eval_loader
 from graft.data.folder import Sample, scan_class_folders
 from graft.data.transforms import Preprocessing, eval_transform

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from graft.config import DataConfig
+from graft.configuration import DataConfig
 from graft.data.dataset import EpochBatchSampler, ImageDataset
 from graft.data.folder import Sample
 from graft.data.transforms import (

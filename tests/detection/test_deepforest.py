@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.detection.deepforest import read_photos, tiles, write_tree_tiles
 from graft.train.runner import train
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from box_data import three_splits, write_voc
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.detection.build import build_detection_model
 from graft.detection.cache import build_feature_cache
 from graft.detection.data import scan_detection

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.detection.build import build_detection_model
 from graft.detection.widen import BlockConv2d, class_blocks, widen_detector
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import graft
 from graft.cli import main
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.train.class_stats import ClassStats
 from graft.train.runner import train
 from helpers import make_class_folders, tiny_config

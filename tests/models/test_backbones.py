@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from graft.config import ModelConfig
+from graft.configuration import ModelConfig
 from graft.errors import WeightsError
 from graft.models import backbones
 from graft.models.backbones import (

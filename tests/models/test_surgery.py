@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from graft.config import LayerRule, ModelConfig, SolverConfig
+from graft.configuration import LayerRule, ModelConfig, SolverConfig
 from graft.errors import ConfigError
 from graft.models import surgery
 from graft.models.backbones import build_model
@@ -604,7 +604,7 @@ def test_widen_head_keeps_old_logits_bit_for_bit_and_counts_what_is_new():
     N * in_features + N parameters are new (the reference answer's 1024x90 -> 1024x92 case, scaled)."""
     import torch
 
-    from graft.config import ModelConfig
+    from graft.configuration import ModelConfig
     from graft.models.backbones import build_model
     from graft.models.surgery import widen_head
 
@@ -628,7 +628,7 @@ def test_widen_head_keeps_old_logits_bit_for_bit_and_counts_what_is_new():
 def test_widening_twice_keeps_every_earlier_block():
     import torch
 
-    from graft.config import ModelConfig
+    from graft.configuration import ModelConfig
     from graft.models.backbones import build_model
     from graft.models.surgery import widen_head
 
@@ -649,7 +649,7 @@ def test_a_widened_model_saves_and_loads_as_a_finished_run(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from graft.config import GraftConfig
+    from graft.configuration import GraftConfig
     from graft.io import write_json
     from graft.models.backbones import build_model
     from graft.models.surgery import widen_head
@@ -669,7 +669,7 @@ def test_a_widened_model_saves_and_loads_as_a_finished_run(tmp_path):
 
 
 def test_widen_head_needs_a_new_class():
-    from graft.config import ModelConfig
+    from graft.configuration import ModelConfig
     from graft.models.backbones import build_model
     from graft.models.surgery import widen_head
 

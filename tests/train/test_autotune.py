@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from graft.cli import main
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.train.autotune import AUTO_AUGMENTS, HEAD_LRS
 from graft.train.runner import train
 from helpers import make_class_folders, tiny_config

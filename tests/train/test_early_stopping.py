@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.train import checkpoint
 from graft.train.hooks import EarlyStoppingHook
 from graft.train.runner import train

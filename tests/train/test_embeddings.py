@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from graft.config import ModelConfig, parse_config
+from graft.configuration import ModelConfig, parse_config
 from graft.data.folder import scan_folder
 from graft.data.transforms import Preprocessing, eval_transform
 from graft.models.backbones import build_model

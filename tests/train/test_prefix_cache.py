@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from graft.config import ModelConfig, parse_config
+from graft.configuration import ModelConfig, parse_config
 from graft.models.backbones import build_model
 from graft.train.caches import backbone_units, chain_matches
 from graft.train.runner import train

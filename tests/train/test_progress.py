@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.train.hooks import ProgressHook
 from graft.train.runner import train
 from helpers import make_class_folders, tiny_config

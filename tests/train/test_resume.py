@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.errors import ConfigError, SnapshotError
 from graft.train import checkpoint
 from graft.train.loop import Hook, Interrupted

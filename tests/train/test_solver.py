@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from graft.config import SolverConfig
+from graft.configuration import SolverConfig
 from graft.errors import ConfigError
 from graft.models import surgery
 from graft.train.solver import LRSchedule, make_optimizer

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from graft.config import GraftConfig
+from graft.configuration import GraftConfig
 from graft.detection.cache import FeatureCache
 from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask

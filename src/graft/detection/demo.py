@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.demo import demo_folder
 from graft.detection.deepforest import write_tree_tiles
 

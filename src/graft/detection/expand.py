@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graft.config import GraftConfig, LayerRule, parse_config, resolve_config
+from graft.configuration import GraftConfig, LayerRule, parse_config, resolve_config
 from graft.data.dataset import default_workers, eval_loader
 from graft.detection.autotune import FALLBACK
 from graft.detection.boxes import BoxSample

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from graft.config import GraftConfig
+from graft.configuration import GraftConfig
 from graft.detection.autotune import AUTO_AUGMENTS, FALLBACK
 from graft.detection.torchvision_models import is_torchvision_detector
 from graft.models import surgery

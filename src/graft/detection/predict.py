@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graft.config import parse_config
+from graft.configuration import parse_config
 from graft.data.dataset import default_workers
 from graft.data.images import ImageError, load_image
 from graft.detection.boxes import BoxSample

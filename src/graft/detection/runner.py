@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from graft import __version__
-from graft.config import GraftConfig, dump_yaml
+from graft.configuration import GraftConfig, dump_yaml
 from graft.data.dataset import default_workers, eval_loader
 from graft.detection.build import build_detection_model, input_size
 from graft.detection.autotune import FALLBACK, decide_augment

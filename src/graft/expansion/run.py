@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from graft.config import GraftConfig, dump_yaml, parse_config
+from graft.configuration import GraftConfig, dump_yaml, parse_config
 from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, Sample, scan_folder
 from graft.data.transforms import (

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from graft.config import GraftConfig, resolve_config
+from graft.configuration import GraftConfig, resolve_config
 from graft.data.folder import DatasetSplits
 from graft.data.transforms import Preprocessing, preprocessing_for
 from graft.errors import ConfigError, DataError, SnapshotError

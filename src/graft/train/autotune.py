@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from graft.config import GraftConfig
+from graft.configuration import GraftConfig
 from graft.data.folder import DatasetSplits
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform
 from graft.models.classifier import GraftClassifier

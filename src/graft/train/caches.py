@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from graft.config import GraftConfig
+from graft.configuration import GraftConfig
 from graft.data.dataset import ImageDataset, eval_loader
 from graft.data.folder import DatasetSplits, Sample
 from graft.data.transforms import Preprocessing, eval_transform, flipped_transform, train_transform

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from graft import __version__
-from graft.config import GraftConfig, dump_yaml, parse_config
+from graft.configuration import GraftConfig, dump_yaml, parse_config
 from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, scan_folder
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
