@@ -47,6 +47,21 @@ def test_coco_category_ids_map_to_contiguous_labels_sorted_by_id(tmp_path: Path)
     assert "COCO JSON" in found.description and "instances_train.json" in found.description
 
 
+def test_a_yolo_yaml_given_by_a_relative_path_finds_its_splits(tmp_path: Path, monkeypatch) -> None:
+    """Split entries are relative to the YAML's folder (or to its 'path', itself relative to that
+    folder), wherever the user runs graft from: most Ultralytics data.yaml files have no 'path'."""
+    data = three_splits()
+    root = write_yolo(tmp_path / "sets" / "yolo", data)
+    expected = _targets(scan_detection(root))
+    monkeypatch.chdir(tmp_path)
+    yaml_text = (root / "data.yaml").read_text()
+    (root / "data.yaml").write_text(yaml_text.replace("path: .\n", ""))
+    assert _targets(scan_detection(Path("sets/yolo/data.yaml"))) == expected
+    assert _targets(scan_detection(Path("sets/yolo"))) == expected
+    (root / "nested.yaml").write_text(yaml_text.replace("path: .", "path: ../yolo"))
+    assert _targets(scan_detection(Path("sets/yolo/nested.yaml"))) == expected
+
+
 def test_missing_val_split_is_split_from_train_seeded(tmp_path: Path) -> None:
     data = three_splits(n_train=20)
     del data["val"]

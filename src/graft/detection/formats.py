@@ -235,9 +235,8 @@ def read_yolo(root: Path) -> Found:
     names = [str(n) for n in names]
     if len(set(names)) < len(names):
         raise DataError(f"{cfg_path}: class names must be unique")
-    base = Path(cfg.get("path") or cfg_path.parent)
-    if not base.is_absolute():
-        base = (cfg_path.parent / base).resolve()
+    # 'path' (optional) is the dataset root; relative to the YAML's folder, as split entries are to it.
+    base = (cfg_path.parent / str(cfg.get("path") or ".")).resolve()
     if "train" not in cfg:
         raise DataError(f"{cfg_path}: no 'train' entry (the training images' folder)")
     sources = []
