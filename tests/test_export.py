@@ -34,9 +34,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def predict_without_torch(*args) -> list:
-    """`graft predict` in a fresh interpreter in which `import torch` fails."""
-    code = "import sys; sys.modules['torch'] = None; from graft.cli import main; sys.exit(main(sys.argv[1:]))"
+def predict_without_torch(*args, torch_allowed: bool = False) -> list:
+    """`graft predict` in a fresh interpreter in which `import torch` fails (or, with
+    ``torch_allowed``, in which nothing but graft's CLI was imported)."""
+    block = "" if torch_allowed else "sys.modules['torch'] = None; "
+    code = f"import sys; {block}from graft.cli import main; sys.exit(main(sys.argv[1:]))"
     done = subprocess.run([sys.executable, "-c", code, "predict", *map(str, args), "--format", "json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -107,7 +109,10 @@ def test_a_detector_exports_to_torchscript_in_half_precision(runs, capsys) -> No
     meta = json.loads((runs["detector"] / "export" / "model-fp16.pt.json").read_text())
     assert meta["parity"]["passed"] and meta["parity"]["detections_compared"] > 10 and meta["precision"].startswith("backbone and neck float16")
     code, out, err = run_cli(capsys, "predict", runs["detector"] / "export" / "model-fp16.pt", runs["boxes"], "--conf", "0.05", "--format", "json")
-    assert code == 0, err and json.loads(out)
+    assert code == 0, err
+    # in a fresh process too: the TorchScript calls torchvision's NMS, which loading must register
+    theirs = predict_without_torch(runs["detector"] / "export" / "model-fp16.pt", runs["boxes"], "--conf", "0.05", torch_allowed=True)
+    assert [p["boxes"] for p in theirs] == [p["boxes"] for p in json.loads(out)] and sum(len(p["boxes"]) for p in theirs) > 0
 
 
 def test_bad_requests_get_clear_errors_and_leave_nothing_behind(runs, tmp_path, capsys, monkeypatch) -> None:

@@ -97,6 +97,7 @@ class ExportedModel:
         import warnings
 
         import torch
+        import torchvision  # noqa: F401 - registers torchvision::nms, which a detector's TorchScript calls
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice: the format still loads
