@@ -270,3 +270,18 @@ def test_fine_tune_mode_adapts_the_backbone_and_distillation_holds_the_old_detec
     assert changed and all(k.startswith("backbone.") for k in changed)  # the old neck and heads are the original's
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     assert old_neck_drift(original, runs["10"], images) < 0.5 * old_neck_drift(original, runs["0"], images)
+
+
+def test_an_expanded_detector_exports_to_onnx_and_predicts_as_the_run(expanded, root, capsys) -> None:
+    """The branch's detections are merged by score; ONNX has no stable sort, so the export merges
+    with TopK, and the exported model must still give the run's boxes."""
+    target = root / "exports" / "det+ring.onnx"
+    code, _, err = run_cli(capsys, "export", expanded, "--out", target)
+    assert code == 0, err
+    meta = json.loads((root / "exports" / "det+ring.onnx.json").read_text())
+    assert meta["classes"] == ["disc", "square", "ring"] and meta["parity"]["passed"] and meta["parity"]["detections_compared"] > 10
+    images = root / "rings" / "images" / "test"
+    ours = json.loads(run_cli(capsys, "predict", expanded, images, "--conf", "0.2", "--format", "json", "--device", "cpu")[1])
+    theirs = json.loads(run_cli(capsys, "predict", target, images, "--conf", "0.2", "--format", "json")[1])
+    assert sum(len(p["boxes"]) for p in theirs) > 0 and {b["label"] for p in theirs for b in p["boxes"]} >= {"ring"}
+    assert [[b["label"] for b in p["boxes"]] for p in theirs] == [[b["label"] for b in p["boxes"]] for p in ours]

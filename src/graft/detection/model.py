@@ -74,6 +74,14 @@ class Neck(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
 
 
+def score_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices of ``scores`` from highest to lowest, ties in their given order. ONNX has no stable
+    sort, but its TopK puts equal values in index order, so an export uses that."""
+    if torch.onnx.is_in_onnx_export():
+        return scores.topk(scores.shape[0]).indices
+    return torch.argsort(scores, descending=True, stable=True)
+
+
 class GraftDetector(nn.Module):
     def __init__(self, backbone: nn.Module, detector: nn.Module, *, head: str, classes: int, size: int, strides: list[int], level_sizes: list[float], frozen_bn_eval: bool = True, bn_inference: bool = True) -> None:
         super().__init__()
@@ -154,7 +162,7 @@ class GraftDetector(nn.Module):
         for image_outs in zip(*per_owner):
             labels = [torch.tensor(tables[i], device=o["labels"].device, dtype=torch.long)[o["labels"] - self.label_offset] for i, o in enumerate(image_outs)]
             scores = torch.cat([o["scores"] for o in image_outs])
-            order = torch.argsort(scores, descending=True, stable=True)
+            order = score_order(scores)
             merged.append({"boxes": torch.cat([o["boxes"] for o in image_outs])[order], "scores": scores[order], "labels": torch.cat(labels)[order]})
         return merged
 

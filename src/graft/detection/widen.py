@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graft.detection.model import GraftDetector
+from graft.detection.model import GraftDetector, score_order
 
 SIGMOID_HEADS = ("fcos", "retinanet")
 PRIOR_PROBABILITY = 0.01  # torchvision's initial foreground probability for a classification logit
@@ -81,7 +81,7 @@ class BlockPostprocess:
         out = []
         for per_block in zip(*merged):
             scores = torch.cat([d["scores"] for d in per_block])
-            order = torch.argsort(scores, descending=True, stable=True)
+            order = score_order(scores)
             out.append({key: torch.cat([d[key] for d in per_block])[order] for key in ("boxes", "scores", "labels")})
         return out
 
