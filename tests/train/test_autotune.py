@@ -164,3 +164,15 @@ def test_plan_shows_what_is_auto_and_decides_on_request(tmp_path, capsys):
     assert plan["phases"][0]["lr"] == decided["head_lr"]  # the phases are planned with the decision
     assert main(["plan", "--config", str(cfg_file), "--decide"]) == 0
     assert "auto: augmentation" in capsys.readouterr().out
+
+
+def test_a_tie_goes_to_the_earlier_weaker_candidate():
+    """Equal validation figures are no evidence that more augmentation helps: the earlier candidate
+    wins, so the search stops there (classifiers and detectors alike)."""
+    from graft.detection.autotune import DetectionTrial, best_trial
+    from graft.train.autotune import Trial, _best
+
+    none, flip = Trial("none", 1e-3, 0.9, 0.3, 5), Trial("flip", 1e-3, 0.9, 0.3, 5)
+    assert _best([none, flip]) is none and _best([none, Trial("flip", 1e-3, 0.9, 0.2, 5)]).augment == "flip"
+    zero = [DetectionTrial(name, 0.0, 0.0, 1) for name in ("none", "flip")]
+    assert best_trial(zero) is zero[0] and best_trial([zero[0], DetectionTrial("flip", 0.01, 0.0, 1)]).augment == "flip"

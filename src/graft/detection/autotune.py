@@ -55,7 +55,7 @@ class _ScoredAtTheEnd(DetectionTask):
 
 def best_trial(trials: list[DetectionTrial]) -> DetectionTrial:
     """Highest validation mAP; then mAP@.5; then the earlier (weaker) candidate."""
-    return max(reversed(trials), key=lambda t: (round(t.val_map, 9), round(t.val_map50, 9)))
+    return max(trials, key=lambda t: (round(t.val_map, 9), round(t.val_map50, 9)))  # max keeps the first of equals
 
 
 def summary(decision: Decision) -> list[str]:

@@ -88,7 +88,7 @@ def wants_decision(cfg: GraftConfig) -> bool:
 def _best(trials: list[Trial]) -> Trial:
     """Highest validation accuracy; equal accuracy goes to the lower validation loss, then to the
     earlier candidate (less augmentation, lower rate)."""
-    return max(reversed(trials), key=lambda t: (round(t.val_accuracy, 9), -t.val_loss))
+    return max(trials, key=lambda t: (round(t.val_accuracy, 9), -t.val_loss))  # max keeps the first of equals
 
 
 def fallback(cfg: GraftConfig, note: str) -> Decision:
