@@ -156,6 +156,9 @@ def test_bad_requests_get_clear_errors(original, rings, root, tmp_path, capsys) 
     empty = write_yolo(tmp_path / "empty-class", {"train": ring_scenes(4, 11), "val": ring_scenes(2, 12, prefix="v")}, names=["ring", "star"])
     code, _, err = run_cli(capsys, "expand", original, "--data", empty, "--out", tmp_path / "b")
     assert code == 2 and "new class 'star' has no boxes" in err
+    twin = write_yolo(tmp_path / "twin", {"train": ring_scenes(4, 11), "val": ring_scenes(2, 12, prefix="v")}, names=["Disc "])
+    code, _, err = run_cli(capsys, "expand", original, "--data", twin, "--out", tmp_path / "f")
+    assert code == 2 and "class 'Disc' of" in err and "differs from the model's class 'disc' only by case or spacing" in err
     folders = tmp_path / "folders" / "ring"
     folders.mkdir(parents=True)
     (folders / "a.png").write_bytes((root / "rings" / "images" / "train" / "new_000.png").read_bytes())
@@ -167,7 +170,7 @@ def test_bad_requests_get_clear_errors(original, rings, root, tmp_path, capsys) 
     assert code == 2 and "the backbone would not adapt" in err and not (tmp_path / "e").exists()
     code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", original / "inside")
     assert code == 2 and "write the expanded run to a new folder" in err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "f").exists()
 
 
 def test_a_classifier_given_boxes_is_told_so(tmp_path, rings, capsys) -> None:

@@ -47,6 +47,7 @@ from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask, collect_detections
 from graft.detection.widen import SIGMOID_HEADS, add_block, block_kinds, branch_class_layer
 from graft.errors import ConfigError, DataError, SnapshotError
+from graft.expansion.classes import refuse_near_twins
 from graft.html_report import write_report_after_run
 from graft.io import read_json, write_json
 from graft.models import surgery
@@ -171,6 +172,7 @@ def gather_boxes(cfg: GraftConfig, source: DetectionSource) -> tuple[DetectionSp
     scanned = scan(cfg)
     old = source.classes
     new = [c for c in scanned.classes if c not in old]
+    refuse_near_twins(old, new, lambda name: f"class {name!r} of {cfg.data.dir}", str(cfg.data.dir), "names boxes")
     if not new:
         raise DataError(f"{cfg.data.dir} only has classes {source.name} already detects ({', '.join(scanned.classes)}): nothing to add. "
                         "Boxes of new classes need names the run does not have")
