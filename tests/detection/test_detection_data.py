@@ -140,6 +140,7 @@ def test_annotations_of_missing_or_unreadable_images_skip_those_images(tmp_path:
     assert [s.image_id for s in found.train] == ["1"]
     reasons = {Path(s.path).name: s.reason for s in found.skipped}
     assert reasons["2.png"] == "file not found"
+    assert [Path(s.path).parent for s in found.skipped if Path(s.path).name == "2.png"] == [(root / "images").absolute()]  # where it belongs
     assert "3.png" in reasons
     with pytest.raises(DataError, match="2.png: file not found"):
         scan_detection(root, val_fraction=0, strict=True)

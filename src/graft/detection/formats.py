@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,8 @@ def _coco_source(path: Path, d: dict[str, Any], split: str | None, base: Path, c
     src = Source(split, [], "xywh", str(path))
     folders = _coco_image_folders(path, split, base)
     by_id: dict[Any, RawImage] = {}
+    missing: list[RawImage] = []
+    homes: Counter[Path] = Counter()  # the folders the found images are in
     for img in d["images"]:
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             src.problems.append(f"{path}: image entry {str(img)[:80]} needs an 'id' and a 'file_name'; left out")
@@ -163,9 +166,12 @@ def _coco_source(path: Path, d: dict[str, Any], split: str | None, base: Path, c
         if img["id"] in by_id:
             src.problems.append(f"{path}: image id {img['id']} appears twice ({by_id[img['id']].path.name} and {img['file_name']}); the second is left out")
             continue
-        file = _resolve(img["file_name"], folders)
+        file = _resolve(img["file_name"], folders, homes)
         size = (int(img["width"]), int(img["height"])) if isinstance(img.get("width"), int) and isinstance(img.get("height"), int) else None
-        by_id[img["id"]] = RawImage(file, str(img["id"]), np.zeros((0, 4)), [], [], size=size)
+        by_id[img["id"]] = RawImage(file or Path(img["file_name"]), str(img["id"]), np.zeros((0, 4)), [], [], size=size)
+        if file is None:
+            missing.append(by_id[img["id"]])
+    _place_missing(missing, homes, folders)
     boxes: dict[Any, list[tuple[list[float], int, str, bool]]] = {k: [] for k in by_id}
     for a in d.get("annotations", []):
         aid = a.get("id", "?") if isinstance(a, dict) else "?"
@@ -205,12 +211,21 @@ def _coco_image_folders(path: Path, split: str | None, base: Path) -> list[Path]
     return list(dict.fromkeys(out))
 
 
-def _resolve(name: str, folders: list[Path]) -> Path:
+def _resolve(name: str, folders: list[Path], homes: Counter[Path]) -> Path | None:
     for folder in folders:
         candidate = folder / name
         if candidate.exists():
+            homes[folder] += 1
             return candidate.resolve()
-    return (folders[0] / name).absolute()
+    return None
+
+
+def _place_missing(missing: list[RawImage], homes: Counter[Path], folders: list[Path]) -> None:
+    """A missing image is reported where it belongs: in the folder that holds the JSON's other
+    images (or the first candidate folder that exists), not in the first folder graft looked in."""
+    home = homes.most_common(1)[0][0] if homes else next((f for f in folders if f.is_dir()), folders[0])
+    for r in missing:
+        r.path = (home / r.path).absolute()
 
 
 # --------------------------------------------------------------------------------------- YOLO
