@@ -298,7 +298,7 @@ def _print_classes(args: argparse.Namespace, run) -> int:
 
 
 def _predict_boxes(args: argparse.Namespace, run) -> int:
-    from graft.prediction import draw
+    from graft.prediction import draw, drawn_names
 
     found = run.predict(args.inputs, conf=args.conf, iou=args.iou, batch_size=min(args.batch_size, 8))
     if not found:
@@ -311,8 +311,8 @@ def _predict_boxes(args: argparse.Namespace, run) -> int:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["path", "label", "score", "x1", "y1", "x2", "y2", "error"])
         for d in found:
-            if d.error:
-                w.writerow([d.path, "", "", "", "", "", "", d.error])
+            if d.error or not d.boxes:  # a row for every input: "no boxes" is not "not processed"
+                w.writerow([d.path, "", "", "", "", "", "", d.error or ""])
             for b in d.boxes:
                 w.writerow([d.path, b.label, f"{b.score:.6f}", f"{b.x1:.2f}", f"{b.y1:.2f}", f"{b.x2:.2f}", f"{b.y2:.2f}", ""])
         sys.stdout.write(buf.getvalue())
@@ -326,9 +326,9 @@ def _predict_boxes(args: argparse.Namespace, run) -> int:
         for path, b in rows:
             print(f"{path:<{width}}  {b.label:<12} {b.score:.3f}  {b.x1:7.1f} {b.y1:7.1f} {b.x2:7.1f} {b.y2:7.1f}")
     if args.save_images:
-        for d in found:
-            if not d.error:
-                draw(d.path, d, run.classes, Path(args.save_images))
+        readable = [d for d in found if not d.error]
+        for d, name in zip(readable, drawn_names([d.path for d in readable])):
+            draw(d.path, d, run.classes, Path(args.save_images), name)
     failed = [d for d in found if d.error]
     if failed:
         print(f"error: {len(failed)} of {len(found)} file(s) could not be read (e.g. {failed[0].error})", file=sys.stderr)

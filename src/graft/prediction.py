@@ -4,6 +4,7 @@ drawn. Nothing here imports torch: ``graft predict`` on an exported model needs 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +92,38 @@ def classify_files(inputs: list[str | os.PathLike], prepare: Callable[[Any], Any
     return results
 
 
-def draw(path: str | os.PathLike, detections: ImageDetections, classes: list[str], out: Path) -> Path:
-    """The image with its boxes, class and score drawn, saved under ``out``."""
+def drawn_names(paths: list[str]) -> list[str]:
+    """File names for drawn images, one per input and all distinct: the input's stem, with as many
+    of its parent folders as tell it apart from another input of the same stem (``val__0.png``),
+    its extension beside a sibling of the same stem (``0.jpg.png``), and a count for a repeat."""
+    files = [Path(p).resolve() for p in paths]
+    folders = [[part for part in f.parent.parts if part != f.anchor] for f in files]
+    depth = [0] * len(files)
+    siblings = Counter((f.parent, f.stem) for f in files)  # folders cannot tell these apart: extensions can
+    base = [f.stem + f.suffix if siblings[f.parent, f.stem] > 1 else f.stem for f in files]
+    names = list(base)
+    while True:
+        owners: dict[str, set[Path]] = {}
+        for n, f in zip(names, files):
+            owners.setdefault(n, set()).add(f)
+        clashes = {n for n, fs in owners.items() if len(fs) > 1}  # the same file given twice is no clash
+        grow = [i for i, n in enumerate(names) if n in clashes and depth[i] < len(folders[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+            names[i] = "__".join([*folders[i][len(folders[i]) - depth[i]:], base[i]])
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(f"{n}.png" if seen[n] == 1 else f"{n}-{seen[n]}.png")
+    return out
+
+
+def draw(path: str | os.PathLike, detections: ImageDetections, classes: list[str], out: Path, name: str | None = None) -> Path:
+    """The image with its boxes, class and score drawn, saved under ``out`` as ``name`` (default:
+    the input's stem, as PNG)."""
     image = load_image(path).copy()
     pen = ImageDraw.Draw(image)
     width = max(1, round(max(image.size) / 300))
@@ -104,6 +135,6 @@ def draw(path: str | os.PathLike, detections: ImageDetections, classes: list[str
         pen.rectangle([left, top - (bottom - top) - 2, right + 2, b.y1], fill=colour)
         pen.text((b.x1 + 1, top - (bottom - top) - 1), text, fill="white")
     out.mkdir(parents=True, exist_ok=True)
-    target = out / (Path(path).stem + ".png")
+    target = out / (name or Path(path).stem + ".png")
     image.save(target)
     return target

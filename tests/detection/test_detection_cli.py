@@ -91,6 +91,19 @@ def test_predict_gives_one_row_per_box_in_original_pixels(trained, data, tmp_pat
     lines = out.strip().splitlines()
     assert code == 0 and len(lines) >= 4
     assert all(line.endswith("(no boxes)") or float(line.split()[2]) >= 0.9 for line in lines)  # a table: path label score x1 y1 x2 y2
+    code, out, _ = run_cli(capsys, "predict", trained, images, "--format", "csv", "--conf", "1.01", "--device", "cpu")
+    rows = list(csv.DictReader(io.StringIO(out)))  # nothing found is a row per image, not silence
+    assert code == 0 and len(rows) == 4 and all(r["label"] == r["error"] == "" for r in rows)
+
+
+def test_saved_images_of_inputs_with_one_name_do_not_overwrite_each_other(trained, data, tmp_path, capsys) -> None:
+    first = sorted((data["yolo"] / "images" / "test").iterdir())[0]
+    twin = tmp_path / "elsewhere" / first.name
+    twin.parent.mkdir()
+    twin.write_bytes(first.read_bytes())
+    code, _, err = run_cli(capsys, "predict", trained, first, twin, "--device", "cpu", "--save-images", tmp_path / "drawn")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == sorted([f"test__{first.stem}.png", f"elsewhere__{first.stem}.png"])
 
 
 def test_plan_shows_levels_anchors_and_normalisation(data, capsys) -> None:
