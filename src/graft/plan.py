@@ -80,7 +80,7 @@ def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: b
     if resolve_task(cfg) == "detect":
         from graft.detection.plan import describe_detection_plan
 
-        return describe_detection_plan(cfg, num_classes)
+        return describe_detection_plan(cfg, num_classes, decide=decide)
 
     decided = None
     if decide and autotune.wants_decision(cfg):

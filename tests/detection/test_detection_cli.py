@@ -115,6 +115,22 @@ def test_plan_shows_levels_anchors_and_normalisation(data, capsys) -> None:
     assert "augmentation: auto, decided when training starts: the best of none, flip, flip-scale by validation mAP" in out
 
 
+def test_plan_decide_decides_the_augmentation_as_training_would(data, trained, capsys) -> None:
+    """`graft plan --decide` runs the same search as `graft train` (same candidates, seed and
+    figures), instead of saying that auto is decided later."""
+    tiny = ["--set", "model.name=test_efficientnet", "--set", "model.weights=none", "--set", "data.img_size=64", "--set", "solver.batch_size=4",
+            "--set", "solver.base_lr=0.01", "--set", "data.num_workers=0", "--device", "cpu", "--set", "train.epochs=2", "--set", "train.fine_tune_epochs=2"]
+    code, out, err = run_cli(capsys, "plan", "--data", data["yolo"], "--model", "fcos", "--decide", "--format", "json", *tiny)
+    assert code == 0, err
+    decided = json.loads(out)["decided"]
+    assert decided["trials"] and decided["augment"] == json.loads(out)["augmentation"]["preset"]
+    ran = json.loads((trained / "metrics.json").read_text())["decided"]  # the run was trained with the same settings
+    assert [(t["augment"], t["val_map"]) for t in decided["trials"]] == [(t["augment"], t["val_map"]) for t in ran["trials"]]
+    code, text, _ = run_cli(capsys, "plan", "--data", data["yolo"], "--model", "fcos", "--decide", *tiny)
+    assert f"augmentation: {decided['augment']}, decided now" in text and "decided when training starts" not in text
+    assert [line.split()[1] for line in text.splitlines() if line.strip().startswith("augment ")] == [t["augment"] for t in decided["trials"]]
+
+
 @pytest.mark.parametrize("epoch", [1, 3], ids=["in-feature-extract-phase", "in-fine-tune-phase"])
 def test_resume_gives_bit_identical_weights(trained, tmp_path, epoch, capsys) -> None:
     code, _, err = run_cli(capsys, "train", "--resume", trained / "snapshots" / f"epoch-{epoch:04d}", "--out", tmp_path / "resumed", "--quiet")

@@ -12,23 +12,28 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from graft.configuration import GraftConfig
 from graft.detection.autotune import AUTO_AUGMENTS, FALLBACK
 from graft.detection.torchvision_models import is_torchvision_detector
+from graft.errors import ConfigError
 from graft.models import surgery
 
 
-def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None) -> dict[str, Any]:
+def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: bool = False) -> dict[str, Any]:
+    """``decide``: decide ``data.augment: auto`` on the data's validation split now, exactly as
+    training would (it costs the candidates' feature caches and short trainings)."""
     from graft.detection.build import build_detection_model, input_size
     from graft.detection.runner import apply_detection_defaults, augmentation, box_sizes, scan
     from graft.plan import phase_rows
 
     apply_detection_defaults(cfg)
-    sizes, classes, data = [], None, None
+    sizes, classes, data, splits = [], None, None, None
     if cfg.data.dir:
         splits = scan(cfg)
         sizes = box_sizes(splits, input_size(cfg))
         classes = splits.classes
         data = {"format": splits.format, "description": splits.description, "counts": splits.counts()}
     k = len(classes) if classes else (num_classes or 1)
-    model, _ = build_detection_model(cfg, k, load_weights=False, box_sizes=sizes, seed=cfg.solver.seed)
+    deciding = decide and cfg.data.augment == "auto"
+    model, _ = build_detection_model(cfg, k, load_weights=deciding, box_sizes=sizes, seed=cfg.solver.seed)
+    decided = _decide_now(cfg, model, splits) if deciding else None
     if cfg.model.reinit:
         surgery.reinit(model, cfg.model.reinit)  # validates the patterns
     layers = surgery.backbone_layers(model)
@@ -51,11 +56,32 @@ def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None) ->
         "normalisation": _norm_layers(model, cfg),
         "solver": {k: getattr(cfg.solver, k) for k in ("type", "base_lr", "lr_policy", "momentum", "weight_decay", "batch_size", "max_iter")},
         "augmentation": {"preset": cfg.data.augment if cfg.data.augment == "auto" else aug_name, **({} if cfg.data.augment == "auto" else aug.__dict__)},
+        "decided": decided,
         "above_backbone": "the FPN and the detection heads",
         "reinit": cfg.model.reinit,
         "layers": [{"index": i, "name": name, "type": type(m).__name__, "parameters": sum(p.numel() for p in m.parameters(recurse=False))} for i, (name, m) in enumerate(layers)],
         "phases": phase_rows(cfg, model, layers),
     }
+
+
+def _decide_now(cfg: GraftConfig, model: Any, splits: Any) -> dict[str, Any]:
+    """What ``graft train`` would make of ``auto``; ``cfg.data.augment`` becomes it."""
+    from graft.detection.runner import decide_auto
+    from graft.detection.task import DetectionTask
+    from graft.train.runner import plan_phases, seed_everything, select_device
+
+    if splits is None:
+        raise ConfigError("graft plan --decide needs --data DIR: the decision is made on its validation split")
+    device = select_device(cfg.train.device)
+    amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
+    seed_everything(cfg.solver.seed)
+    model.to(device)
+    decision, train_cache, val_cache = decide_auto(cfg, model, splits, plan_phases(cfg, model), DetectionTask(splits.val, splits.classes, cfg.detect.conf), device=device, amp=amp, say=lambda m: None)
+    for cache in (train_cache, val_cache):
+        if cache is not None:
+            cache.close()
+    cfg.data.augment = decision.augment
+    return decision.to_dict()
 
 
 def _quantiles(sizes: list[float]) -> dict[str, float] | None:
@@ -95,7 +121,11 @@ def format_detection_header(plan: dict[str, Any]) -> list[str]:
     lines.append(f"anchors: sizes {plan['anchors']['sizes']}, aspect ratios {plan['anchors']['aspect_ratios'][0]}")
     lines += [f"normalisation: {line}" for line in plan["normalisation"]]
     a = plan["augmentation"]
-    if a["preset"] == "auto":
+    if plan.get("decided"):
+        d = plan["decided"]
+        lines.append(f"augmentation: {d['augment']}, decided now ({d['note']})")
+        lines += [f"  augment {t['augment']:<11} val mAP {t['val_map']:.3f} (mAP@.5 {t['val_map50']:.3f}) after {t['epoch']} epochs" for t in d.get("trials", [])]
+    elif a["preset"] == "auto":
         lines.append(f"augmentation: auto, decided when training starts: the best of {', '.join(AUTO_AUGMENTS)} by validation mAP of the frozen phase (boxes move with the pixels; without validation images: {FALLBACK})")
     else:
         lines.append(f"augmentation: {a['preset']} (boxes move with the pixels)")

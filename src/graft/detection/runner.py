@@ -168,6 +168,44 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
         return result
 
 
+def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits, phases: list[Phase], task: DetectionTask, *, device: torch.device, amp: bool, say: Any) -> tuple[Decision, Any, Any]:
+    """``data.augment: auto`` decided on the validation split (``graft.detection.autotune``), for a
+    run or for ``graft plan --decide``: (decision, the winner's training features, the validation
+    features), the caches None where nothing could be searched (the fallback is then used)."""
+    val_ds = BoxDataset(splits.val, model.size, max_pixels=cfg.data.max_pixels)
+    cacheable = cfg.train.embedding_cache and (cfg.model.frozen_bn_eval or cfg.model.bn_inference)
+    frozen = next((p for p in phases if p.backbone_frozen), None)
+    if frozen is None or not cacheable or not len(val_ds):
+        why = "no validation images" if not len(val_ds) else "no frozen-backbone phase with cached features"
+        decision = Decision(augment=FALLBACK, note=f"{why} to decide on: augmentation {FALLBACK}")
+        say(f"auto: {decision.note}")
+        return decision, None, None
+    common = cache_options(cfg, device, amp, say)
+
+    def candidate_cache(name: str) -> Any:
+        t0 = time.perf_counter()
+        dataset = BoxDataset(splits.train, model.size, with_overrides(cfg, BoxAugment.preset(name)), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
+        cache = build_feature_cache(model, dataset, views=cfg.train.cache_views, **common)
+        say(f"feature cache: {len(splits.train)} training images x {cache.views} view(s) through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
+        return cache
+
+    val_cache = None
+    try:
+        val_cache = build_feature_cache(model, val_ds, views=1, **common)
+        decision, train_cache = decide_augment(cfg, model, frozen, task, train_cache=candidate_cache, val_cache=val_cache, device=device, say=say)
+    except BaseException:  # Ctrl-C or a failed trial: no cache file is left behind
+        if val_cache is not None:
+            val_cache.close()
+        raise
+    return decision, train_cache, val_cache
+
+
+def cache_options(cfg: GraftConfig, device: torch.device, amp: bool, say: Any) -> dict[str, Any]:
+    """``build_feature_cache``'s settings from the config."""
+    cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
+    return {"seed": cfg.solver.seed, "device": device, "amp": amp, "budget_mb": cfg.detect.cache_mb, "cache_dir": cache_dir, "say": say}
+
+
 def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DetectionSplits, model: GraftDetector, aug: BoxAugment, phases: list[Phase], device: torch.device, started: float, say: Any, quiet: bool, hooks: list[Any], *, extra: dict[str, Any] | None = None, task: DetectionTask | None = None):
     """Train ``model`` on ``splits`` and write the run. ``extra`` goes into every snapshot and into
     ``model.json`` (an expansion's record of where it came from); ``task`` replaces the plain
@@ -181,8 +219,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     val_ds = BoxDataset(splits.val, size, max_pixels=cfg.data.max_pixels)
     caches: dict[str, Any] = {}
     cacheable = cfg.train.embedding_cache and (cfg.model.frozen_bn_eval or cfg.model.bn_inference)
-    cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
-    common = {"seed": cfg.solver.seed, "device": device, "amp": amp, "budget_mb": cfg.detect.cache_mb, "cache_dir": cache_dir, "say": say}
+    common = cache_options(cfg, device, amp, say)
 
     def train_dataset(augment: Any) -> BoxDataset:
         return BoxDataset(splits.train, size, augment, seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
@@ -198,22 +235,9 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     task = task or DetectionTask(splits.val, splits.classes, cfg.detect.conf)
     decision = None
     if cfg.data.augment == "auto":
-        frozen = next((p for p in phases if p.backbone_frozen), None)
-        if frozen is None or not cacheable or not len(val_ds):
-            why = "no validation images" if not len(val_ds) else "no frozen-backbone phase with cached features"
-            decision = Decision(augment=FALLBACK, note=f"{why} to decide on: augmentation {FALLBACK}")
-            say(f"auto: {decision.note}")
-        else:
-            def candidate_cache(name: str) -> Any:
-                build_caches(with_overrides(cfg, BoxAugment.preset(name)))
-                return caches.pop("train")
-
-            try:
-                caches["val"] = build_feature_cache(model, val_ds, views=1, **common)
-                decision, caches["train"] = decide_augment(cfg, model, frozen, task, train_cache=candidate_cache, val_cache=caches["val"], device=device, say=say)
-            except BaseException:  # Ctrl-C or a failed trial: no cache file is left behind
-                _close(caches)
-                raise
+        decision, train_cache, val_cache = decide_auto(cfg, model, splits, phases, task, device=device, amp=amp, say=say)
+        if train_cache is not None:
+            caches.update(train=train_cache, val=val_cache)
         cfg.data.augment = decision.augment  # the saved config says what ran; a resumed run does not decide again
         aug = with_overrides(cfg, BoxAugment.preset(decision.augment))
     train_ds = train_dataset(aug)
