@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", metavar="NAME", help="backbone, or for detection a head: fcos, retinanet, fasterrcnn")
     pl.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
     pl.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
+    pl.add_argument("--img-size", type=_positive, metavar="S", help="input size, as for graft train (detectors: levels and anchors depend on it)")
     pl.add_argument("--classes", type=_positive, default=None, metavar="K", help="number of classes (default: from --data or 2)")
     pl.add_argument("--data", metavar="DIR", help="count classes from this folder")
     pl.add_argument("--layers", action="store_true", help="list every backbone layer with its index")
@@ -340,7 +341,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from graft.configuration import resolve_config
     from graft.plan import describe_plan, format_plan
 
-    flags = {"task": args.task, "model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "train.device": args.device}
+    flags = {"task": args.task, "model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "data.img_size": args.img_size, "train.device": args.device}
     _detector_model(flags)
     cfg = resolve_config(args.config, args.set, flags)
     plan = describe_plan(cfg, num_classes=args.classes, decide=args.decide)

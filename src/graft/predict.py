@@ -13,7 +13,7 @@ from graft.configuration import parse_config
 from graft.data.dataset import ImageDataset, default_workers, eval_loader
 from graft.data.folder import Sample, scan_class_folders
 from graft.data.transforms import Preprocessing, eval_transform
-from graft.errors import SnapshotError
+from graft.errors import DataError, SnapshotError
 from graft.evaluate import collect_outputs, metrics_from_outputs
 from graft.io import read_json
 from graft.models.backbones import build_model
@@ -75,6 +75,10 @@ class TrainedModel:
 
     def evaluate(self, data_dir: str | os.PathLike, *, batch_size: int = 64, strict: bool = False) -> dict[str, Any]:
         """Metrics on a folder of class folders whose names are among this model's classes."""
+        from graft.detection.data import is_detection_data
+
+        if Path(data_dir).exists() and is_detection_data(data_dir):
+            raise DataError(f"{data_dir} holds box annotations, but {self.run_dir or 'this model'} is a classifier: evaluate it on a folder with a subfolder of images per class (boxes are for detection runs)")
         _, samples, skipped, warnings = scan_class_folders(data_dir, classes=self.classes, strict=strict)
         ds = ImageDataset(samples, self.transform)
         out = collect_outputs(self.model, eval_loader(ds, batch_size=batch_size, workers=min(2, default_workers())), self.device)

@@ -184,6 +184,8 @@ def test_a_classifier_given_boxes_is_told_so(tmp_path, rings, capsys) -> None:
                  "--epochs", "1", "--fine-tune-epochs", "0", "--augment", "none", "--set", "train.head_lr=0.001", "--set", "data.num_workers=0", "--quiet"]) == 0
     code, _, err = run_cli(capsys, "expand", tmp_path / "clf", "--data", rings, "--out", tmp_path / "x")
     assert code == 2 and "holds box annotations" in err and "is a classifier" in err
+    code, _, err = run_cli(capsys, "eval", tmp_path / "clf", "--data", rings)
+    assert code == 2 and "holds box annotations" in err and "is a classifier" in err
 
 
 def test_coco_model_gains_a_class_and_keeps_its_coco_scores(rings, tmp_path, monkeypatch, capsys) -> None:
