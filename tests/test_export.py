@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from box_data import three_splits, write_yolo
@@ -163,3 +164,19 @@ def test_a_detector_export_that_disagrees_is_not_kept(runs, tmp_path, capsys, mo
     code, _, err = run_cli(capsys, "export", runs["detector"], "--out", target)
     assert code == 2 and "disagrees with the run, so it was not kept" in err and "unmatched" in err
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_onnx_export_is_one_message_not_the_exporters_graph_dump(runs, tmp_path, capfd, monkeypatch) -> None:
+    """torch's ONNX exporter prints the whole IR graph to the process's stdout (from C++) when an
+    op cannot be exported; the user gets graft's one-line error, and the dump only with --debug."""
+    import graft.exporter as export
+
+    monkeypatch.setattr(export._Boxes, "forward", lambda self, image: (torch.argsort(image.flatten(), stable=True),) * 3)  # no ONNX symbolic
+    code, out, err = run_cli(capfd, "export", runs["detector"], "--out", tmp_path / "det.onnx")
+    assert code == 2 and "to onnx failed" in err and "Torch IR graph" not in out + err and len((out + err).splitlines()) <= 3
+    assert list(tmp_path.iterdir()) == []
+    from graft.errors import ExportError
+
+    with pytest.raises(ExportError) as raised:  # --debug: the traceback, which shows the note
+        run_cli(capfd, "export", runs["detector"], "--out", tmp_path / "det.onnx", "--debug")
+    assert any("Torch IR graph" in note for note in getattr(raised.value.__cause__, "__notes__", []))

@@ -17,10 +17,13 @@ dynamic batch axis; detectors take one image at a time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import itertools
 import os
+import sys
+import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -144,12 +147,60 @@ def _trace(run: Any, task: str, fmt: str, half: bool, opset: int, path: Path) ->
     else:
         size = model.size
         module, example, names, axes = _Boxes(model).eval(), torch.zeros(1, 3, size, size, dtype=dtype), (["image"], ["boxes", "scores", "labels"]), {"boxes": {0: "detections"}, "scores": {0: "detections"}, "labels": {0: "detections"}}
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), _native_output_kept():
         warnings.simplefilter("ignore")  # the tracers' notes on Python control flow and the legacy exporter's deprecation
         if fmt == "onnx":
             torch.onnx.export(module, (example,), str(path), input_names=names[0], output_names=names[1], dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
         else:
             torch.jit.trace(module, (example,), check_trace=False).save(str(path))
+
+
+@contextlib.contextmanager
+def _native_output_kept():
+    """The ONNX exporter's C++ side prints the whole Torch IR graph (thousands of lines) to the
+    process's stdout when an export fails, where graft's JSON goes. Both native streams go to a
+    file while exporting; on failure its text becomes a note on the exception (``--debug``)."""
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no file descriptors to redirect
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _onnx_log_to("stderr")  # unbuffered: std::cout would hold the text past the redirect
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException as err:
+            _flush_c_stdio()
+            log.seek(0)
+            text = log.read().decode("utf-8", "replace").strip()
+            if text:  # its opening says what it is; the failing op is near its end
+                err.add_note("the exporter's own output:\n" + (text if len(text) <= 4000 else f"{text[:1000]}\n[...]\n{text[-3000:]}"))
+            raise
+        finally:
+            _flush_c_stdio()  # anything native code left in C's stdout buffer goes to the file, not after it
+            for fd, copy_of in ((1, saved[0]), (2, saved[1])):
+                os.dup2(copy_of, fd)
+                os.close(copy_of)
+            _onnx_log_to("stdout")  # torch's default
+
+
+def _onnx_log_to(stream: str) -> None:
+    setter = getattr(torch._C, "_jit_set_onnx_log_output_stream", None)  # private: absent in some torch
+    if setter is not None:
+        setter(stream)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to ask (not on Linux or macOS)
+        pass
 
 
 def sidecar(run: Any, task: str, fmt: str, half: bool, opset: int, run_dir: Path) -> dict[str, Any]:
