@@ -222,17 +222,31 @@ def _trained(run: _Run) -> str:
     splits = _table([("split", "text"), ("images", "num")] + ([("boxes", "num")] if run.detect else []), split_rows) if split_rows else ""
     phases = (info.get("trained") or {}).get("phases") or []
     phase_table = _table([("phase", "text"), ("epochs", "num"), ("what learned", "text"), ("learning rate", "num")],
-                         [[(p.get("name"), None), (str(p.get("epochs")), None), (_learns(run, p), None), (f"{p['lr']:.3g}" if isinstance(p.get("lr"), (int, float)) else "n/a", None)] for p in phases]) if phases else ""
+                         [[(p.get("name"), None), (_epochs_run(p, m.get("early_stopping")), None), (_learns(run, p), None), (f"{p['lr']:.3g}" if isinstance(p.get("lr"), (int, float)) else "n/a", None)] for p in phases]) if phases else ""
     rules = [f"{r.get('pattern')}: lr_mult {r.get('lr_mult')}, decay_mult {r.get('decay_mult')}" for r in model.get("lr_mult") or []]
     extra = _pairs([("frozen in every phase", ", ".join(model.get("freeze") or [])), ("learning-rate rules (first match wins)", "; ".join(rules)),
-                    ("re-initialised", ", ".join(model.get("reinit") or [])), ("early stopping", _early(m.get("early_stopping")))])
+                    ("re-initialised", ", ".join(model.get("reinit") or [])), ("early stopping", _early(m.get("early_stopping"), phases))])
     return what + splits + phase_table + extra
 
 
-def _early(stops: Any) -> str | None:
-    if not stops:
+def _epochs_run(phase: dict[str, Any], stops: Any) -> str:
+    """A phase's epochs: as planned, or "5 of 6" where early stopping ended it sooner."""
+    records = stops.get("phases") if isinstance(stops, dict) else None
+    for r in records if isinstance(records, list) else []:
+        if isinstance(r, dict) and r.get("phase") == phase.get("name") and r.get("epochs_run") is not None and r["epochs_run"] != phase.get("epochs"):
+            return f"{r['epochs_run']} of {phase.get('epochs')}"
+    return str(phase.get("epochs"))
+
+
+def _early(stops: Any, phases: list[dict[str, Any]]) -> str | None:
+    """``metrics.json``'s ``early_stopping`` ({monitor, patience, phases: [...]}) in words."""
+    if not isinstance(stops, dict) or not isinstance(stops.get("phases"), list):
         return None
-    return "; ".join(f"{s.get('phase')}: best epoch {s.get('best_epoch')}" + (" (stopped early)" if s.get("stopped") else "") for s in stops if isinstance(s, dict)) or None
+    from graft.train.hooks import describe_stop
+
+    planned = {p.get("name"): p.get("epochs") for p in phases}
+    lines = [describe_stop(r, str(stops.get("monitor")), planned.get(r.get("phase"))).removeprefix("early stopping, ") for r in stops["phases"] if isinstance(r, dict)]
+    return (f"patience {stops.get('patience')} on {stops.get('monitor')}: " + "; ".join(lines)) if lines else None
 
 
 def _per_class(run: _Run) -> str:

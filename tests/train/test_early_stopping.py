@@ -113,3 +113,30 @@ def test_without_validation_images_nothing_stops():
     for epoch in (1, 2, 3):
         hook.after_epoch(trainer, {"epoch": epoch, "phase": "feature-extract", "val_loss": None})
     assert not trainer.state.phase_stopped
+
+
+def test_the_report_and_the_console_say_what_early_stopping_did(stopped, capsys):
+    """The report's phase table gives the epochs run ("5 of 8"), and its settings say which epoch
+    was restored; a run that prints says so too."""
+    from graft.html_report import write_report
+    from graft.train.hooks import ProgressHook
+
+    tmp, _, result = stopped
+    first = result.metrics["early_stopping"]["phases"][0]
+    html = write_report(tmp / "run").read_text()
+    assert f"{first['epochs_run']} of {EPOCHS}" in html
+    assert f"stopped early after {first['epochs_run']} of {EPOCHS} epochs; restored epoch {first['best_epoch']}" in html
+    hook = EarlyStoppingHook(2)
+    hook.phases = [first]
+    trainer = type("T", (), {"hooks": [hook], "phase": type("P", (), {"name": "feature-extract", "epochs": EPOCHS})()})()
+    ProgressHook().after_phase(trainer)
+    assert f"early stopping, feature-extract: stopped early after {first['epochs_run']} of {EPOCHS} epochs; restored epoch {first['best_epoch']}" in capsys.readouterr().err
+
+
+def test_a_detectors_monitor_on_a_classifier_is_refused(tmp_path):
+    from graft.errors import ConfigError
+
+    cfg = tiny_config(make_class_folders(tmp_path / "data"), train={"early_stopping": 1, "early_stopping_monitor": "val_map"})
+    with pytest.raises(ConfigError, match="val_map is a detector's validation mAP"):
+        train(parse_config(cfg), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -43,7 +43,7 @@ from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fi
 from graft.train.hooks import run_hooks
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import write_results
-from graft.train.runner import TrainResult, check_files_exist, holds_run, keeping_replaced_run, run_info, seed_everything, select_device, stash_run
+from graft.train.runner import TrainResult, check_classifier_monitor, check_files_exist, holds_run, keeping_replaced_run, run_info, seed_everything, select_device, stash_run
 
 CALIBRATION_DRAWS = 256  # old-class samples drawn per class from the statistics for calibration
 
@@ -83,6 +83,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
     device = select_device(cfg.train.device)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     pre, aug = source.preprocessing, augmentation_from_config(cfg.data)
+    check_classifier_monitor(cfg)
     teacher = source.model.to(device).eval()
     cache_root = (Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()) if cfg.train.embedding_cache else None
 

@@ -139,6 +139,13 @@ class ProgressHook(Hook):
             self.bar.close()
             self.bar = None
 
+    def after_phase(self, trainer: Trainer) -> None:
+        """Say what early stopping did to the phase (it has already restored the best weights)."""
+        stopping = next((h for h in trainer.hooks if isinstance(h, EarlyStoppingHook)), None)
+        if stopping is None or not stopping.phases or stopping.phases[-1]["phase"] != trainer.phase.name:
+            return
+        print(stopping.describe(stopping.phases[-1], trainer.phase.epochs), file=self.stream, flush=True)
+
 
 class EarlyStoppingHook(Hook):
     """Keras' ``EarlyStopping(patience, restore_best_weights=True)``, per phase: a phase ends after
@@ -187,6 +194,19 @@ class EarlyStoppingHook(Hook):
 
     def summary(self) -> dict[str, Any]:
         return {"monitor": self.monitor, "patience": self.patience, "phases": self.phases}
+
+    def describe(self, record: dict[str, Any], planned: int | None = None) -> str:
+        """One phase's record in words, for the console and the report."""
+        return describe_stop(record, self.monitor, planned)
+
+
+def describe_stop(record: dict[str, Any], monitor: str, planned: int | None = None) -> str:
+    ran = f"{record.get('epochs_run')} of {planned} epochs" if planned else f"{record.get('epochs_run')} epochs"
+    if record.get("best_epoch") is None:
+        return f"early stopping, {record.get('phase')}: {ran}, no validation figure to judge by"
+    how = "stopped early after" if record.get("stopped_early") else "ran"
+    kept = f"restored epoch {record['best_epoch']}" if record.get("restored") else f"kept its last epoch ({record['best_epoch']}), the best"
+    return f"early stopping, {record.get('phase')}: {how} {ran}; {kept} ({monitor} {record['best']:.4f})"
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_state": self.best_state, "waited": self.waited, "phases": self.phases}

@@ -78,6 +78,13 @@ def resolve_task(cfg: GraftConfig) -> str:
     return cfg.task
 
 
+def check_classifier_monitor(cfg: GraftConfig) -> None:
+    """A detector's monitor on a classifier would never be found in its history: early stopping
+    would silently never stop and never restore."""
+    if cfg.train.early_stopping_monitor in ("val_map", "val_map50"):
+        raise ConfigError(f"train.early_stopping_monitor {cfg.train.early_stopping_monitor} is a detector's validation mAP; a classifier is judged by val_loss or val_accuracy")
+
+
 def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
     """The recipe: which phases run, what learns in each, at which learning rate."""
     t, base = cfg.train, cfg.solver.base_lr
@@ -234,6 +241,7 @@ def train(
         model.load_state_dict(payload["model"])
     pre = preprocessing_for(model.backbone, cfg.data)
     aug = augmentation_from_config(cfg.data)
+    check_classifier_monitor(cfg)
     phases = plan_phases(cfg, model)
     check_batch_size(cfg, model, phases)
     # Everything is validated: only now may an earlier run in the folder be set aside.
