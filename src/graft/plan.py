@@ -94,6 +94,7 @@ def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: b
     model, _ = build_model(cfg.model, num_classes, load_weights=False, seed=cfg.solver.seed)
     if cfg.model.reinit:
         surgery.reinit(model, cfg.model.reinit)  # validates the patterns
+    surgery.check_rule_patterns(model, cfg.model.freeze, cfg.model.lr_mult)
     layers = surgery.backbone_layers(model)
     phases = phase_rows(cfg, model, layers)
     pre = preprocessing_for(model.backbone, cfg.data)

@@ -676,3 +676,13 @@ def test_widen_head_needs_a_new_class():
     model, _ = build_model(ModelConfig(name="test_resnet", weights="none"), 3)
     with pytest.raises(ConfigError, match="at least one new class"):
         widen_head(model, 0)
+
+
+def test_freeze_and_lr_mult_patterns_that_name_no_parameter_are_refused():
+    """A typo ('block' for 'blocks') would silently train what the user meant to freeze."""
+    model = tiny()
+    surgery.check_rule_patterns(model, ["backbone.blocks.1"], [LayerRule(pattern="backbone.blocks.[0-1]", lr_mult=0.0)])
+    with pytest.raises(ConfigError, match=r"model.freeze pattern\(s\) \['backbone.block.\*'\] match no parameter"):
+        surgery.check_rule_patterns(model, ["backbone.blocks.1", "backbone.block.*"], [])
+    with pytest.raises(ConfigError, match=r"model.lr_mult pattern\(s\) \['backbone.blocks.9'\] match no parameter"):
+        surgery.check_rule_patterns(model, [], [LayerRule(pattern="backbone.blocks.9", lr_mult=0.0)])

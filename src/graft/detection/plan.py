@@ -36,6 +36,7 @@ def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None, *,
     decided = _decide_now(cfg, model, splits) if deciding else None
     if cfg.model.reinit:
         surgery.reinit(model, cfg.model.reinit)  # validates the patterns
+    surgery.check_rule_patterns(model, cfg.model.freeze, cfg.model.lr_mult)
     layers = surgery.backbone_layers(model)
     anchors = model.detector.anchor_generator if hasattr(model.detector, "anchor_generator") else model.detector.rpn.anchor_generator
     aug_name, aug = augmentation(cfg)

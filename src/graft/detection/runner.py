@@ -35,6 +35,7 @@ from graft.detection.widen import block_kinds, class_blocks
 from graft.errors import ConfigError, SnapshotError
 from graft.html_report import write_report_after_run
 from graft.io import write_json, write_text
+from graft.models import surgery
 from graft.report import plot_learning_curves, write_history_csv
 from graft.train.hooks import EarlyStoppingHook, run_hooks
 from graft.train.autotune import Decision
@@ -151,6 +152,7 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
         model.load_state_dict(payload["model"])
     _, aug = augmentation(cfg)  # checks the preset; auto stays auto until the run decides it on the validation split
     phases = plan_phases(cfg, model)
+    surgery.check_rule_patterns(model, cfg.model.freeze, cfg.model.lr_mult)
     check_batch_size(cfg, model, phases)
     if cfg.train.early_stopping_monitor in ("val_loss", "val_accuracy"):
         cfg.train.early_stopping_monitor = "val_map"  # a detector's validation score

@@ -154,6 +154,16 @@ def _is_no_decay(name: str, param: torch.Tensor, module_of: dict[str, nn.Module]
     return param.ndim <= 1 or isinstance(owner, _NORM_TYPES) or name in extra
 
 
+def check_rule_patterns(model: nn.Module, freeze: Sequence[str], lr_rules: Sequence[Any]) -> None:
+    """A ``model.freeze`` pattern or ``model.lr_mult`` rule that names no parameter is a typo that
+    would train what the user meant to freeze: an error, as for ``model.reinit``."""
+    names = [name for name, _ in model.named_parameters()]
+    for key, patterns in (("model.freeze", list(freeze)), ("model.lr_mult", [r.pattern for r in lr_rules])):
+        unused = [p for p in patterns if not any(matches(n, p) for n in names)]
+        if unused:
+            raise ConfigError(f"{key} pattern(s) {unused} match no parameter; `graft plan --layers` lists the layer names")
+
+
 def apply_lr_mult_freezing(model: nn.Module, rules: Sequence[Any]) -> list[str]:
     """Freeze every parameter whose first matching rule has ``lr_mult == 0`` (Caffe's way)."""
     frozen = []

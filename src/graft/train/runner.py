@@ -243,6 +243,7 @@ def train(
     aug = augmentation_from_config(cfg.data)
     check_classifier_monitor(cfg)
     phases = plan_phases(cfg, model)
+    surgery.check_rule_patterns(model, cfg.model.freeze, cfg.model.lr_mult)
     check_batch_size(cfg, model, phases)
     # Everything is validated: only now may an earlier run in the folder be set aside.
     if replace:
