@@ -138,6 +138,13 @@ def test_what_the_user_set_is_not_searched(tmp_path, capsys):
     result = train(parse_config(cfg), tmp_path / "c", quiet=True)
     assert "decided" not in result.metrics  # nothing was auto
 
+    cfg = auto_config(data, tmp_path)  # head lr auto, but no frozen-base phase to use a head rate in
+    cfg["data"]["augment"] = "none"
+    cfg["train"].update(strategy="fine-tune", epochs=1)
+    capsys.readouterr()
+    result = train(parse_config(cfg), tmp_path / "d")
+    assert result.metrics["decided"]["trials"] == [] and "auto:" not in capsys.readouterr().err
+
 
 def test_without_validation_images_auto_falls_back_to_no_augmentation(tmp_path, capsys):
     data = make_class_folders(tmp_path / "data", per_class=4)

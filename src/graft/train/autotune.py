@@ -114,6 +114,8 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
     augments = AUTO_AUGMENTS if cfg.data.augment == "auto" else (cfg.data.augment,)
     search_lr = cfg.train.head_lr == "auto" and has_head_phase
     fixed_lr = cfg.train.head_lr if isinstance(cfg.train.head_lr, float) else cfg.solver.base_lr
+    if cfg.data.augment != "auto" and not search_lr:  # a head rate with no head phase to use it: nothing to try
+        return Decision(head_lr=fixed_lr if cfg.train.head_lr == "auto" else None, note="no frozen-base phase, so no head rate to choose: nothing searched")
     rates = HEAD_LRS if search_lr else (fixed_lr,)
     epochs = min(cfg.train.epochs, MAX_SEARCH_EPOCHS) if cfg.train.epochs > 0 else SEARCH_EPOCHS
     val = EmbeddingDataset(cache.embed(splits.val, eval_transform(pre)), [s.label for s in splits.val])
