@@ -70,6 +70,16 @@ def test_a_classifier_exports_to_onnx_with_its_sidecar_and_predicts_as_the_run(r
         assert np.allclose([x["probability"] for x in p["predictions"]], [x["probability"] for x in mine], atol=1e-5)
 
 
+def test_out_may_be_a_folder(runs, tmp_path, capsys) -> None:
+    """`--out DIR/` (or an existing folder) puts the export in it under its default name, instead
+    of a file named like the folder (or a failed rename onto the folder)."""
+    (tmp_path / "there").mkdir()
+    for out, where in ((tmp_path / "there", tmp_path / "there"), (f"{tmp_path / 'new'}/", tmp_path / "new")):
+        code, _, err = run_cli(capsys, "export", runs["classifier"], "--out", out)
+        assert code == 0, err
+        assert sorted(p.name for p in where.iterdir()) == ["model.onnx", "model.onnx.json"]
+
+
 def test_classifier_torchscript_and_float16(runs, capsys) -> None:
     run = runs["classifier"]
     for args, name in ((["--format", "torchscript"], "model.pt"), (["--half"], "model-fp16.onnx")):
@@ -127,7 +137,12 @@ def test_bad_requests_get_clear_errors_and_leave_nothing_behind(runs, tmp_path, 
     code, _, err = run_cli(capsys, "export", runs["classifier"], "--out", blocker / "model.onnx")
     assert code == 2 and "cannot write the export to" in err and str(blocker) in err
     code, _, err = run_cli(capsys, "export", runs["classifier"], "--images", tmp_path / "empty")
-    assert code == 2 and "no readable images" in err
+    assert code == 2 and f"--images {tmp_path / 'empty'} does not exist" in err
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "export", runs["classifier"], "--images", tmp_path / "empty")
+    assert code == 2 and "holds no readable image" in err and "validation images are gone" not in err
+    code, _, err = run_cli(capsys, "export", runs["classifier"], "--format", "torchscript", "--out", tmp_path / "model.onnx")
+    assert code == 2 and "names a .onnx file, but the format is torchscript" in err
     code, _, err = run_cli(capsys, "predict", tmp_path / "nothing.onnx", runs["images"])
     assert code == 2 and "no such exported model" in err
     lone = tmp_path / "lone.onnx"

@@ -77,6 +77,20 @@ def default_path(run_dir: Path, fmt: str, half: bool) -> Path:
     return run_dir / "export" / f"model{'-fp16' if half else ''}.{FORMATS[fmt]}"
 
 
+def _target(out: str | os.PathLike | None, run_dir: Path, fmt: str, half: bool) -> Path:
+    """Where the export goes: ``out``, or into it when it is a folder (existing, or written with
+    a trailing slash) under the default name; an extension of the other format is refused."""
+    if out is None:
+        return default_path(run_dir, fmt, half)
+    target = Path(out)
+    if target.is_dir() or str(out).endswith(("/", os.sep)):
+        return target / default_path(run_dir, fmt, half).name
+    other = {f".{ext}" for name, ext in FORMATS.items() if name != fmt}
+    if target.suffix.lower() in other:
+        raise ConfigError(f"--out {out} names a {target.suffix} file, but the format is {fmt}: name it .{FORMATS[fmt]}, or pass --format {next(n for n, e in FORMATS.items() if f'.{e}' == target.suffix.lower())}")
+    return target
+
+
 def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", *, out: str | os.PathLike | None = None, half: bool = False, opset: int = DEFAULT_OPSET,
                images: str | os.PathLike | None = None, parity_images: int = PARITY_IMAGES, say: Any = None) -> ExportResult:
     """Export the finished run in ``run_dir`` to ``out`` (default ``RUNDIR/export/model.EXT``) and
@@ -90,7 +104,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", *, out: str | os.P
     run_dir = Path(run_dir)
     run = load_run(run_dir, device="cpu")  # a clear SnapshotError for a folder that is not a finished run
     task = "detect" if run.info.get("task") == "detect" else "classify"
-    target = Path(out) if out is not None else default_path(run_dir, fmt, half)
+    target = _target(out, run_dir, fmt, half)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -98,6 +112,9 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", *, out: str | os.P
     except OSError as err:
         raise ExportError(f"cannot write the export to {target.parent}: {err.strerror or err}") from None
     checked = list(itertools.islice(_parity_images(run, run_dir, images), parity_images))
+    if not checked and images is not None:
+        why = "does not exist" if not Path(images).exists() else "holds no readable image"
+        raise ExportError(f"--images {images} {why}: give a folder (or file) with a few images like the run's to check the export on")
     if not checked:
         raise ExportError("no readable images to check the export on: the run's validation images are gone (moved?); pass --images DIR with a few images like the run's")
     meta = sidecar(run, task, fmt, half, opset, run_dir)
