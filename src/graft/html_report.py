@@ -265,6 +265,8 @@ def _per_class(run: _Run) -> str:
     for name, c in per.items():
         row = [(name, name)] + ([(blocks.get(name, ""), blocks.get(name, ""))] if blocks else [])
         train = (counts.get("train") or {}).get(name)
+        if blocks.get(name) == "old" and not train:  # an expansion trains only the new classes: "0" would read as "no data"
+            train = "earlier run"
         if run.detect:
             row += [_cell(c.get("ap")), _cell(c.get("ap50")), _cell(c.get("precision")), _cell(c.get("recall")), _cell(c.get("boxes"), str), _cell(train, str)]
         else:

@@ -72,7 +72,7 @@ def test_frozen_expansion_keeps_the_old_classes_exactly_and_learns_the_new_one(o
     assert p["old_changed"] == 0 and p["buffers_changed"] == 0 and p["added"] == p["expected_added"] > 0
     # the new class learned: a fresh block ranks rings at chance (mAP@.5 under 0.02 on these images)
     assert m["new_map50"] > 0.2 and m["new_map"] > 0.05
-    for name in ("model.safetensors", "metrics.json", "history.csv", "detections.png", "per_class_ap.png", "learning_curves.png", "report.html"):
+    for name in ("model.safetensors", "metrics.json", "history.csv", "detections.png", "per_class_ap.png", "learning_curves.png", "report.html", "weights_report.json"):
         assert (expanded / name).is_file(), name
     page = (expanded / "report.html").read_text(encoding="utf-8")  # written after expand_metrics.json, so it shows its figures
     assert f'data-metric="expand.new_map">{m["new_map"]:.3f}<' in page and "Per-class AP before and after" in page

@@ -108,8 +108,11 @@ def expand_cli(capsys, *args: str) -> tuple[int, str]:
 
 def test_expanded_run_has_every_output(expanded):
     for name in ["model.json", "model.safetensors", "history.csv", "metrics.json", "config.yaml", "splits.json", "class_stats.safetensors",
-                 "expand_metrics.json", "learning_curves.png", "confusion_matrix.png", "predictions.png"]:
+                 "expand_metrics.json", "learning_curves.png", "confusion_matrix.png", "predictions.png", "weights_report.json", "report.html"]:
         assert (expanded / name).is_file(), name
+    assert "graft expand loaded every tensor" in read_json(expanded / "weights_report.json")["inherited_from"]
+    page = (expanded / "report.html").read_text(encoding="utf-8")
+    assert "earlier run" in page  # an old class's training images are the original's, not "0"
     snaps = sorted(p.name for p in (expanded / "snapshots").iterdir())
     assert snaps == [f"epoch-{i:04d}" for i in range(1, EPOCHS + 1)] + ["last"]
     assert len(history_rows(expanded)) == EPOCHS

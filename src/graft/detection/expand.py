@@ -48,6 +48,7 @@ from graft.detection.task import DetectionTask, collect_detections
 from graft.detection.widen import SIGMOID_HEADS, add_block, block_kinds, branch_class_layer
 from graft.errors import ConfigError, DataError, SnapshotError
 from graft.expansion.classes import refuse_near_twins
+from graft.expansion.source import inherit_weights_report
 from graft.html_report import write_report_after_run
 from graft.io import read_json, write_json
 from graft.models import surgery
@@ -302,6 +303,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with keeping_replaced_run(run_dir):
+        inherit_weights_report(source.dir, source.name, run_dir)
         rehearsal = spec["rehearsal"]
         how = "a neck and heads of their own (copied from the old ones) learn" if cfg.expand.detector_block == "branch" else "only their outputs of the last layer learn"
         then = f"; then the backbone's top adapts too for {cfg.train.fine_tune_epochs} epoch(s), its features for the old detector distilled towards the original's (weight {cfg.expand.distill_weight:g})" if task is not None else ""

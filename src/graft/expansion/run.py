@@ -31,7 +31,7 @@ from graft.html_report import write_report_after_run
 from graft.expansion.calibrate import Calibration, fit_calibration, norm_ratio
 from graft.expansion.classes import plan_classes
 from graft.expansion.negatives import ExpandEmbeddings, balanced_weights
-from graft.expansion.source import Source, load_source
+from graft.expansion.source import Source, inherit_weights_report, load_source
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
@@ -108,6 +108,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
     if job.replace:
         stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    inherit_weights_report(source.dir, str(source.dir), run_dir)
     for w in splits.warnings:
         say(f"warning: {w}")
     say(f"expanding {source.dir} ({k} classes) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}; "
