@@ -149,6 +149,7 @@ def test_resume_continues_into_the_snapshot_run(trained, tmp_path):
         (["train", "--resume", "NOWHERE/last"], "NOWHERE"),
         (["eval", "NOWHERE", "--data", "DATA"], "not a finished graft run"),
         (["predict", "RUN", "NOWHERE.jpg"], "NOWHERE.jpg"),
+        (["predict", "RUN/snapshots/last", "DATA"], "is a snapshot, for --resume or --weights, not a model to predict with: predict with the run folder"),
     ],
 )
 def test_user_errors_exit_2_with_a_message_and_no_traceback(trained, tmp_path, capsys, argv, message):

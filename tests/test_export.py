@@ -132,6 +132,9 @@ def test_bad_requests_get_clear_errors_and_leave_nothing_behind(runs, tmp_path, 
     with pytest.raises(SystemExit) as stop:
         main(["export", str(runs["classifier"]), "--format", "tflite"])
     assert stop.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(runs["classifier"]), "--opset", "5"])
+    assert stop.value.code == 2 and "graft exports to opsets 11 to 20, got 5" in capsys.readouterr().err
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     code, _, err = run_cli(capsys, "export", runs["classifier"], "--out", blocker / "model.onnx")

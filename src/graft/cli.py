@@ -44,6 +44,15 @@ def _positive(value: str) -> int:
     return n
 
 
+def _opset(value: str) -> int:
+    """ONNX opsets graft's models export to: 11 has the Pad and NMS-era ops the detectors need;
+    20 is the newest torch's exporter writes."""
+    n = int(value)
+    if not 11 <= n <= 20:
+        raise argparse.ArgumentTypeError(f"graft exports to opsets 11 to 20, got {n}")
+    return n
+
+
 def _count(value: str) -> int:
     n = int(value)
     if n < 0:
@@ -120,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
     pl.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
     pl.add_argument("--img-size", type=_positive, metavar="S", help="input size, as for graft train (detectors: levels and anchors depend on it)")
+    pl.add_argument("--weights", metavar="bundled|hub|none|coco|FILE|RUNDIR", help="starting weights, as for graft train (only --decide loads them)")
     pl.add_argument("--classes", type=_positive, default=None, metavar="K", help="number of classes (default: from --data or 2)")
     pl.add_argument("--data", metavar="DIR", help="count classes from this folder")
     pl.add_argument("--layers", action="store_true", help="list every backbone layer with its index")
@@ -161,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", metavar="RUNDIR")
     ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     ex.add_argument("--half", action="store_true", help="float16 weights (classifiers: throughout; detectors: backbone and neck, heads and NMS stay float32)")
-    ex.add_argument("--opset", type=_positive, default=None, metavar="N", help="ONNX opset (default 17)")
+    ex.add_argument("--opset", type=_opset, default=None, metavar="N", help="ONNX opset, 11 to 20 (default 17)")
     ex.add_argument("--out", metavar="FILE", help="default RUNDIR/export/model.onnx (model-fp16.onnx with --half; .pt for torchscript)")
     ex.add_argument("--images", metavar="DIR", help="check parity on the images under DIR instead of the run's validation split")
     ex.add_argument("--parity-images", type=_positive, default=16, metavar="N", help="images the parity check uses (default 16)")
@@ -254,7 +264,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not os.path.exists(item):
             raise GraftError(f"no such file or folder: {item}")
     if os.path.isfile(args.run) or Path(args.run).suffix in (".onnx", ".pt"):  # an exported model: onnxruntime and the sidecar, no torch for ONNX
-        from graft.exported import load_export
+        from graft.exported import load_export, sidecar_path
+
+        if Path(args.run).parent.name == "snapshots" and not sidecar_path(Path(args.run)).is_file():
+            raise GraftError(f"{args.run} is a snapshot, for --resume or --weights, not a model to predict with: predict with the run folder {Path(args.run).parent.parent}")
 
         exported = load_export(args.run)
         if exported.task == "detect":
@@ -341,7 +354,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from graft.configuration import resolve_config
     from graft.plan import describe_plan, format_plan
 
-    flags = {"task": args.task, "model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "data.img_size": args.img_size, "train.device": args.device}
+    flags = {"task": args.task, "model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "data.img_size": args.img_size, "model.weights": args.weights, "train.device": args.device}
     _detector_model(flags)
     cfg = resolve_config(args.config, args.set, flags)
     plan = describe_plan(cfg, num_classes=args.classes, decide=args.decide)

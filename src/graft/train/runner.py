@@ -56,7 +56,7 @@ def select_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"train.device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is '{name}' but no CUDA GPU is available here; use auto or cpu")
+        raise ConfigError(f"device '{name}' was asked for (--device or train.device), but no CUDA GPU is available here; use auto or cpu")
     return device
 
 
