@@ -461,6 +461,25 @@ def test_scan_class_folders_unknown_class_is_refused(tmp_path: Path) -> None:
     assert str(tmp_path / "zebra") in msg and "cat, dog" in msg
 
 
+def test_scan_class_folders_ignores_an_empty_folder_as_training_does(tmp_path: Path) -> None:
+    make_classes(tmp_path, {"cat": 2, "dog": 1})
+    (tmp_path / "empty").mkdir()
+    _, samples, _, warnings = scan_class_folders(tmp_path, classes=["cat", "dog"])
+    assert len(samples) == 3 and any(f"ignoring empty folder {tmp_path / 'empty'}" in w for w in warnings)
+
+
+def test_scan_class_folders_of_a_split_layout_evaluates_its_held_out_split(tmp_path: Path) -> None:
+    """train/ val/ test/, the layout graft train takes: test, else val, is what eval measures."""
+    for split, n in (("train", 3), ("val", 2), ("test", 1)):
+        make_classes(tmp_path / split, {"cat": n, "dog": n})
+    _, samples, _, warnings = scan_class_folders(tmp_path, classes=["cat", "dog"])
+    assert {s.path.parent.parent.name for s in samples} == {"test"} and len(samples) == 2
+    assert warnings[0] == f"{tmp_path} holds splits: evaluating test/"
+    shutil.rmtree(tmp_path / "test")
+    _, samples, _, _ = scan_class_folders(tmp_path, classes=["cat", "dog"])
+    assert {s.path.parent.parent.name for s in samples} == {"val"}
+
+
 def test_scan_class_folders_without_classes_uses_the_folders(tmp_path: Path) -> None:
     make_classes(tmp_path, {"b": 2, "a": 1})
     (tmp_path / "a" / "x.txt").write_text("x")

@@ -182,7 +182,17 @@ def scan_class_folders(
     """
     root = _check_root(root)
     listing = _list_class_folders(root)
+    split_note = None
+    if classes is not None and set(listing.files) & _SPLIT_FOLDERS and not set(listing.files) & set(classes):
+        # train/ val/ test/ as graft train takes them: evaluate the held-out split, as eval does for boxes
+        chosen = next(d for d in ("test", *VAL_ALIASES, "train") if d in listing.files)
+        split_note = f"{root} holds splits: evaluating {chosen}/"
+        root = root / chosen
+        listing = _list_class_folders(root)
     if classes is not None:
+        for name in [n for n, files in listing.files.items() if not files and n not in classes]:
+            del listing.files[name]  # an empty folder, as in training: a warning, not an unknown class
+            listing.warnings.append(f"ignoring empty folder {root / name}")
         unknown = sorted(set(listing.files) - set(classes))
         if unknown:
             raise DataError(
@@ -204,7 +214,7 @@ def scan_class_folders(
                 listing.warnings.append(f"no images of class {name!r} in {root}")
     index = {name: i for i, name in enumerate(classes)}
     samples = [Sample(p, index[name]) for name in classes for p in listing.files.get(name, [])]
-    return classes, samples, skipped, listing.warnings
+    return classes, samples, skipped, ([split_note] if split_note else []) + listing.warnings
 
 
 # --- listing -------------------------------------------------------------------------------------
