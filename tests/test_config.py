@@ -379,3 +379,10 @@ def test_the_python_api_survives_its_own_imports() -> None:
     second = graft.config(data={"dir": "pets/"}, train={"epochs": 4})
     assert (first.train.epochs, second.train.epochs) == (3, 4)
     assert all(callable(getattr(graft, name)) for name in graft.__all__ if name != "__version__")
+
+
+def test_a_section_given_twice_in_a_config_file_is_an_error(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: the first train section's strategy would be lost."""
+    path = write(tmp_path / "twice.yaml", "train:\n  strategy: fine-tune\nsolver:\n  base_lr: 0.01\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"at line 5, column 1: key 'train' appears twice in one mapping \(first at line 1\)"):
+        read_yaml(path)

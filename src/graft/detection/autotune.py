@@ -125,7 +125,7 @@ def decide_augment(
     assert best is not None
     decision = Decision(
         augment=best[0].augment, epochs=epochs, trials=trials,  # type: ignore[arg-type]
-        note=f"{len(task.val_samples)} validation images, neck and heads trained {epochs} epochs on cached backbone features",
+        note=f"{len(task.val_samples)} validation images, neck and heads trained {epochs} epoch{'s' if epochs != 1 else ''} on cached backbone features",
         seconds=time.perf_counter() - started,
     )
     for line in summary(decision):

@@ -151,7 +151,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
     calibrated_on_original_val = bool(original_val) and (cfg.expand.mode == "fine-tune" or (stats is not None and bool(stats.anchor_heldout.any())))
     cal = calibrate(cfg, model, final_cache, calibration_samples, stats if cfg.expand.mode == "frozen" else None, splits.classes, k, pre)
     cal.apply(model.head.fc.blocks[-1])
-    say(f"calibration ({cal.method}): new logits x{cal.scale:.3g} {cal.shift:+.3g}; on {cal.old_samples} old-class held-out samples the new rows take "
+    say(f"calibration ({cal.method}): new logits x{cal.scale:.3g} {cal.shift:+.3g}; of the {cal.old_samples} old-class held-out samples it was fitted on (not the images expand_metrics.json reports), the new rows take "
         + ("n/a" if cal.old_taken is None else f"{100 * cal.old_taken:.2f}%") + "".join(f"; {n}" for n in cal.notes))
 
     def outputs_of(net: GraftClassifier, cache: EmbeddingCache, samples: list[Sample]) -> Outputs:

@@ -140,7 +140,7 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
         head_lr=best.lr if search_lr else (fixed_lr if cfg.train.head_lr == "auto" else None),
         epochs=epochs,
         trials=trials,
-        note=f"{len(splits.val)} validation images, head trained {epochs} epochs on frozen embeddings",
+        note=f"{len(splits.val)} validation images, head trained {epochs} epoch{'s' if epochs != 1 else ''} on frozen embeddings",
         seconds=time.perf_counter() - started,
     )
     for line in decision.summary():
