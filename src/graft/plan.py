@@ -120,7 +120,7 @@ def format_plan(plan: dict[str, Any], *, layers: bool = False) -> str:
         lines = format_detection_header(plan)
         return "\n".join(lines + format_phases(plan, layers=layers))
     lines = [
-        f"backbone {plan['backbone']} (weights: {plan['weights']}), {plan['num_classes']} classes, strategy {plan['strategy']}",
+        f"backbone {plan['backbone']} (weights: {plan['weights']}), {plan['num_classes']} class{'es' if plan['num_classes'] != 1 else ''}, strategy {plan['strategy']}",
         f"preprocessing: {plan['preprocessing']['input_size']}px, mean {plan['preprocessing']['mean']}, std {plan['preprocessing']['std']}, {plan['preprocessing']['interpolation']}",
         f"solver: {', '.join(f'{k}={v}' for k, v in plan['solver'].items())}",
         f"backbone layers: {len(plan['layers'])} (indices 0..{len(plan['layers']) - 1}; --layers lists them)",

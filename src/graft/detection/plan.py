@@ -111,7 +111,7 @@ def _norm_layers(model: nn.Module, cfg: GraftConfig) -> list[str]:
 
 
 def format_detection_header(plan: dict[str, Any]) -> list[str]:
-    lines = [f"detector {plan['head']} on backbone {plan['backbone']} (weights: {plan['weights']}), {plan['num_classes']} classes, strategy {plan['strategy']}"]
+    lines = [f"detector {plan['head']} on backbone {plan['backbone']} (weights: {plan['weights']}), {plan['num_classes']} class{'es' if plan['num_classes'] != 1 else ''}, strategy {plan['strategy']}"]
     if plan["data"]:
         lines.append(f"data: {plan['data']['description']}")
     if plan["box_sizes"]:
