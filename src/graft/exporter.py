@@ -185,39 +185,20 @@ def _native_output_kept():
     with tempfile.TemporaryFile(mode="w+b") as log:
         sys.stdout.flush()
         sys.stderr.flush()
-        _onnx_log_to("stderr")  # unbuffered: std::cout would hold the text past the redirect
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
             yield
         except BaseException as err:
-            _flush_c_stdio()
             log.seek(0)
             text = log.read().decode("utf-8", "replace").strip()
             if text:  # its opening says what it is; the failing op is near its end
                 err.add_note("the exporter's own output:\n" + (text if len(text) <= 4000 else f"{text[:1000]}\n[...]\n{text[-3000:]}"))
             raise
         finally:
-            _flush_c_stdio()  # anything native code left in C's stdout buffer goes to the file, not after it
             for fd, copy_of in ((1, saved[0]), (2, saved[1])):
                 os.dup2(copy_of, fd)
                 os.close(copy_of)
-            _onnx_log_to("stdout")  # torch's default
-
-
-def _onnx_log_to(stream: str) -> None:
-    setter = getattr(torch._C, "_jit_set_onnx_log_output_stream", None)  # private: absent in some torch
-    if setter is not None:
-        setter(stream)
-
-
-def _flush_c_stdio() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):  # no C library to ask (not on Linux or macOS)
-        pass
 
 
 def sidecar(run: Any, task: str, fmt: str, half: bool, opset: int, run_dir: Path) -> dict[str, Any]:

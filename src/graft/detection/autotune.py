@@ -62,8 +62,12 @@ def summary(decision: Decision) -> list[str]:
     if not decision.trials:
         return [f"auto: {decision.note}"]
     lines = [f"auto: augmentation {decision.augment}, chosen on {decision.note} ({decision.seconds:.1f}s)"]
-    lines += [f"  augment {t.augment:<11} val mAP {t.val_map:.3f} (mAP@.5 {t.val_map50:.3f}) after {t.epoch} epochs" for t in decision.trials]
-    return lines
+    return lines + [trial_line(dataclasses.asdict(t)) for t in decision.trials]
+
+
+def trial_line(trial: dict[str, Any]) -> str:
+    """One candidate's validation figures, for the run's console and for ``graft plan --decide``."""
+    return f"  augment {trial['augment']:<11} val mAP {trial['val_map']:.3f} (mAP@.5 {trial['val_map50']:.3f}) after {trial['epoch']} epochs"
 
 
 def decide_augment(

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from graft.configuration import GraftConfig
-from graft.detection.autotune import AUTO_AUGMENTS, FALLBACK
+from graft.detection.autotune import AUTO_AUGMENTS, FALLBACK, trial_line
 from graft.detection.torchvision_models import is_torchvision_detector
 from graft.errors import ConfigError
 from graft.models import surgery
@@ -125,7 +125,7 @@ def format_detection_header(plan: dict[str, Any]) -> list[str]:
     if plan.get("decided"):
         d = plan["decided"]
         lines.append(f"augmentation: {d['augment']}, decided now ({d['note']})")
-        lines += [f"  augment {t['augment']:<11} val mAP {t['val_map']:.3f} (mAP@.5 {t['val_map50']:.3f}) after {t['epoch']} epochs" for t in d.get("trials", [])]
+        lines += [trial_line(t) for t in d.get("trials", [])]
     elif a["preset"] == "auto":
         lines.append(f"augmentation: auto, decided when training starts: the best of {', '.join(AUTO_AUGMENTS)} by validation mAP of the frozen phase (boxes move with the pixels; without validation images: {FALLBACK})")
     else:

@@ -175,7 +175,7 @@ def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits,
     run or for ``graft plan --decide``: (decision, the winner's training features, the validation
     features), the caches None where nothing could be searched (the fallback is then used)."""
     val_ds = BoxDataset(splits.val, model.size, max_pixels=cfg.data.max_pixels)
-    cacheable = cfg.train.embedding_cache and (cfg.model.frozen_bn_eval or cfg.model.bn_inference)
+    cacheable = features_cacheable(cfg)
     frozen = next((p for p in phases if p.backbone_frozen), None)
     if frozen is None or not cacheable or not len(val_ds):
         why = "no validation images" if not len(val_ds) else "no frozen-backbone phase with cached features"
@@ -202,6 +202,13 @@ def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits,
     return decision, train_cache, val_cache
 
 
+def features_cacheable(cfg: GraftConfig) -> bool:
+    """Backbone features are computed once only when asked and the frozen backbone is a fixed function."""
+    from graft.train.caches import frozen_bn_fixed
+
+    return cfg.train.embedding_cache and frozen_bn_fixed(cfg)
+
+
 def cache_options(cfg: GraftConfig, device: torch.device, amp: bool, say: Any) -> dict[str, Any]:
     """``build_feature_cache``'s settings from the config."""
     cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
@@ -220,7 +227,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     size = model.size
     val_ds = BoxDataset(splits.val, size, max_pixels=cfg.data.max_pixels)
     caches: dict[str, Any] = {}
-    cacheable = cfg.train.embedding_cache and (cfg.model.frozen_bn_eval or cfg.model.bn_inference)
+    cacheable = features_cacheable(cfg)
     common = cache_options(cfg, device, amp, say)
 
     def train_dataset(augment: Any) -> BoxDataset:
