@@ -284,6 +284,14 @@ def _blocks(run: _Run) -> dict[str, str]:
     return {**{c: "old" for c in run.expand.get("old_classes") or []}, **{c: "new" for c in run.expand.get("new_classes") or []}}
 
 
+def _calibration(cal: dict) -> str | None:
+    """What the calibration's guard measured, and how far that holds given its sample."""
+    if cal.get("old_taken") is None:
+        return None
+    bound = f"; on new images up to {100 * cal['old_taken_bound']:.1f}% (95% bound)" if cal.get("old_taken_bound") is not None else ""
+    return f"the new rows take {100 * cal['old_taken']:.1f}% of the {cal.get('old_samples')} old-class held-out samples it was fitted on{bound}"
+
+
 def _expansion(run: _Run) -> str:
     x = run.expand
     keys = ([("old_map_before", "old classes' mAP before"), ("old_map_after", "old classes' mAP after"), ("old_map50_before", "old mAP@.5 before"),
@@ -297,7 +305,8 @@ def _expansion(run: _Run) -> str:
     where = x.get("split") or "; ".join(f"{who}: {x[k]}" for who, k in (("old", "old_split"), ("new", "new_split")) if x.get(k))
     about = _pairs([("expanded from", source), ("mode", x.get("mode")), ("old classes", _names(x.get("old_classes") or [])),
                     ("new classes", _names(x.get("new_classes") or [])), ("measured on", where),
-                    ("images measured", f"{x.get('old_images')} of old classes, {x.get('new_images')} of new" if "old_images" in x else None)])
+                    ("images measured", f"{x.get('old_images')} of old classes, {x.get('new_images')} of new" if "old_images" in x else None),
+                    ("calibration", _calibration(x.get("calibration") or {}))])
     params = x.get("parameters") or {}
     param_table = _table([("parameters", "text"), ("count", "num")], [[(k.replace("_", " "), None), (f"{v:,}", None)] for k, v in params.items()]) if params else ""
     before, after = x.get("per_class_before") or {}, x.get("per_class_after") or {}

@@ -285,17 +285,26 @@ def test_expansion_started_with_relative_paths_resumes_from_anywhere(rehearsed, 
 
 
 @pytest.mark.parametrize("command", ["expand", "train"])
-def test_resumed_expansion_matches_the_uninterrupted_one(original, expanded, tmp_path, command):
+def test_resumed_expansion_matches_the_uninterrupted_one(original, expanded, tmp_path, command, capsys):
     snapshot = expanded / "snapshots" / "epoch-0002"
     out = tmp_path / f"resumed-{command}"
-    rc = main([command, "--resume", str(snapshot), "--out", str(out), "--quiet"])
-    assert rc == 0
+    capsys.readouterr()
+    rc = main([command, "--resume", str(snapshot), "--out", str(out)])  # not quiet: what the console says is checked below
+    err = capsys.readouterr().err
+    assert rc == 0, err
     assert_same_tensors(expanded, out)
     assert history_rows(out) == history_rows(expanded)
     assert read_json(out / "model.json")["classes"] == OLD + NEW
     m, ref = read_json(out / "expand_metrics.json"), read_json(expanded / "expand_metrics.json")
     for key in ("old_accuracy_before", "old_accuracy_after", "new_accuracy", "overall_accuracy", "calibration", "parameters"):
         assert m[key] == ref[key], key
+    # A handful of held-out samples cannot hold the new rows to 1% of old images: the console says
+    # how far the measured share may be off, and warns; the report says it too.
+    cal = m["calibration"]
+    assert cal["old_samples"] < 60 and cal["old_taken_bound"] > max(0.02, cal["old_taken"])
+    assert f"up to {100 * cal['old_taken_bound']:.1f}%, 95% bound" in err
+    assert f"warning: {cal['old_samples']} old-class held-out samples are too few" in err
+    assert "95% bound" in (out / "report.html").read_text(encoding="utf-8")
 
 
 def test_resume_from_last_snapshot_of_a_finished_expansion(expanded, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from graft.errors import DataError, SnapshotError
-from graft.expansion.calibrate import fit_calibration
+from graft.expansion.calibrate import fit_calibration, upper_bound
 from graft.expansion.classes import plan_classes
 from graft.expansion.negatives import ExpandEmbeddings, balanced_weights
 from graft.train.class_stats import ClassStats, herding
@@ -200,6 +200,26 @@ def test_calibration_guard_limits_old_samples_taken_by_huge_new_logits(method, m
         unguarded = fit_calibration(old, new, labels, method=method, norm_scale=1.0, max_old_loss=1.0)
         assert unguarded.old_taken > max_old_loss and not unguarded.notes
         assert cal.scale == unguarded.scale and cal.shift < unguarded.shift
+
+
+@pytest.mark.parametrize(("taken", "samples"), [(0, 126), (1, 126), (2, 126), (10, 1000), (3, 20)])
+def test_upper_bound_of_the_taken_share_is_clopper_pearsons(taken, samples):
+    bound = upper_bound(taken, samples)
+    assert taken / samples < bound < 1
+    # At the bound, seeing at most `taken` has probability 5%: summed here with torch's binomial.
+    seen = torch.distributions.Binomial(samples, probs=torch.tensor(bound, dtype=torch.float64)).log_prob(torch.arange(taken + 1, dtype=torch.float64)).exp().sum()
+    assert float(seen) == pytest.approx(0.05, abs=1e-9)
+    if taken == 0:
+        assert bound == pytest.approx(1 - 0.05 ** (1 / samples))
+    assert upper_bound(taken, samples * 10) < bound  # more samples, a tighter bound
+    assert upper_bound(samples, samples) == 1.0 and upper_bound(0, 0) == 1.0
+
+
+def test_calibration_reports_the_bound_of_what_it_measured():
+    old, new, labels = greedy_logits(noise=3.0)
+    cal = fit_calibration(old, new, labels, method="bias", norm_scale=1.0, max_old_loss=0.05)
+    taken = round(cal.old_taken * int((labels < old.shape[1]).sum()))
+    assert cal.old_taken_bound == upper_bound(taken, int((labels < old.shape[1]).sum()))
 
 
 def test_calibration_guard_leaves_a_harmless_shift_alone():

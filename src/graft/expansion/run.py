@@ -152,7 +152,11 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
     cal = calibrate(cfg, model, final_cache, calibration_samples, stats if cfg.expand.mode == "frozen" else None, splits.classes, k, pre)
     cal.apply(model.head.fc.blocks[-1])
     say(f"calibration ({cal.method}): new logits x{cal.scale:.3g} {cal.shift:+.3g}; of the {cal.old_samples} old-class held-out samples it was fitted on (not the images expand_metrics.json reports), the new rows take "
-        + ("n/a" if cal.old_taken is None else f"{100 * cal.old_taken:.2f}%") + "".join(f"; {n}" for n in cal.notes))
+        + ("n/a" if cal.old_taken is None else f"{100 * cal.old_taken:.2f}% (on new images up to {100 * cal.old_taken_bound:.1f}%, 95% bound)") + "".join(f"; {n}" for n in cal.notes))
+    if few_calibration_samples(cal, cfg.expand.max_old_loss):
+        say(f"warning: {cal.old_samples} old-class held-out samples are too few to hold the new rows to {100 * cfg.expand.max_old_loss:g}% of old-class images: "
+            f"on new images they may take up to {100 * cal.old_taken_bound:.1f}%. Add held-out images of the old classes to {cfg.data.dir}/<old class>/ "
+            f"(a share of them calibrates), or lower expand.max_old_loss to trade new-class accuracy for old")
 
     def outputs_of(net: GraftClassifier, cache: EmbeddingCache, samples: list[Sample]) -> Outputs:
         emb = cache.embed(samples, eval_transform(pre))
@@ -433,6 +437,12 @@ class PhaseSources:
 
 
 # ---------------------------------------------------------------------------- after training
+
+
+def few_calibration_samples(cal: Calibration, max_old_loss: float) -> bool:
+    """Whether the guard's estimate is too loose to promise ``max_old_loss``: its 95% bound is more
+    than twice that (and above 2%)."""
+    return cal.old_taken_bound is not None and cal.old_taken_bound > max(2 * max_old_loss, 0.02)
 
 
 def calibrate(cfg: GraftConfig, model: GraftClassifier, cache: EmbeddingCache, samples: list[Sample], stats: ClassStats | None, classes: list[str], k: int, pre: Any) -> Calibration:
