@@ -289,7 +289,7 @@ def _calibration(cal: dict) -> str | None:
     if cal.get("old_taken") is None:
         return None
     bound = f"; on new images up to {100 * cal['old_taken_bound']:.1f}% (95% bound)" if cal.get("old_taken_bound") is not None else ""
-    return f"the new rows take {100 * cal['old_taken']:.1f}% of the {cal.get('old_samples')} old-class held-out samples it was fitted on{bound}"
+    return f"the new rows take {100 * cal['old_taken']:.1f}% of the {cal.get('old_samples')} old-class held-out samples the calibration was fitted on{bound}"
 
 
 def _expansion(run: _Run) -> str:
