@@ -217,7 +217,7 @@ def main() -> None:
         secs = cli("train", "--data", all_data, "--out", work / "runs/joint", "--strategy", "feature-extract", "--epochs", args.epochs, *common)
         score("joint", run_logits(work / "runs/joint"), secs, old_images_used=sum(len(files["train"][d]) for d in old))
         joint_old = float((scored["joint"][0].argmax(1)[is_old] == labels[is_old]).double().mean())
-        for method, (logits, row) in scored.items():
+        for method, (logits, _) in scored.items():
             if method.startswith("graft-"):
                 print(json.dumps({"shift_curve": method, **shift_curve(logits, labels, len(old), old_before, joint_old)}), flush=True)
     print(json.dumps({"work_dir": str(work)}), file=sys.stderr)

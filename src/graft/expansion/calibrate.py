@@ -21,10 +21,9 @@ images may reach. With 126 samples, one taken is 0.8 % measured and up to 3.7 % 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import math
 
 import torch
 import torch.nn.functional as F
