@@ -86,6 +86,39 @@ def test_eval_prints_json_metrics(trained, capsys):
     assert 0 <= out["accuracy"] <= 1 and out["loss"] > 0
 
 
+@pytest.mark.parametrize("split", ["test", "val", "valid"])
+def test_eval_on_a_folder_with_only_an_evaluation_split(trained, tmp_path, capsys, split):
+    _, data, run = trained
+    only = tmp_path / "only" / split
+    for c in ("blue", "green", "red"):
+        (only / c).mkdir(parents=True)
+        for p in sorted((data / c).glob("*.png"))[:4]:
+            (only / c / p.name).write_bytes(p.read_bytes())
+    assert main(["eval", str(run), "--data", str(tmp_path / "only")]) == 0
+    from_split = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "--data", str(only)]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert from_split["per_class"]["red"]["support"] == 4
+    assert from_split["accuracy"] == direct["accuracy"] and from_split["loss"] == pytest.approx(direct["loss"])
+    assert f"evaluating {split}/" in from_split["warnings"][0]
+
+
+def test_quiet_train_and_eval_still_report_skipped_files(tmp_path, capsys):
+    """--quiet hides progress, not the files left out: a count and one example on stderr."""
+    data = make_class_folders(tmp_path / "data", per_class=6)
+    (data / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (data / "green" / "empty.png").write_bytes(b"")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--config", str(write_config(tmp_path / "c.yaml", data)), "--strategy", "feature-extract", "--epochs", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipped 2 unreadable files, listed in {run / 'metrics.json'}; e.g. " in err
+    assert "epoch" not in err  # progress stays hidden
+    assert main(["eval", str(run), "--data", str(data)]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)["skipped_files"]) == 2
+    assert "warning: skipped 2 unreadable files, listed in the JSON output; e.g. " in out.err and "empty.png: zero-byte file" in out.err
+
+
 def test_eval_on_a_class_the_model_does_not_know_is_a_clear_error(trained, tmp_path, capsys):
     _, _, run = trained
     other = make_class_folders(tmp_path / "other", per_class=2, classes={"red": (200, 40, 40), "purple": (120, 0, 120)})

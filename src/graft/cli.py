@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from graft import __version__
+from graft.console import plural, progress, tell_data
 from graft.errors import GraftError, Interrupted
 
 # Flags of `graft train` that set a config key (flag dest -> key).
@@ -236,6 +237,7 @@ def _detector_model(flags: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from graft.data.folder import Skipped
     from graft.io import write_json
     from graft.predict import load_run
 
@@ -247,13 +249,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         write_json(args.out, metrics)
     print(text)
+    skipped = [Skipped(Path(s["path"]), s["reason"]) for s in metrics.get("skipped_files", [])]
+    tell_data(warnings=metrics.get("warnings", []), problems=metrics.get("annotation_problems", []), skipped=skipped,
+              listed_in=args.out or "the JSON output")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from graft.exporter import DEFAULT_OPSET, export_run
 
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = progress(args.quiet)
     result = export_run(args.run, args.format, out=args.out, half=args.half, opset=args.opset or DEFAULT_OPSET, images=args.images, parity_images=args.parity_images, say=say)
     print(json.dumps({"model": str(result.path), "sidecar": str(result.sidecar), "parity": {k: v for k, v in result.parity.items() if k != "image_paths"}}, indent=2))
     return 0
@@ -306,7 +311,7 @@ def _print_classes(args: argparse.Namespace, run) -> int:
             print(f"{p.path:<{width}}  {body}")
     failed = [p for p in preds if p.error]
     if failed:
-        print(f"error: {len(failed)} of {len(preds)} file(s) could not be read (e.g. {failed[0].error})", file=sys.stderr)
+        print(f"error: {len(failed)} of {plural(len(preds), 'file')} could not be read (e.g. {failed[0].error})", file=sys.stderr)
         return 2
     return 0
 
@@ -345,7 +350,7 @@ def _predict_boxes(args: argparse.Namespace, run) -> int:
             draw(d.path, d, run.classes, Path(args.save_images), name)
     failed = [d for d in found if d.error]
     if failed:
-        print(f"error: {len(failed)} of {len(found)} file(s) could not be read (e.g. {failed[0].error})", file=sys.stderr)
+        print(f"error: {len(failed)} of {plural(len(found), 'file')} could not be read (e.g. {failed[0].error})", file=sys.stderr)
         return 2
     return 0
 

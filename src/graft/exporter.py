@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from graft import __version__
+from graft.console import plural
 from graft.data.images import ImageError, load_image
 from graft.errors import ConfigError, ExportError
 from graft.exported import ExportedModel, classifier_input, load_export, detector_input, resize_shorter_to, sidecar_path
@@ -121,7 +122,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", *, out: str | os.P
     started = time.perf_counter()
     try:
         _trace(run, task, fmt, half, opset, tmp)
-        say(f"exported {run_dir} to {fmt}{' (float16)' if half else ''} in {time.perf_counter() - started:.1f}s; checking it against the run on {len(checked)} image(s)")
+        say(f"exported {run_dir} to {fmt}{' (float16)' if half else ''} in {time.perf_counter() - started:.1f}s; checking it against the run on {plural(len(checked), 'image')}")
         exported = load_export(tmp, meta=meta)
         parity = _classifier_parity(run, exported, checked, half) if task == "classify" else _detector_parity(run, exported, checked, half)
         meta["parity"] = parity
@@ -280,7 +281,7 @@ def _classifier_parity(run: Any, exported: ExportedModel, checked: list, half: b
     same_top1 = ours.argmax(1) == theirs.argmax(1)
     disagree = int((~same_top1 & ~near_tie).sum())
     passed = diff <= tol and disagree == 0
-    summary = (f"{len(checked)} images: max |logit difference| {diff:.2e} (tolerance {tol:.1e}), top-1 agrees on {int(same_top1.sum())}/{len(checked)}"
+    summary = (f"{plural(len(checked), 'image')}: max |logit difference| {diff:.2e} (tolerance {tol:.1e}), top-1 agrees on {int(same_top1.sum())}/{len(checked)}"
                + (f" ({int((~same_top1 & near_tie).sum())} near-ties)" if (~same_top1 & near_tie).any() else ""))
     return {"passed": passed, "images": len(checked), "max_abs_logit_diff": diff, "tolerance": tol, "top1_agree": int(same_top1.sum()), "top1_disagree_not_tie": disagree,
             "image_paths": [str(p) for p, _ in checked], "summary": summary}
@@ -350,9 +351,9 @@ def _detector_parity(run: Any, exported: ExportedModel, checked: list, half: boo
             compared, missing, edge, worst_iou, worst_gap = compared + n, missing + m, edge + e, min(worst_iou, i), max(worst_gap, g)
     passed = compared > 0 and not missing and edge <= EDGE_SHARE * compared
     if not compared:
-        summary = f"{len(checked)} images, no detection scored {floor:.3g} or more by either model: nothing to compare (pass --images with images in which the model finds objects)"
+        summary = f"{plural(len(checked), 'image')}, no detection scored {floor:.3g} or more by either model: nothing to compare (pass --images with images in which the model finds objects)"
     else:
-        summary = (f"{len(checked)} images, {compared} detections compared both ways: {compared - len(missing) - edge} matched (IoU >= {MIN_IOU}, score within {tol:g}), "
+        summary = (f"{plural(len(checked), 'image')}, {plural(compared, 'detection')} compared both ways: {compared - len(missing) - edge} matched (IoU >= {MIN_IOU}, score within {tol:g}), "
                    f"{edge} kept by one and suppressed by the other at the NMS threshold (at most {EDGE_SHARE:.0%} may be), {len(missing)} unmatched"
                    + (f" (highest score among them {max(missing):.3f})" if missing else "")
                    + (f"; worst IoU {worst_iou:.4f}, largest score gap {worst_gap:.2e} among the matched" if compared > len(missing) + edge else ""))

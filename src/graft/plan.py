@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.configuration import GraftConfig
+from graft.console import plural
 from graft.errors import ConfigError, DataError
 from graft.data.transforms import augmentation_from_config, preprocessing_for
 from graft.models import surgery
@@ -22,7 +23,7 @@ def _count_class_folders(data_dir: str) -> int:
     base = root / "train" if (root / "train").is_dir() else root
     n = sum(1 for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if n < 2:
-        raise DataError(f"graft needs at least 2 classes; {base} has {n} class folder(s)")
+        raise DataError(f"graft needs at least 2 classes; {base} has {plural(n, 'class folder')}")
     return n
 
 
@@ -137,7 +138,7 @@ def format_phases(plan: dict[str, Any], *, layers: bool = False) -> list[str]:
         c = ph["parameters"]
         above = plan.get("above_backbone", "the head")
         where = f"{above} only (backbone frozen)" if ph["trainable_from_layer"] is None else f"from layer {ph['trainable_from_layer']} ({ph['first_trainable_layer']}) on, plus {above}"
-        lines.append(f"\nphase {i}: {ph['name']}, {ph['epochs']} epochs, lr {ph['lr']:.2e}")
+        lines.append(f"\nphase {i}: {ph['name']}, {plural(ph['epochs'], 'epoch')}, lr {ph['lr']:.2e}")
         lines.append(f"  learns: {where}; {ph['backbone_layers_learning']} backbone layers")
         lines.append(f"  parameters: {c['trainable']:,} trainable / {c['frozen']:,} frozen / {c['total']:,} total")
         for g in ph["groups"]:

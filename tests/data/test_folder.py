@@ -280,7 +280,7 @@ def test_no_usable_images_at_all(tmp_path: Path) -> None:
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "x.jpg").touch()
-    with pytest.raises(DataError, match="no usable images in .*2 file\\(s\\) skipped"):
+    with pytest.raises(DataError, match="no usable images in .*2 files skipped"):
         scan_folder(tmp_path)
 
 
@@ -292,7 +292,7 @@ def test_strict_mode_refuses_any_skipped_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         scan_folder(tmp_path, strict=True)
     msg = str(info.value)
-    assert msg.startswith("8 file(s) cannot be used")
+    assert msg.startswith("8 files cannot be used")
     assert f"{tmp_path / 'a' / 'bad0.jpg'}: zero-byte file" in msg
     assert "(and 3 more)" in msg and "without --strict" in msg
     assert len(scan_folder(tmp_path).skipped) == 8  # without strict: skipped, not raised

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from box_data import three_splits, write_coco, write_voc, write_yolo
+from box_data import CLASSES, three_splits, write_coco, write_voc, write_yolo
 from graft.cli import main
 from graft.train import checkpoint
 from helpers import run_cli
@@ -64,6 +64,77 @@ def test_eval_on_the_same_boxes_in_another_format_gives_the_same_map(trained, da
     assert voc["map"] == pytest.approx(coco["map"], abs=1e-9) and voc["map50"] == pytest.approx(coco["map50"], abs=1e-9)
     m = json.loads((trained / "metrics.json").read_text())
     assert voc["map"] == pytest.approx(m["test_map"], abs=1e-6)  # the run's own test figure
+
+
+def test_eval_on_data_that_holds_only_an_evaluation_split(trained, data, tmp_path, capsys) -> None:
+    """COCO's val2017 downloaded alone, a data.yaml with only test: or val:, VOC with only
+    ImageSets/Main/test.txt: evaluated as given, without training's rules."""
+    scenes = three_splits(n_train=12, n_val=4, n_test=4)  # the fixture's scenes
+    only = {
+        "coco test": write_coco(tmp_path / "coco_test", {"test": scenes["test"]}),
+        "yolo test": write_yolo(tmp_path / "yolo_test", {"test": scenes["test"]}),
+        "voc test": write_voc(tmp_path / "voc_test", {"test": scenes["test"]}),
+        "coco val2017": write_coco(tmp_path / "coco_val2017", {"val2017": scenes["val"]}),
+        "yolo val": write_yolo(tmp_path / "yolo_val", {"val": scenes["val"]}),
+    }
+    assert (tmp_path / "coco_val2017" / "annotations" / "instances_val2017.json").is_file() and (tmp_path / "coco_val2017" / "val2017").is_dir()
+    results = {}
+    for name, root in only.items():
+        code, out, err = run_cli(capsys, "eval", trained, "--data", root, "--device", "cpu")
+        assert code == 0, (name, err)
+        results[name] = json.loads(out)
+    code, out, _ = run_cli(capsys, "eval", trained, "--data", data["coco"], "--device", "cpu")
+    full = json.loads(out)  # the full data's test split
+
+    def boxes(split: str) -> dict[str, int]:
+        return {c: sum(label == i for _, _, found in scenes[split] for _, label in found) for i, c in enumerate(CLASSES)}
+
+    def figures(result: dict) -> tuple:  # what was evaluated (images, boxes per class) and how it scored
+        return result["split"], result["images"], {c: v["boxes"] for c, v in result["per_class"].items()}, result["map"], result["map50"], result["ar100"]
+
+    for name in ("coco test", "yolo test", "voc test"):
+        assert figures(results[name]) == figures(full), name
+        assert results[name]["images"] == 4 and figures(results[name])[2] == boxes("test"), name
+    assert figures(results["coco val2017"]) == figures(results["yolo val"])
+    assert results["yolo val"]["split"] == "val" and figures(results["yolo val"])[2] == boxes("val") != boxes("test")
+    # Training needs a training split, and says that graft eval takes such data.
+    code, _, err = run_cli(capsys, "train", "--data", only["coco val2017"], "--out", tmp_path / "run", *TINY)
+    assert code == 2 and "no training split" in err and "graft eval" in err
+
+
+def test_quiet_run_and_eval_still_report_data_problems(tmp_path, capsys) -> None:
+    """An unknown category id, an annotation of an image that is not listed, a listed image that is
+    not on disk and truncated images: --quiet hides progress, not these."""
+    scenes = three_splits(n_train=12, n_val=4, n_test=4)
+    root = write_coco(tmp_path / "coco", scenes)
+    train_json = root / "annotations" / "instances_train.json"
+    d = json.loads(train_json.read_text())
+    d["annotations"] += [{"id": 900, "image_id": 1, "category_id": 99, "bbox": [1, 1, 5, 5], "iscrowd": 0},
+                         {"id": 901, "image_id": 4242, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 0}]
+    d["images"].append({"id": 77, "file_name": "gone.png", "width": 64, "height": 48})
+    train_json.write_text(json.dumps(d))
+    for name in ("img_001.png", "img_002.png"):
+        image = root / "train" / name
+        image.write_bytes(image.read_bytes()[:200])
+    test_json = root / "annotations" / "instances_test.json"
+    d = json.loads(test_json.read_text())
+    d["annotations"].append({"id": 902, "image_id": 1, "category_id": 99, "bbox": [1, 1, 5, 5], "iscrowd": 0})
+    test_json.write_text(json.dumps(d))
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", root, "--out", run, "--epochs", "1", "--fine-tune-epochs", "0", "--augment", "none", *TINY)
+    assert code == 0, err
+    lines = err.splitlines()
+    problems = [line for line in lines if "annotation problem" in line]
+    assert len(problems) == 1 and problems[0].startswith(f"warning: 3 annotation problems (boxes or images left out), listed in {run / 'metrics.json'}; e.g. ")
+    skipped = [line for line in lines if "unreadable" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("warning: skipped 3 unreadable files") and ("img_001.png" in skipped[0] or "gone.png" in skipped[0])
+    assert not any(line.startswith("epoch") for line in lines)  # progress stays hidden
+    m = json.loads((run / "metrics.json").read_text())
+    assert len(m["annotation_problems"]) == 3 and len(m["skipped_files"]) == 3
+    # eval reports the problems of the split it evaluates (test), not of the others
+    code, out, err = run_cli(capsys, "eval", run, "--data", root, "--device", "cpu")
+    assert code == 0 and json.loads(out)["annotation_problems"] == [p for p in m["annotation_problems"] if "annotation id 902" in p]
+    assert err.startswith("warning: 1 annotation problem (boxes or images left out), listed in the JSON output; e.g. ") and "unknown category id 99" in err
 
 
 def test_eval_with_classes_the_model_does_not_know_names_them(trained, tmp_path, capsys) -> None:
@@ -252,3 +323,4 @@ def test_ctrl_c_mid_epoch_saves_a_snapshot_that_resumes_bit_exactly(trained, dat
     a, b = load_file(str(trained / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     assert not [k for k in a if not torch.equal(a[k], b[k])]
+

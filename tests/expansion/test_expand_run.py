@@ -20,7 +20,7 @@ from graft.cli import main
 from graft.configuration import parse_config
 from graft.train.class_stats import ClassStats
 from graft.train.runner import train
-from helpers import make_class_folders, tiny_config
+from helpers import COLOURS, make_class_folders, tiny_config
 
 OLD = ["blue", "green", "red"]  # the original run's classes (sorted folder names)
 NEW_COLOURS = {"yellow": (220, 220, 40), "purple": (150, 40, 180)}
@@ -271,6 +271,21 @@ def test_old_class_folder_is_rehearsal_not_a_new_class(rehearsed):
     rehearsal = [path for path, label in splits["train"] if label == red]
     assert rehearsal and all(path.startswith("red/") for path in rehearsal)
     assert m["rehearsal"]["images"] == len(rehearsal)
+
+
+def test_old_classes_in_test_alone_are_measured_not_rehearsed(original, tmp_path, capsys):
+    """DATA/train/ holds the new classes; DATA/test/ holds old and new classes to measure on."""
+    data = make_class_folders(tmp_path / "data" / "train", per_class=12, classes=NEW_COLOURS, seed=1).parent
+    make_class_folders(data / "test", per_class=4, classes={**COLOURS, **NEW_COLOURS}, seed=5)
+    out = tmp_path / "out"
+    rc, err = expand_cli(capsys, str(original["run"]), "--data", str(data), "--out", str(out), "--epochs", "3")
+    assert rc == 0, err
+    m = read_json(out / "expand_metrics.json")
+    assert m["rehearsal"]["classes"] == [] and m["rehearsal"]["images"] == 0
+    assert m["split"] == "old: test, new: test" and m["old_images"] == 4 * len(OLD) and m["new_images"] == 4 * len(NEW)
+    assert read_json(out / "model.json")["classes"] == OLD + NEW
+    splits = read_json(out / "splits.json")
+    assert all(path.startswith("train/") for path, _ in splits["train"])
 
 
 def test_expansion_started_with_relative_paths_resumes_from_anywhere(rehearsed, tmp_path, monkeypatch, capsys):

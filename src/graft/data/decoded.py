@@ -20,6 +20,7 @@ import numpy as np
 import torchvision.transforms.v2 as T
 from PIL import Image
 
+from graft.console import plural
 from graft.data.folder import Sample
 from graft.data.images import load_image
 from graft.data.transforms import _INTERPOLATION, Preprocessing
@@ -84,5 +85,5 @@ class DecodedImages:
         return Image.fromarray(self._decode(i))
 
     def describe(self) -> str:
-        return f"{sum(isinstance(x, np.ndarray) for x in self.items)} images in memory ({self.memory_bytes / 2**20:.0f} MiB), {self.on_disk} on disk"
+        return f"{plural(sum(isinstance(x, np.ndarray) for x in self.items), 'image')} in memory ({self.memory_bytes / 2**20:.0f} MiB), {self.on_disk} on disk"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from graft.console import plural
 from graft.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, load_image
 from graft.errors import DataError
 
@@ -128,11 +129,14 @@ def scan_folder(
     workers: int | None = None,
     min_classes: int = 2,
     empty_ok: bool = True,
+    known_classes: Iterable[str] = (),
 ) -> DatasetSplits:
     """Scan a training folder (either layout), check every image, and split it.
 
     ``min_classes``: fewer usable classes is a DataError. ``empty_ok=False``: a class folder
     without usable images is a DataError instead of a warning (classes being added on purpose).
+    ``known_classes``: classes a trained model already has (an expansion's old classes); they may
+    have images in ``val/`` or ``test/`` alone, to be measured rather than learned.
 
     Unusable files are listed in ``skipped`` (or, with ``strict``, raise DataError). With
     class-folders, val/test are a stratified split seeded by ``seed``; with split-folders, ``val/``
@@ -151,7 +155,7 @@ def scan_folder(
     if "train" in subdirs and set(subdirs) <= _SPLIT_FOLDERS:
         return _scan_split_folders(
             root, subdirs, val_fraction, test_fraction, seed, strict, max_pixels, workers,
-            min_classes, empty_ok,
+            min_classes, empty_ok, frozenset(known_classes),
         )
 
     listing = _list_class_folders(root)
@@ -339,7 +343,7 @@ def _raise_if_strict(strict: bool, skipped: list[Skipped]) -> None:
         shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:_STRICT_LIST])
         more = f" (and {len(skipped) - _STRICT_LIST} more)" if len(skipped) > _STRICT_LIST else ""
         raise DataError(
-            f"{len(skipped)} file(s) cannot be used: {shown}{more}; "
+            f"{plural(len(skipped), 'file')} cannot be used: {shown}{more}; "
             "fix or remove them, or run without --strict to skip them"
         )
 
@@ -360,7 +364,7 @@ def _no_images(listing: _Listing) -> str:
     msg = f"no usable images in {listing.folder}"
     if listing.skipped:
         first = listing.skipped[0]
-        msg += f" ({len(listing.skipped)} file(s) skipped, e.g. {first.path}: {first.reason})"
+        msg += f" ({plural(len(listing.skipped), 'file')} skipped, e.g. {first.path}: {first.reason})"
     return msg
 
 
@@ -371,7 +375,7 @@ def _usable_classes(root: Path, listing: _Listing, min_classes: int = 2, empty_o
         if empty:
             folder = listing.folder / empty[0]
             bad = [s for s in listing.skipped if folder in s.path.parents]
-            detail = f" ({len(bad)} file(s) skipped, e.g. {bad[0].path.name}: {bad[0].reason})" if bad else ""
+            detail = f" ({plural(len(bad), 'file')} skipped, e.g. {bad[0].path.name}: {bad[0].reason})" if bad else ""
             raise DataError(f"class folder {folder} has no usable images{detail}; add images to it or remove it")
     _drop_unusable(listing)
     classes = sorted(listing.files)
@@ -415,6 +419,8 @@ def _stratified_split(
     val: list[Sample] = []
     test: list[Sample] = []
     for label, name in enumerate(classes):
+        if name not in listing.files:  # a known class measured in val/ or test/ alone
+            continue
         order = {p: i for i, p in enumerate(listing.files[name])}  # sorted by relative path
         files = list(order)
         random.Random(f"{seed}:{name}").shuffle(files)
@@ -423,7 +429,7 @@ def _stratified_split(
                  if frac > 0 and k == 0]
         if short:
             warnings.append(
-                f"class folder {listing.folder / name} has only {len(files)} usable image(s), "
+                f"class folder {listing.folder / name} has only {plural(len(files), 'usable image')}, "
                 f"too few to split: none go to {' or '.join(short)}"
             )
         cuts = (files[:n_val], files[n_val : n_val + n_test], files[n_val + n_test :])
@@ -446,8 +452,10 @@ def _scan_split_folders(
     workers: int | None,
     min_classes: int = 2,
     empty_ok: bool = True,
+    known: frozenset[str] = frozenset(),
 ) -> DatasetSplits:
-    """DATA/train (required), DATA/val|valid|validation and DATA/test (optional): class folders."""
+    """DATA/train (required), DATA/val|valid|validation and DATA/test (optional): class folders.
+    A class of ``known`` may have images in val/ or test/ alone."""
     val_dirs = [d for d in VAL_ALIASES if d in subdirs]
     if len(val_dirs) > 1:
         raise DataError(
@@ -461,14 +469,16 @@ def _scan_split_folders(
     if "test" in subdirs:
         others["test"] = _list_class_folders(root / "test", required=False)
     for listing in others.values():
-        _require_in_train(listing, set(train.files), root / "train")
+        _require_in_train(listing, set(train.files) | known, root / "train")
 
     skipped = _validate([train, *others.values()], max_pixels, workers)
     _raise_if_strict(strict, skipped)
     classes = _usable_classes(root / "train", train, min_classes, empty_ok)
     for listing in others.values():
         _drop_unusable(listing, warn=False)  # reported below as classes missing from that split
-        _require_in_train(listing, set(classes), root / "train")
+        _require_in_train(listing, set(classes) | known, root / "train")
+    measured_only = {n for listing in others.values() for n in listing.files if n in known} - set(classes)
+    classes = sorted(set(classes) | measured_only)
     warnings += train.warnings + [w for listing in others.values() for w in listing.warnings]
 
     index = {name: i for i, name in enumerate(classes)}

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from graft.configuration import GraftConfig
+from graft.console import plural
 from graft.detection.cache import FeatureCache
 from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask
@@ -67,7 +68,7 @@ def summary(decision: Decision) -> list[str]:
 
 def trial_line(trial: dict[str, Any]) -> str:
     """One candidate's validation figures, for the run's console and for ``graft plan --decide``."""
-    return f"  augment {trial['augment']:<11} val mAP {trial['val_map']:.3f} (mAP@.5 {trial['val_map50']:.3f}) after {trial['epoch']} epochs"
+    return f"  augment {trial['augment']:<11} val mAP {trial['val_map']:.3f} (mAP@.5 {trial['val_map50']:.3f}) after {plural(trial['epoch'], 'epoch')}"
 
 
 def decide_augment(
@@ -129,7 +130,7 @@ def decide_augment(
     assert best is not None
     decision = Decision(
         augment=best[0].augment, epochs=epochs, trials=trials,  # type: ignore[arg-type]
-        note=f"{len(task.val_samples)} validation images, neck and heads trained {epochs} epoch{'s' if epochs != 1 else ''} on cached backbone features",
+        note=f"{plural(len(task.val_samples), 'validation image')}, neck and heads trained {plural(epochs, 'epoch')} on cached backbone features",
         seconds=time.perf_counter() - started,
     )
     for line in summary(decision):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from graft.console import plural
 from graft.data.folder import Skipped
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from graft.detection.boxes import BoxReport, BoxSample, RawImage, check_convention, clean_boxes, exif_boxes, to_xyxy
@@ -100,29 +101,69 @@ def scan_detection(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
 ) -> DetectionSplits:
-    root = Path(root)
-    if not root.exists():
-        raise DataError(f"data folder {root} does not exist")
-    fmt = detect_format(root)
-    if fmt is None:
-        raise DataError(f"{root}: no detection annotations found (COCO annotations/*.json, a YOLO data.yaml, or Pascal VOC Annotations/)")
-    found = read(root, fmt)
-    skipped: list[Skipped] = []
-    problems: list[str] = []
-    by_split: dict[str | None, list[BoxSample]] = {}
-    for src in found.sources:
-        by_split[src.split] = _finalise(src, max_pixels, workers, skipped, problems)
-    if strict and (skipped or problems):
-        listed = [f"{s.path}: {s.reason}" for s in skipped] + problems
-        more = f" (and {len(listed) - STRICT_LIST} more)" if len(listed) > STRICT_LIST else ""
-        raise DataError(f"{len(listed)} problem(s) in {root}: " + "; ".join(listed[:STRICT_LIST]) + more + "; fix them, or run without --strict to skip them")
+    """Training's scan: a training split with boxes is required, and a validation split is carved
+    out of it (seeded) when the data gives none."""
+    root, found = _read(root)
+    by_split, skipped, problems = _checked(root, found.sources, strict, max_pixels, workers)
+    if None not in by_split and "train" not in by_split:
+        given = " and ".join(s for s in ("val", "test") if s in by_split)
+        raise DataError(f"{root}: {found.description} gives {given} images but no training split; training needs one "
+                        "(graft eval evaluates data like this as it is)")
     warnings: list[str] = []
     train, val, test = _splits(by_split, val_fraction, test_fraction, seed, warnings)
     if not train:
         raise DataError(f"{root}: no usable training images" + (f" ({len(skipped)} skipped, e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""))
     if not any(len(s.labels) for s in train):
         raise DataError(f"{root}: the training images have no boxes")
-    return DetectionSplits(root.absolute(), fmt, found.description, found.classes, train, val, test, skipped, problems, warnings)
+    return DetectionSplits(root.absolute(), found.format, found.description, found.classes, train, val, test, skipped, problems, warnings)
+
+
+def scan_evaluation(
+    root: str | os.PathLike,
+    *,
+    strict: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+) -> tuple[str, list[BoxSample], DetectionSplits]:
+    """Evaluation's scan: the split to evaluate exactly as the data gives it (test, else val, else
+    the only one; no training split needed, nothing carved out), only its images looked at, so the
+    problems reported are those of the images evaluated. Returns (split name, its samples, the
+    scan with that split's skipped files and problems)."""
+    root, found = _read(root)
+    given = {src.split: src for src in found.sources}
+    name = next((s for s in ("test", "val") if s in given and given[s].images), None)
+    src = given[name] if name else next((s for s in found.sources if s.images), found.sources[0])
+    by_split, skipped, problems = _checked(root, [src], strict, max_pixels, workers)
+    samples = by_split[src.split]
+    if not samples:
+        raise DataError(f"{root}: no usable images to evaluate" + (f" ({len(skipped)} skipped, e.g. {skipped[0].path}: {skipped[0].reason})" if skipped else ""))
+    split = src.split or "all"
+    scan = DetectionSplits(root.absolute(), found.format, found.description, found.classes, [], [], [], skipped, problems, [])
+    return split, samples, scan
+
+
+def _read(root: str | os.PathLike) -> tuple[Path, Found]:
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    fmt = detect_format(root)
+    if fmt is None:
+        raise DataError(f"{root}: no detection annotations found (COCO annotations/*.json, a YOLO data.yaml, or Pascal VOC Annotations/)")
+    return root, read(root, fmt)
+
+
+def _checked(root: Path, sources: list[Source], strict: bool, max_pixels: int | None, workers: int | None) -> tuple[dict[str | None, list[BoxSample]], list[Skipped], list[str]]:
+    """``sources``' images looked at and their boxes cleaned, per split; --strict applied."""
+    skipped: list[Skipped] = []
+    problems: list[str] = []
+    by_split: dict[str | None, list[BoxSample]] = {}
+    for src in sources:
+        by_split[src.split] = _finalise(src, max_pixels, workers, skipped, problems)
+    if strict and (skipped or problems):
+        listed = [f"{s.path}: {s.reason}" for s in skipped] + problems
+        more = f" (and {len(listed) - STRICT_LIST} more)" if len(listed) > STRICT_LIST else ""
+        raise DataError(f"{plural(len(listed), 'problem')} in {root}: " + "; ".join(listed[:STRICT_LIST]) + more + "; fix them, or run without --strict to skip them")
+    return by_split, skipped, problems
 
 
 def _finalise(src: Source, max_pixels: int | None, workers: int | None, skipped: list[Skipped], problems: list[str]) -> list[BoxSample]:
@@ -185,9 +226,7 @@ def _splits(by_split: dict[str | None, list[BoxSample]], val_fraction: float, te
     if None in by_split:
         pool, test_given = by_split[None], None
     else:
-        pool, test_given = by_split.get("train", []), by_split.get("test")
-        if "train" not in by_split:
-            raise DataError("the data gives val or test images but no training split")
+        pool, test_given = by_split["train"], by_split.get("test")
     val_given = by_split.get("val")
     if val_given is not None and test_given is not None:
         return pool, val_given, test_given
@@ -202,13 +241,13 @@ def _splits(by_split: dict[str | None, list[BoxSample]], val_fraction: float, te
     val = val_given if val_given is not None else [pool[i] for i in sorted(val_idx)]
     test = test_given if test_given is not None else [pool[i] for i in sorted(test_idx)]
     if n_val:
-        warnings.append(f"no validation split given: {n_val} of {len(pool)} images held out for validation (seed {seed})")
+        warnings.append(f"no validation split given: {n_val} of {plural(len(pool), 'image')} held out for validation (seed {seed})")
     return train, val, test
 
 
 def describe(splits: DetectionSplits) -> str:
     """One line for the user: what was found and how it splits."""
     boxes = {name: sum(int((~s.crowd).sum()) for s in getattr(splits, name)) for name in ("train", "val", "test")}
-    parts = [f"{name} {len(getattr(splits, name))} images / {boxes[name]} boxes" for name in ("train", "val", "test") if getattr(splits, name)]
-    return f"{splits.description}: {len(splits.classes)} classes; " + ", ".join(parts)
+    parts = [f"{name} {plural(len(getattr(splits, name)), 'image')} / {plural(boxes[name], 'box', 'boxes')}" for name in ("train", "val", "test") if getattr(splits, name)]
+    return f"{splits.description}: {plural(len(splits.classes), 'class', 'classes')}; " + ", ".join(parts)
 

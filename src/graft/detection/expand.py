@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from graft.configuration import GraftConfig, LayerRule, parse_config, resolve_config
+from graft.console import plural, progress, tell_data
 from graft.data.dataset import default_workers, eval_loader
 from graft.detection.autotune import FALLBACK
 from graft.detection.boxes import BoxSample
@@ -239,7 +239,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
     from graft.train.runner import holds_run, keeping_replaced_run, select_device, stash_run
 
     started = time.perf_counter()
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = progress(quiet)
     payload = None
     if resume is not None:
         if cfg is not None:
@@ -254,7 +254,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         splits = DetectionSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
         missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
         if missing:
-            raise SnapshotError(f"{len(missing)} image(s) of the snapshot's data split are gone (e.g. {missing[0]}); if the data moved, pass its new location with --data")
+            raise SnapshotError(f"{plural(len(missing), 'image')} of the snapshot's data split {'is' if len(missing) == 1 else 'are'} gone (e.g. {missing[0]}); if the data moved, pass its new location with --data")
         spec = payload["expand"]
         replace = run_dir.resolve() != snapshot_run.resolve() and holds_run(run_dir)
     else:
@@ -304,11 +304,12 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
     run_dir.mkdir(parents=True, exist_ok=True)
     with keeping_replaced_run(run_dir):
         inherit_weights_report(source.dir, source.name, run_dir)
+        tell_data(warnings=splits.warnings, problems=splits.problems, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
         rehearsal = spec["rehearsal"]
         how = "a neck and heads of their own (copied from the old ones) learn" if cfg.expand.detector_block == "branch" else "only their outputs of the last layer learn"
-        then = f"; then the backbone's top adapts too for {cfg.train.fine_tune_epochs} epoch(s), its features for the old detector distilled towards the original's (weight {cfg.expand.distill_weight:g})" if task is not None else ""
-        say(f"expanding {source.name} ({k} classes, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}: the old detector stays as it was, for the new classes {how}{then}"
-            + (f"; {rehearsal['boxes']} boxes of old classes ({', '.join(rehearsal['classes'])}) are negatives for it" if rehearsal["boxes"] else ""))
+        then = f"; then the backbone's top adapts too for {plural(cfg.train.fine_tune_epochs, 'epoch')}, its features for the old detector distilled towards the original's (weight {cfg.expand.distill_weight:g})" if task is not None else ""
+        say(f"expanding {source.name} ({plural(k, 'class', 'classes')}, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}: the old detector stays as it was, for the new classes {how}{then}"
+            + (f"; {plural(rehearsal['boxes'], 'box', 'boxes')} of old classes ({', '.join(rehearsal['classes'])}) are negatives for it" if rehearsal["boxes"] else ""))
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, list(hooks), extra={"expand": spec, "expanded_from": lineage}, task=task)
         metrics = expansion_metrics(source, model, splits, k, cfg, device)
         metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))

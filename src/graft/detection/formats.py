@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from graft.console import plural
 from graft.data.folder import VAL_ALIASES
 from graft.detection.boxes import RawImage
 from graft.errors import DataError
@@ -238,7 +239,7 @@ def read_yolo(root: Path) -> Found:
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
         raise DataError(f"{cfg_path}: cannot read it as YAML: {e}") from None
     if not isinstance(cfg, dict) or "names" not in cfg:
-        raise DataError(f"{cfg_path}: a YOLO data.yaml needs 'names' (the class names) and 'train'")
+        raise DataError(f"{cfg_path}: a YOLO data.yaml needs 'names' (the class names) and 'train' (to train; 'val' or 'test' are enough to evaluate)")
     names = cfg["names"]
     if isinstance(names, dict):
         keys = sorted(names)
@@ -252,8 +253,8 @@ def read_yolo(root: Path) -> Found:
         raise DataError(f"{cfg_path}: class names must be unique")
     # 'path' (optional) is the dataset root; relative to the YAML's folder, as split entries are to it.
     base = (cfg_path.parent / str(cfg.get("path") or ".")).resolve()
-    if "train" not in cfg:
-        raise DataError(f"{cfg_path}: no 'train' entry (the training images' folder)")
+    if not any(cfg.get(split) not in (None, "", []) for split in ("train", "val", "test")):
+        raise DataError(f"{cfg_path}: no 'train', 'val' or 'test' entry (the images' folders)")
     sources = []
     for split in ("train", "val", "test"):
         entry = cfg.get(split)
@@ -264,7 +265,7 @@ def read_yolo(root: Path) -> Found:
         for image in images:
             src.images.append(_yolo_labels(image, names, src))
         sources.append(src)
-    return Found("yolo", f"YOLO ({cfg_path.name}, {len(names)} classes)", names, sources)
+    return Found("yolo", f"YOLO ({cfg_path.name}, {plural(len(names), 'class', 'classes')})", names, sources)
 
 
 def _yolo_images(entry: Any, base: Path, cfg_path: Path, split: str) -> list[Path]:

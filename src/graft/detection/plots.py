@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from torchvision.ops import box_iou  # noqa: E402
 
+from graft.console import plural  # noqa: E402
 from graft.data.images import ImageError, load_image  # noqa: E402
 from graft.detection.boxes import BoxSample  # noqa: E402
 from graft.detection.metrics import Prediction  # noqa: E402
@@ -110,7 +111,7 @@ def plot_per_class_ap(per_class: dict[str, dict], path: str | os.PathLike, *, ti
         y = np.arange(len(names))
         ax.barh(y - 0.18, [ap50[i] for i in order], height=0.36, color="#74c0fc", label="AP@.5")
         ax.barh(y + 0.18, [ap[i] for i in order], height=0.36, color="#1971c2", label="AP@[.5:.95]")
-        ax.set_yticks(y, [f"{names[i]} ({per_class[names[i]]['boxes']} boxes)" for i in order], fontsize=8)
+        ax.set_yticks(y, [f"{names[i]} ({plural(per_class[names[i]]['boxes'], 'box', 'boxes')})" for i in order], fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_xlabel("average precision")
         ax.legend(loc="lower right", fontsize=8)

@@ -15,7 +15,7 @@ from graft.data.dataset import default_workers
 from graft.data.images import ImageError, load_image
 from graft.detection.boxes import BoxSample
 from graft.detection.build import build_detection_model
-from graft.detection.data import scan_detection
+from graft.detection.data import scan_evaluation
 from graft.detection.dataset import BoxDataset
 from graft.detection.model import GraftDetector
 from graft.detection.widen import rebuild_blocks
@@ -90,11 +90,10 @@ class TrainedDetector:
         """COCO metrics on DIR's test split, else its val split, else all of it."""
         from graft.detection.runner import evaluate_detector
 
-        splits = scan_detection(data_dir, val_fraction=0.0, test_fraction=0.0, strict=strict)
+        split, samples, splits = scan_evaluation(data_dir, strict=strict)
         unknown = [c for c in splits.classes if c not in self.classes]
         if unknown:
             raise DataError(f"{data_dir} has classes this model does not know: {', '.join(unknown)} (it knows {', '.join(self.classes)})")
-        samples, split = next((getattr(splits, s), s) for s in ("test", "val", "train") if getattr(splits, s))
         remap = np.array([self.classes.index(c) for c in splits.classes], np.int64)
         samples = [BoxSample(s.path, s.image_id, s.width, s.height, s.boxes, remap[s.labels] if len(s.labels) else s.labels, s.crowd, s.difficult) for s in samples]
         self._set_thresholds(float(self.info["detector"]["score_thresh"]), None)

@@ -11,7 +11,6 @@ hooks, run-folder safety (``--overwrite`` keeps the old run until the new one fi
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from graft import __version__
 from graft.configuration import GraftConfig, dump_yaml
+from graft.console import plural, progress, tell_data, warn
 from graft.data.dataset import default_workers, eval_loader
 from graft.detection.build import build_detection_model, input_size
 from graft.detection.autotune import FALLBACK, decide_augment
@@ -42,7 +42,6 @@ from graft.train.autotune import Decision
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import save_model
 
-PROBLEMS_SHOWN = 5
 DETECTION_FILES = ("detections.png", "per_class_ap.png", "pr_curves.png")
 
 
@@ -125,7 +124,7 @@ def run_info(cfg: GraftConfig, splits: DetectionSplits, model: GraftDetector, ph
 def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, *, replace: bool, device: torch.device, source_run: Path | None, data_dir: str | Path | None, started: float, quiet: bool, hooks: list[Any]):
     from graft.train.runner import check_batch_size, keeping_replaced_run, plan_phases, stash_run
 
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = progress(quiet)
     if payload is None:
         changed = apply_detection_defaults(cfg)
         if changed:
@@ -135,16 +134,8 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
         splits = DetectionSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
         missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
         if missing:
-            raise SnapshotError(f"{len(missing)} image(s) of the snapshot's data split are gone (e.g. {missing[0]}); if the data moved, pass its new location with --data")
+            raise SnapshotError(f"{plural(len(missing), 'image')} of the snapshot's data split {'is' if len(missing) == 1 else 'are'} gone (e.g. {missing[0]}); if the data moved, pass its new location with --data")
     say(describe(splits))
-    for w in splits.warnings:
-        say(f"warning: {w}")
-    if splits.problems:
-        say(f"{len(splits.problems)} annotation problem(s), listed in {run_dir / 'metrics.json'}: " + "; ".join(splits.problems[:PROBLEMS_SHOWN]) + (" ..." if len(splits.problems) > PROBLEMS_SHOWN else ""))
-    if splits.skipped:
-        say(f"skipped {len(splits.skipped)} unreadable image(s) (e.g. {splits.skipped[0].path}: {splits.skipped[0].reason})")
-    if not splits.val:
-        say("warning: no validation images: no validation mAP")
     size = input_size(cfg)
     saved = payload["detector"] if payload is not None else {}
     model, report = build_detection_model(cfg, len(splits.classes), load_weights=payload is None, box_sizes=box_sizes(splits, size), seed=cfg.solver.seed, level_sizes=saved.get("level_sizes"), frozen_bn=saved.get("frozen_bn"))
@@ -156,6 +147,10 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
     check_batch_size(cfg, model, phases)
     if cfg.train.early_stopping_monitor in ("val_loss", "val_accuracy"):
         cfg.train.early_stopping_monitor = "val_map"  # a detector's validation score
+    # Everything is validated: only now are the data's problems told (the run will list them).
+    tell_data(warnings=splits.warnings, problems=splits.problems, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
+    if not splits.val:
+        warn("warning: no validation images: no validation mAP")
     if replace:
         stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +183,7 @@ def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits,
         t0 = time.perf_counter()
         dataset = BoxDataset(splits.train, model.size, with_overrides(cfg, BoxAugment.preset(name)), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
         cache = build_feature_cache(model, dataset, views=cfg.train.cache_views, **common)
-        say(f"feature cache: {len(splits.train)} training images x {cache.views} view(s) through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
+        say(f"feature cache: {len(splits.train)} training images x {plural(cache.views, 'view')} through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
         return cache
 
     val_cache = None
@@ -239,7 +234,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
         caches["train"] = build_feature_cache(model, train_dataset(augment), views=cfg.train.cache_views, **common)
         if "val" not in caches:
             caches["val"] = build_feature_cache(model, val_ds, views=1, **common) if len(val_ds) else None
-        say(f"feature cache: {len(splits.train)} training images x {caches['train'].views} view(s) and {len(val_ds)} validation images through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
+        say(f"feature cache: {len(splits.train)} training images x {plural(caches['train'].views, 'view')} and {len(val_ds)} validation images through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
 
     task = task or DetectionTask(splits.val, splits.classes, cfg.detect.conf)
     decision = None

@@ -8,7 +8,6 @@ statistics), resumable from its snapshots, plus ``expand_metrics.json``: how the
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from graft.configuration import GraftConfig, dump_yaml, parse_config
+from graft.console import plural, progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, Sample, scan_folder
 from graft.data.transforms import (
@@ -72,7 +72,7 @@ def expand(
 
         return expand_detector(cfg, out, resume=resume, data_dir=data_dir, overwrite=overwrite, quiet=quiet, hooks=hooks)
     started = time.perf_counter()
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = progress(quiet)
     job = open_expansion(cfg, out, resume, overwrite, data_dir)
     with keeping_replaced_run(job.run_dir):
         return _expand(job, started, say, quiet, hooks)
@@ -109,8 +109,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
         stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     inherit_weights_report(source.dir, str(source.dir), run_dir)
-    for w in splits.warnings:
-        say(f"warning: {w}")
+    tell_data(warnings=splits.warnings, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
     say(f"expanding {source.dir} ({k} classes) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}; "
         f"{len(splits.train)} training images ({sum(s.label < k for s in splits.train)} of old classes), {len(splits.val)} held out; device {device}")
 
@@ -154,7 +153,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
     say(f"calibration ({cal.method}): new logits x{cal.scale:.3g} {cal.shift:+.3g}; of the {cal.old_samples} old-class held-out samples it was fitted on (not the images expand_metrics.json reports), the new rows take "
         + ("n/a" if cal.old_taken is None else f"{100 * cal.old_taken:.2f}% (on new images up to {100 * cal.old_taken_bound:.1f}%, 95% bound)") + "".join(f"; {n}" for n in cal.notes))
     if few_calibration_samples(cal, cfg.expand.max_old_loss):
-        say(f"warning: {cal.old_samples} old-class held-out samples are too few to hold the new rows to {100 * cfg.expand.max_old_loss:g}% of old-class images: "
+        warn(f"warning: {cal.old_samples} old-class held-out samples are too few to hold the new rows to {100 * cfg.expand.max_old_loss:g}% of old-class images: "
             f"on new images they may take up to {100 * cal.old_taken_bound:.1f}%. Add held-out images of the old classes to {cfg.data.dir}/<old class>/ "
             f"(a share of them calibrates), or lower expand.max_old_loss to trade new-class accuracy for old")
 
@@ -179,7 +178,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
             refit += [s for s in source.splits.train if s.label not in have and s.path.is_file()]
         missing = [c for i, c in enumerate(old) if i not in {s.label for s in refit}] if cfg.expand.mode == "fine-tune" else []
         if missing:
-            say(f"warning: no images of old class(es) {', '.join(missing)} to describe them in the fine-tuned embedding space: expanding this run again will need images of them")
+            warn(f"warning: no images of old class(es) {', '.join(missing)} to describe them in the fine-tuned embedding space: expanding this run again will need images of them")
         new_stats = class_statistics(cfg, model, splits, refit, calibration_samples, final_cache, stats, k, pre)
         if new_stats is not None:
             new_stats.save(run_dir / STATS_FILE)
@@ -269,8 +268,9 @@ def gather_data(cfg: GraftConfig, source: Source, cache: EmbeddingCache, say: An
     frozen mode, their stored embeddings) calibrate the new rows, so old classes are best measured
     on the original run's test images."""
     d, old = cfg.data, source.classes
-    scanned = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels, min_classes=1, empty_ok=False)
-    new, rehearsal = plan_classes(old, scanned.classes, Path(d.dir))
+    scanned = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels, min_classes=1, empty_ok=False, known_classes=old)
+    # An old class with images in val/ or test/ alone is measured, not rehearsed.
+    new, rehearsal = plan_classes(old, sorted({scanned.classes[s.label] for s in scanned.train}), Path(d.dir))
     classes = old + new
     index = {name: i for i, name in enumerate(classes)}
 
@@ -311,7 +311,7 @@ def gather_data(cfg: GraftConfig, source: Source, cache: EmbeddingCache, say: An
             test = [s for s in test if s not in dropped]
             train += sorted(dropped - set(train), key=lambda s: str(s.path))
             example = min(str(s.path) for s in dropped)
-            scanned.warnings.append(f"{len(dropped)} old-class image(s) in {d.dir} (e.g. {example}) are training images of {source.dir}: used for rehearsal, not to measure")
+            scanned.warnings.append(f"{plural(len(dropped), 'old-class image')} in {d.dir} (e.g. {example}) {'is a training image' if len(dropped) == 1 else 'are training images'} of {source.dir}: used for rehearsal, not to measure")
     has_old = {s.label for s in train if s.label < len(old)}
     if source.stats is None and not has_old:
         raise DataError(
@@ -408,7 +408,7 @@ class PhaseSources:
         per_class = cfg.expand.negatives_per_class if cfg.expand.negatives_per_class is not None else max(64, int(new_counts.max()))
         train = ExpandEmbeddings(real, labels, stats=self.stats, stat_labels=stat_labels, per_class=per_class, seed=cfg.solver.seed)
         weights = balanced_weights(train.label_counts(self.num_classes))
-        self.say(f"new rows: {len(real) - anchors} images ({self.cache.computed - before} image views through the backbone, {time.perf_counter() - started:.1f}s), "
+        self.say(f"new rows: {plural(len(real) - anchors, 'image')} ({plural(self.cache.computed - before, 'image view')} through the backbone, {time.perf_counter() - started:.1f}s), "
                  f"{anchors} stored old-class embeddings, {per_class * len(stat_labels)} old-class samples drawn from class statistics per epoch")
 
         def loss(logits: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from graft.configuration import GraftConfig
+from graft.console import plural
 from graft.data.folder import DatasetSplits
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform
 from graft.models.classifier import GraftClassifier
@@ -140,7 +141,7 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
         head_lr=best.lr if search_lr else (fixed_lr if cfg.train.head_lr == "auto" else None),
         epochs=epochs,
         trials=trials,
-        note=f"{len(splits.val)} validation images, head trained {epochs} epoch{'s' if epochs != 1 else ''} on frozen embeddings",
+        note=f"{plural(len(splits.val), 'validation image')}, head trained {plural(epochs, 'epoch')} on frozen embeddings",
         seconds=time.perf_counter() - started,
     )
     for line in decision.summary():

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from graft.configuration import GraftConfig
+from graft.console import plural
 from graft.data.dataset import ImageDataset, eval_loader
 from graft.data.folder import DatasetSplits, Sample
 from graft.data.transforms import Preprocessing, eval_transform, flipped_transform, train_transform
@@ -297,7 +298,7 @@ class PrefixActivations:
             return None
         self.cut = cut
         self.memo = {id(self.splits.val): val, id(self.splits.train): train}
-        self.say(f"prefix cache: {self.units[cut - 1][0]} and below are frozen; their activations for {len(train) + len(val)} images computed once ({time.perf_counter() - started:.1f}s, {need / 2**20:.0f} MiB); each epoch runs only the layers above")
+        self.say(f"prefix cache: {self.units[cut - 1][0]} and below are frozen; their activations for {plural(len(train) + len(val), 'image')} computed once ({time.perf_counter() - started:.1f}s, {need / 2**20:.0f} MiB); each epoch runs only the layers above")
         forward = SuffixHead(self.model, [u for _, u in self.units[cut:]])
         return PhaseData(ActivationDataset(train, [s.label for s in self.splits.train]), ActivationDataset(val, [s.label for s in self.splits.val]), forward=forward, workers=0)
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from graft.console import plural
 from graft.errors import ConfigError
 from graft.report import write_history_csv
 from graft.train import checkpoint
@@ -201,7 +202,7 @@ class EarlyStoppingHook(Hook):
 
 
 def describe_stop(record: dict[str, Any], monitor: str, planned: int | None = None) -> str:
-    ran = f"{record.get('epochs_run')} of {planned} epochs" if planned else f"{record.get('epochs_run')} epochs"
+    ran = f"{record.get('epochs_run')} of {plural(planned, 'epoch')}" if planned else plural(record.get("epochs_run"), "epoch")
     if record.get("best_epoch") is None:
         return f"early stopping, {record.get('phase')}: {ran}, no validation figure to judge by"
     how = "stopped early after" if record.get("stopped_early") else "ran"

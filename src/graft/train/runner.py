@@ -23,6 +23,7 @@ import torch
 
 from graft import __version__
 from graft.configuration import GraftConfig, dump_yaml, parse_config
+from graft.console import plural, progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, scan_folder
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
@@ -228,14 +229,7 @@ def train(
     if payload is None:
         d = cfg.data
         splits = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    for w in splits.warnings:
-        say(f"warning: {w}")
-    if splits.skipped:
-        say(f"skipped {len(splits.skipped)} unreadable file(s); listed in {run_dir / 'metrics.json'} (e.g. {splits.skipped[0].path}: {splits.skipped[0].reason})")
-    if not splits.val:
-        say("warning: no validation images (data.val_fraction is 0 or the classes are too small to split): no validation metrics" + ("; lr_policy plateau will never lower the rate" if cfg.solver.lr_policy == "plateau" else ""))
-
+    say = progress(quiet)
     model, report = build_model(cfg.model, len(splits.classes), load_weights=payload is None, seed=cfg.solver.seed)
     if payload is not None:
         model.load_state_dict(payload["model"])
@@ -245,7 +239,11 @@ def train(
     phases = plan_phases(cfg, model)
     surgery.check_rule_patterns(model, cfg.model.freeze, cfg.model.lr_mult)
     check_batch_size(cfg, model, phases)
-    # Everything is validated: only now may an earlier run in the folder be set aside.
+    # Everything is validated: only now are the data's problems told (the run will list them) and
+    # may an earlier run in the folder be set aside.
+    tell_data(warnings=splits.warnings, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
+    if not splits.val:
+        warn("warning: no validation images (data.val_fraction is 0 or the classes are too small to split): no validation metrics" + ("; lr_policy plateau will never lower the rate" if cfg.solver.lr_policy == "plateau" else ""))
     if replace:
         stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -340,7 +338,7 @@ def check_files_exist(splits: DatasetSplits) -> None:
     missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
     if missing:
         raise SnapshotError(
-            f"{len(missing)} image(s) of the snapshot's data split are gone (e.g. {missing[0]}); if the data moved, pass its new location with --data"
+            f"{plural(len(missing), 'image')} of the snapshot's data split {'is' if len(missing) == 1 else 'are'} gone (e.g. {missing[0]}); if the data moved, pass its new location with --data"
         )
 
 
