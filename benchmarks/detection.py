@@ -1,35 +1,43 @@
-"""Detection: graft against a hand-written loop of torchvision's detection fine-tuning tutorial.
+"""Detection, time to quality: graft against a hand-written loop of torchvision's detection
+fine-tuning tutorial, held-out mAP as a function of wall time.
 
-    python benchmarks/detection.py                       # both datasets, test split, JSON lines + a table
-    python benchmarks/detection.py --datasets trees --report val
+    python benchmarks/detection.py --report val            # choose settings on validation images
+    python benchmarks/detection.py                         # the README's table and curves (test)
+    python benchmarks/detection.py --datasets digits --graft-budgets default 4+2
 
 Both recipes train the same detector (FCOS over the bundled ImageNet EfficientNet-Lite0, graft's
-builder) at the same image size for the same number of epochs, and are scored by the same
-pycocotools code on the same held-out images:
+builder) at the same image size and are scored by the same pycocotools code on the same images:
 
-- ``graft``: graft's defaults, two-phase: E epochs of the frozen-backbone phase on cached
-  features, then F of fine-tuning the top third.
-- ``tutorial``: the loop of torchvision's "TorchVision Object Detection Finetuning Tutorial":
-  every parameter learns, SGD lr 0.005, momentum 0.9, weight decay 0.0005, StepLR(3, 0.1), a
-  linear warm-up over the first epoch, batch 2, random horizontal flips; E + F epochs, each
-  followed by an evaluation of the held-out images, as the tutorial's loop does (here on the
-  validation split, as graft validates each epoch). BatchNorm stays in inference mode, as
-  torchvision's FrozenBatchNorm2d keeps it in the tutorial's pretrained backbones.
+- ``tutorial``: the loop of torchvision's "TorchVision Object Detection Finetuning Tutorial": every
+  parameter learns, SGD lr 0.005, momentum 0.9, weight decay 0.0005, StepLR(3, 0.1), a linear
+  warm-up over the first epoch, batch 2, random horizontal flips. Its schedule does not depend on
+  the number of epochs, so its model after E epochs *is* the loop run for E epochs: one run to
+  ``--loop-epochs`` gives every budget 1..E. Its clock counts data scanning, model building and
+  training only (not its per-epoch evaluations): the loop is timed as favourably as it can be.
+- ``graft``: ``graft train`` with its defaults, once per budget in ``--graft-budgets`` (``default``,
+  or ``E+F``: E frozen-phase and F fine-tuning epochs), since graft's schedules depend on the
+  budget. Its clock is the whole run: the ``auto`` search, feature caches, its own validation,
+  snapshots, the final evaluation and plots.
 
-Speed is reported as seconds per epoch measured in the same process: graft's frozen phase (its
-feature cache, validation, snapshots, final evaluation and plots included) and fine-tuning phase
-against the tutorial's epoch with its evaluation (``epoch_s``) and without (``train_epoch_s``). Choose settings with
-``--report val``; the README's table is ``--report test``.
+After every epoch of either recipe the model is scored on the validation and the reported split;
+that scoring is off both clocks and restores the RNG state, so it changes nothing it measures.
+
+Each recipe's figure at a wall-clock budget T is the reported-split mAP of its model with the best
+*validation* mAP among those it had by T (what a user choosing by validation would keep). The
+summary gives each recipe's best, the time each needs to reach the other's best, and the smallest
+margin of graft over the loop at equal wall time; the curves go to ``--plot``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,57 +45,45 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from detection_data import DETECTION_DATASETS, write_detection_dataset  # noqa: E402
 
-SIZES = {"objects": 192, "trees": 384}
+SIZES = {"objects": 192, "trees": 384, "digits": 128}
 
 
-def graft_recipe(data: Path, out: Path, size: int, epochs: int, fine_tune_epochs: int, seed: int, report: str) -> dict:
-    from graft.configuration import parse_config
-    from graft.train.runner import train
+class Probe:
+    """Scores a model on the validation and the reported images, off the clock, RNG untouched."""
 
-    cfg = parse_config({
-        "task": "detect",
-        "data": {"dir": str(data), "img_size": size},
-        "train": {"epochs": epochs, "fine_tune_epochs": fine_tune_epochs, "device": "cpu"},
-        "solver": {"seed": seed},  # batch size and learning rate: graft's detection defaults
-    })
-    started = time.perf_counter()
-    result = train(cfg, out, overwrite=True, quiet=True)
-    seconds = time.perf_counter() - started
-    h = result.history
-    frozen = [r["seconds"] for r in h if r["phase"] == "feature-extract"]
-    tuned = [r["seconds"] for r in h if r["phase"] == "fine-tune"]
-    m = result.metrics
-    # The search of data.augment auto is a one-time decision (none with --augment given): reported
-    # apart. Everything else outside the epochs (feature cache, validation, snapshots, the final
-    # evaluation and plots) is charged to the frozen phase: spread over its epochs.
-    decided = m.get("decided") or {}
-    # The winner's feature cache is the run's own (built during the search): charged to the frozen phase.
-    chosen = [t for t in decided.get("trials", []) if t["augment"] == decided.get("augment")]
-    search = decided.get("seconds", 0.0) - (chosen[0].get("cache_seconds", 0.0) if chosen else 0.0)
-    other = seconds - sum(frozen) - sum(tuned) - search
-    return {
-        "map": m[f"{report}_map"], "map50": m[f"{report}_map50"], "seconds": round(seconds, 1),
-        "augment": decided.get("augment") or cfg.data.augment, "search_s": round(search, 1),
-        "frozen_epoch_s": round((sum(frozen) + other) / max(1, len(frozen)), 2) if frozen else None,
-        "fine_tune_epoch_s": round(sum(tuned) / len(tuned), 2) if tuned else None,
-    }
+    def __init__(self, splits: Any, report: str, size: int) -> None:
+        self.splits, self.report, self.size = splits, report, size
+        self.excluded = 0.0
+
+    def score(self, model: Any) -> dict[str, float]:
+        from graft.data.dataset import eval_loader
+        from graft.detection.dataset import BoxDataset, collate_boxes
+        from graft.detection.metrics import detection_metrics
+        from graft.detection.task import collect_detections
+
+        t0 = time.perf_counter()
+        out = {}
+        with torch.random.fork_rng(devices=[]):
+            for split in dict.fromkeys(("val", self.report)):
+                samples = getattr(self.splits, split)
+                loader = eval_loader(BoxDataset(samples, self.size), batch_size=8, workers=0, collate_fn=collate_boxes)
+                preds = collect_detections(model, loader, torch.device("cpu"), samples)
+                out[f"{split}_map"] = detection_metrics(samples, preds, self.splits.classes).metrics["map"]
+        self.excluded += time.perf_counter() - t0
+        return out
 
 
-def tutorial_recipe(data: Path, size: int, epochs: int, seed: int, report: str) -> dict:
+def tutorial_curve(data: Path, size: int, epochs: int, seed: int, report: str) -> list[dict]:
     """torchvision's detection tutorial loop (references/detection/engine.py's train_one_epoch)."""
     from graft.configuration import parse_config
-    from graft.data.dataset import eval_loader
     from graft.detection.build import build_detection_model
     from graft.detection.dataset import BoxAugment, BoxDataset, collate_boxes
-    from graft.detection.runner import scan
-    from graft.detection.metrics import detection_metrics
-    from graft.detection.task import collect_detections
+    from graft.detection.runner import box_sizes, scan
 
+    started = time.perf_counter()
     torch.manual_seed(seed)
     cfg = parse_config({"task": "detect", "data": {"dir": str(data), "img_size": size}, "solver": {"seed": seed}})
     splits = scan(cfg)
-    from graft.detection.runner import box_sizes
-
     model, _ = build_detection_model(cfg, len(splits.classes), box_sizes=box_sizes(splits, size), seed=seed)
     train_ds = BoxDataset(splits.train, size, BoxAugment(hflip=True), seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -104,18 +100,14 @@ def tutorial_recipe(data: Path, size: int, epochs: int, seed: int, report: str) 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9, weight_decay=0.0005)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.1)
-    epoch_seconds, eval_seconds, val_maps = [], [], []
-    val_samples = splits.val
-    val_loader = eval_loader(BoxDataset(val_samples, size), batch_size=8, workers=0, collate_fn=collate_boxes)
-    started = time.perf_counter()
+    probe = Probe(splits, report, size)
+    points = []
     for epoch in range(epochs):
         epoch_holder["epoch"] = epoch
         model.train()
         warmup = None
         if epoch == 0:
-            iters = min(1000, len(loader) - 1)
-            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / 1000, total_iters=iters)
-        t0 = time.perf_counter()
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / 1000, total_iters=min(1000, len(loader) - 1))
         for images, targets in loader:
             losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
             loss = sum(losses.values())
@@ -125,55 +117,156 @@ def tutorial_recipe(data: Path, size: int, epochs: int, seed: int, report: str) 
             if warmup is not None:
                 warmup.step()
         schedule.step()
-        epoch_seconds.append(time.perf_counter() - t0)
-        # The tutorial evaluates after every epoch (`evaluate(model, data_loader_test, ...)`); here
-        # on the validation split, as graft validates, so the test images stay unseen until the end.
-        t0 = time.perf_counter()
-        preds = collect_detections(model, val_loader, torch.device("cpu"), val_samples)
-        val_maps.append(detection_metrics(val_samples, preds, splits.classes).metrics["map"])
-        eval_seconds.append(time.perf_counter() - t0)
-    samples = getattr(splits, report)
-    preds = collect_detections(model, eval_loader(BoxDataset(samples, size), batch_size=8, workers=0, collate_fn=collate_boxes), torch.device("cpu"), samples)
-    m = detection_metrics(samples, preds, splits.classes).metrics
+        seconds = time.perf_counter() - started - probe.excluded
+        points.append({"recipe": "tutorial", "budget": f"{epoch + 1} epochs", "epoch": epoch + 1, "seconds": round(seconds, 1), "final": True, **probe.score(model)})
+    return points
+
+
+def graft_curve(data: Path, out: Path, size: int, budget: str, seed: int, report: str, overrides: list[str]) -> list[dict]:
+    """One ``graft train`` run at ``budget``: a point after each epoch and one for the finished run."""
+    from graft.configuration import resolve_config
+    from graft.detection.data import scan_detection
+    from graft.train.loop import Hook
+    from graft.train.runner import train
+
+    flags = {"task": "detect", "data.dir": str(data), "data.img_size": size, "solver.seed": seed, "train.device": "cpu"}
+    if budget != "default":
+        frozen, tuned = (int(x) for x in budget.split("+"))
+        flags.update({"train.epochs": frozen, "train.fine_tune_epochs": tuned})
+    cfg = resolve_config(None, overrides, flags)
+    splits = scan_detection(data, val_fraction=cfg.data.val_fraction, seed=seed)
+    probe = Probe(splits, report, size)
+    points: list[dict] = []
+
+    class Scored(Hook):
+        def after_epoch(self, trainer: Any, row: dict[str, Any]) -> None:
+            seconds = time.perf_counter() - started - probe.excluded
+            points.append({"recipe": "graft", "budget": budget, "epoch": row["epoch"], "phase": row["phase"], "seconds": round(seconds, 1), "final": False, **probe.score(trainer.model)})
+
+    started = time.perf_counter()
+    result = train(cfg, out, overwrite=True, quiet=True, hooks=[Scored()])
+    seconds = time.perf_counter() - started - probe.excluded
+    m = result.metrics
+    decided = m.get("decided") or {}
+    final = {"recipe": "graft", "budget": budget, "epoch": m["epochs"], "seconds": round(seconds, 1), "final": True,
+             "val_map": m["val_map"], f"{report}_map": m[f"{report}_map"], "augment": decided.get("augment") or cfg.data.augment,
+             "search_s": round(decided.get("seconds", 0.0), 1)}
+    return [*points, final]
+
+
+def envelope(points: list[dict], report: str) -> list[tuple[float, float, float]]:
+    """(seconds, val mAP, reported mAP) at each time a recipe gets a model better on validation."""
+    out: list[tuple[float, float, float]] = []
+    for p in sorted(points, key=lambda p: (p["seconds"], -p["val_map"])):
+        if not out or p["val_map"] > out[-1][1]:
+            out.append((p["seconds"], p["val_map"], p[f"{report}_map"]))
+    return out
+
+
+def at(curve: list[tuple[float, float, float]], seconds: float) -> float | None:
+    """A recipe's reported mAP at a wall-clock budget: that of its best-on-validation model by then."""
+    had = [c for c in curve if c[0] <= seconds]
+    return had[-1][2] if had else None
+
+
+def reach(curve: list[tuple[float, float, float]], target: float) -> float | None:
+    """The first budget at which the recipe's chosen model scores ``target`` or more."""
+    return next((s for s, _, m in curve if m >= target - 1e-9), None)
+
+
+def summarise(name: str, points: list[dict], report: str) -> dict:
+    loop = envelope([p for p in points if p["recipe"] == "tutorial"], report)
+    ours = envelope([p for p in points if p["recipe"] == "graft"], report)
+    loop_best, graft_best = max(m for _, _, m in loop), max(m for _, _, m in ours)
+    loop_time, graft_time = reach(loop, loop_best), reach(ours, loop_best)
+    grid = sorted({s for s, _, _ in loop + ours if s >= max(loop[0][0], ours[0][0])})
+    margins = [(s, at(ours, s) - at(loop, s)) for s in grid]
+    worst = min(margins, key=lambda x: x[1]) if margins else (None, None)
     return {
-        "map": m["map"], "map50": m["map50"], "seconds": round(time.perf_counter() - started, 1),
-        "epoch_s": round((sum(epoch_seconds) + sum(eval_seconds)) / len(epoch_seconds), 2),  # as the tutorial runs: training, then evaluation
-        "train_epoch_s": round(sum(epoch_seconds) / len(epoch_seconds), 2),  # its training loop alone
-        "last_val_map": val_maps[-1] if val_maps else None,
+        "dataset": name, "split": report, "loop_best": round(loop_best, 4), "loop_seconds_to_best": loop_time,
+        "graft_best": round(graft_best, 4), "graft_seconds_to_loop_best": graft_time,
+        "loop_seconds_to_graft_best": reach(loop, graft_best),
+        "ratio": round(graft_time / loop_time, 2) if graft_time and loop_time else None,
+        "worst_margin_at_equal_time": None if worst[1] is None else round(worst[1], 4), "worst_margin_seconds": worst[0],
     }
+
+
+def plot(by_dataset: dict[str, list[dict]], report: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_dataset), figsize=(5.2 * len(by_dataset), 4.2), squeeze=False)
+    for ax, (name, points) in zip(axes[0], by_dataset.items()):
+        for recipe, colour in (("tutorial", "tab:orange"), ("graft", "tab:blue")):
+            mine = [p for p in points if p["recipe"] == recipe]
+            curve = envelope(mine, report)
+            if not curve:
+                continue
+            xs = [s for s, _, _ in curve] + [max(p["seconds"] for p in points)]
+            ys = [m for _, _, m in curve] + [curve[-1][2]]
+            label = "torchvision tutorial loop" if recipe == "tutorial" else "graft (defaults and shorter budgets)"
+            ax.step(xs, ys, where="post", color=colour, label=label, linewidth=2)
+            ax.scatter([p["seconds"] for p in mine], [p[f"{report}_map"] for p in mine], s=10, color=colour, alpha=0.35)
+        ax.set_title(f"{name} ({report} images)")
+        ax.set_xlabel("wall-clock seconds (2 CPU cores)")
+        ax.set_ylabel(f"{report} mAP@[.5:.95] of the best-on-validation model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(DETECTION_DATASETS), choices=DETECTION_DATASETS)
     parser.add_argument("--recipes", nargs="+", default=["graft", "tutorial"], choices=["graft", "tutorial"])
-    parser.add_argument("--epochs", type=int, default=30, help="graft's frozen phase; the tutorial runs epochs + fine-tune-epochs")
-    parser.add_argument("--fine-tune-epochs", type=int, default=5)
+    parser.add_argument("--loop-epochs", type=int, default=12, help="the tutorial loop's longest budget (its StepLR leaves lr 5e-6 after epoch 9)")
+    parser.add_argument("--graft-budgets", nargs="+", default=["default", "2+2"], help="default, or E+F: frozen-phase + fine-tuning epochs")
+    parser.add_argument("--graft-set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every graft run (to compare settings on --report val)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", choices=["val", "test"], default="test")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default WORK/time_to_quality.png)")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (runs, snapshots, data)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = args.work or Path(tempfile.mkdtemp(prefix="graft-det-bench-"))
-    rows = []
-    for name in args.datasets:
-        data = write_detection_dataset(name, work / name, seed=args.seed)
-        size = SIZES[name]
-        for recipe in args.recipes:
-            if recipe == "graft":
-                r = graft_recipe(data, work / f"{name}-graft", size, args.epochs, args.fine_tune_epochs, args.seed, args.report)
-            else:
-                r = tutorial_recipe(data, size, args.epochs + args.fine_tune_epochs, args.seed, args.report)
-            row = {"dataset": name, "recipe": recipe, "split": args.report, "img_size": size, "epochs": args.epochs + args.fine_tune_epochs, "seed": args.seed, **r}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"\n| dataset | recipe | {args.report} mAP | mAP@.5 | seconds (search of auto) | s/epoch (frozen / fine-tune) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        graft = r["recipe"] == "graft"
-        speed = f"{r['frozen_epoch_s']} / {r['fine_tune_epoch_s']}" if graft else f"{r['epoch_s']} (all; {r['train_epoch_s']} without its evaluation)"
-        seconds = f"{r['seconds']} ({r['search_s']}; chose {r['augment']})" if graft else f"{r['seconds']}"
-        print(f"| {r['dataset']} | {r['recipe']} | {r['map']:.3f} | {r['map50']:.3f} | {seconds} | {speed} |")
+    by_dataset: dict[str, list[dict]] = {}
+    try:
+        for name in args.datasets:
+            data = write_detection_dataset(name, work / name, seed=args.seed)
+            size = SIZES[name]
+            points: list[dict] = []
+            if "tutorial" in args.recipes:
+                points += tutorial_curve(data, size, args.loop_epochs, args.seed, args.report)
+            if "graft" in args.recipes:
+                for budget in args.graft_budgets:
+                    points += graft_curve(data, work / f"{name}-graft-{budget}", size, budget, args.seed, args.report, args.graft_set)
+                    if not args.keep:  # its per-epoch snapshots are large
+                        shutil.rmtree(work / f"{name}-graft-{budget}", ignore_errors=True)
+            for p in points:
+                print(json.dumps({"dataset": name, "split": args.report, "img_size": size, "seed": args.seed, **p}), flush=True)
+            by_dataset[name] = points
+        plot_path = args.plot or work / "time_to_quality.png"
+        if set(args.recipes) == {"graft", "tutorial"}:
+            rows = [summarise(name, points, args.report) for name, points in by_dataset.items()]
+            for row in rows:
+                print(json.dumps({"summary": row}), flush=True)
+            print(f"\n| dataset | loop best {args.report} mAP (s to reach) | graft best (s to reach the loop's best; ratio) | s the loop needs for graft's best | smallest graft - loop at equal time |")
+            print("|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['dataset']} | {r['loop_best']:.3f} ({r['loop_seconds_to_best']}) | {r['graft_best']:.3f} ({r['graft_seconds_to_loop_best']}; {r['ratio']}) | "
+                      f"{r['loop_seconds_to_graft_best']} | {r['worst_margin_at_equal_time']:+.3f} (at {r['worst_margin_seconds']} s) |")
+        plot(by_dataset, args.report, plot_path)
+        print(f"curves: {plot_path}", flush=True)
+    finally:
+        if not args.keep and args.work is None:
+            for child in work.iterdir():
+                if child.suffix != ".png":
+                    shutil.rmtree(child, ignore_errors=True)
     return 0
 
 

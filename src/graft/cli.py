@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--img-size", type=_positive, metavar="S")
     t.add_argument("--batch-size", type=_positive, metavar="B")
     t.add_argument("--seed", type=_count, metavar="K")
-    t.add_argument("--augment", choices=["auto", "none", "flip", "flip-rotate", "flip-scale", "strong"], help="default auto: the best of none, flip and flip-rotate on the validation split (detectors: of none, flip and flip-scale, by validation mAP; flip-scale and strong also jitter the scale)")
+    t.add_argument("--augment", choices=["auto", "none", "flip", "flip-rotate", "flip-scale", "strong"], help="default auto: the best of none, flip and flip-rotate on the validation split (detectors: of none and flip, by validation mAP after the frozen phase's first 2 epochs, the winner's kept as the run's; flip-scale and strong also jitter the scale)")
     t.add_argument("--early-stopping", type=_positive, metavar="PATIENCE", help="end a phase after PATIENCE epochs without a better validation figure (train.early_stopping_monitor: val_loss by default; detectors val_map); keep the best epoch's weights")
     t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")

@@ -183,7 +183,7 @@ def test_plan_shows_levels_anchors_and_normalisation(data, capsys) -> None:
     assert "detector retinanet on backbone test_efficientnet" in out and "data: Pascal VOC" in out
     assert "pyramid levels" in out and "anchors: sizes" in out and "BatchNorm layers in the backbone" in out
     assert "phase 1: feature-extract" in out and "the FPN and the detection heads only (backbone frozen)" in out
-    assert "augmentation: auto, decided when training starts: the best of none, flip, flip-scale by validation mAP" in out
+    assert "augmentation: auto, decided when training starts: the best of none, flip by validation mAP" in out
 
 
 def test_plan_decide_decides_the_augmentation_as_training_would(data, trained, capsys) -> None:
@@ -202,8 +202,9 @@ def test_plan_decide_decides_the_augmentation_as_training_would(data, trained, c
     assert [line.split()[1] for line in text.splitlines() if line.strip().startswith("augment ")] == [t["augment"] for t in decided["trials"]]
 
 
-@pytest.mark.parametrize("epoch", [1, 3], ids=["in-feature-extract-phase", "in-fine-tune-phase"])
+@pytest.mark.parametrize("epoch", [2, 3], ids=["from-auto's-winning-trial", "in-fine-tune-phase"])
 def test_resume_gives_bit_identical_weights(trained, tmp_path, epoch, capsys) -> None:
+    """Epoch 2 is the end of auto's winning trial, which the run continued and snapshotted as its own."""
     code, _, err = run_cli(capsys, "train", "--resume", trained / "snapshots" / f"epoch-{epoch:04d}", "--out", tmp_path / "resumed", "--quiet")
     assert code == 0, err
     a, b = load_file(str(trained / "model.safetensors")), load_file(str(tmp_path / "resumed" / "model.safetensors"))
@@ -229,6 +230,11 @@ def test_augment_auto_is_decided_on_validation_map_and_saved(trained, capsys) ->
     for i in range(1, len(tried) - 1):
         assert best_trial([DetectionTrial(**t) for t in decided["trials"][: i + 1]]).augment == tried[i]
     assert all(t["epoch"] == 2 for t in decided["trials"])  # the frozen phase's 2 epochs, as the run
+    # The winner's trial is not thrown away: it is the run's first epochs, snapshotted as the run's.
+    winner = next(t for t in decided["trials"] if t["augment"] == decided["augment"])
+    rows = list(csv.DictReader(io.StringIO((trained / "history.csv").read_text())))
+    assert float(rows[1]["val_map"]) == winner["val_map"] and rows[0]["val_map"] == ""  # a trial is scored at its end only
+    assert (trained / "snapshots" / "epoch-0002").is_file() and not (trained / "snapshots" / "epoch-0001").exists()
     assert f"augment: {decided['augment']}" in (trained / "config.yaml").read_text()
     assert json.loads((trained / "model.json").read_text())["decided"]["augment"] == decided["augment"]
 
@@ -304,7 +310,10 @@ def test_ctrl_c_mid_epoch_saves_a_snapshot_that_resumes_bit_exactly(trained, dat
                 trainer.stop_requested = True
 
     out = tmp_path / "interrupted"
-    args = ["train", "--data", str(data["yolo"]), "--out", str(out), "--model", "fcos", "--epochs", "2", "--fine-tune-epochs", "2", *TINY]
+    # told the augmentation auto chose, the run trains its frozen epochs itself (auto's winner would
+    # hand it the trial's) and ends with the same weights (test_auto_run_equals_a_run_told_...)
+    chosen = json.loads((trained / "metrics.json").read_text())["decided"]["augment"]
+    args = ["train", "--data", str(data["yolo"]), "--out", str(out), "--model", "fcos", "--epochs", "2", "--fine-tune-epochs", "2", "--augment", chosen, *TINY]
     from graft.cli import main as cli_main
     from graft.train import runner
 

@@ -1,12 +1,13 @@
 """``data.augment: auto`` for detectors, decided on the validation split.
 
-As for classifiers (``graft.train.autotune``): each candidate, in growing strength, trains the
-neck and heads exactly as the frozen-backbone phase would (same solver, seed, starting weights
-and learning rate), on cached backbone features of its own augmented views, for at most
-``MAX_SEARCH_EPOCHS`` epochs, and is scored by validation mAP (mAP@.5, then the earlier candidate,
-break ties); test images are never looked at. A stronger candidate is tried only while the one
-before it helped. The chosen candidate's feature cache is handed to the run, so its views are not
-computed again; a loser's is closed at once. A value the user set is never searched.
+Each candidate, in growing strength, runs the first epochs of the run's own frozen-backbone phase
+(same solver, schedule, seed and starting weights) on cached backbone features of its own
+augmented views, and is scored by validation mAP there (mAP@.5, then the earlier candidate, break
+ties); test images are never looked at. A stronger candidate is tried only while the one before it
+helped. The winner's trial is not thrown away: its weights, optimizer and schedule are the run's
+first epochs (``Trainer.fit(resume=...)``, as a snapshot continues), and its feature cache is the
+run's; a loser's is closed at once. So the search costs the losers' epochs and caches only. A value
+the user set is never searched.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from graft.detection.cache import FeatureCache
 from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask
 from graft.train.autotune import Decision
-from graft.train.loop import Phase, PhaseData, Trainer
+from graft.train.loop import Hook, Phase, PhaseData, Trainer
 
-AUTO_AUGMENTS = ("none", "flip", "flip-scale")  # growing strength; `strong` (colour) is opt-in
-MAX_SEARCH_EPOCHS = 10  # each candidate trains the frozen phase's schedule compressed into at most this many epochs
+# Growing strength. flip-scale and strong are opt-in: on validation images flip-scale lost to flip on
+# objects and trees and was not reached on digits (benchmarks/detection.py), and its 4 cached views
+# cost a backbone pass each.
+AUTO_AUGMENTS = ("none", "flip")
+SEARCH_EPOCHS = 2  # each candidate runs the frozen phase's first 2 epochs; the loser's cost is the search's
 FALLBACK = "flip"  # without validation images or a cacheable frozen phase: torchvision's reference recipe
 
 
@@ -43,15 +47,32 @@ class DetectionTrial:
 
 
 class _ScoredAtTheEnd(DetectionTask):
-    """A trial is scored by its last epoch: mAP on the epochs before it would only cost time."""
+    """A trial is scored at its last epoch: mAP on the epochs before it would only cost time."""
 
-    def __init__(self, task: DetectionTask) -> None:
+    def __init__(self, task: DetectionTask, until: int) -> None:
         super().__init__(task.val_samples, task.classes, task.conf)
+        self.until = until
 
     def validate(self, trainer: Trainer) -> dict[str, float | None]:
-        if trainer.state.epoch + 1 < trainer.phase.epochs:
+        if trainer.state.epoch + 1 < self.until:
             return {"val_map": None, "val_map50": None}
         return super().validate(trainer)
+
+
+class _KeepAt(Hook):
+    """Keeps the trainer's exact state after epoch ``until``, as a snapshot would."""
+
+    def __init__(self, until: int) -> None:
+        self.until, self.payload = until, None
+
+    def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        if trainer.state.epoch == self.until:
+            self.payload = copy.deepcopy(trainer.snapshot_payload())
+
+
+def search_epochs(frozen_epochs: int) -> int:
+    """Epochs of the frozen phase each candidate runs before the choice."""
+    return min(frozen_epochs, SEARCH_EPOCHS)
 
 
 def best_trial(trials: list[DetectionTrial]) -> DetectionTrial:
@@ -81,19 +102,18 @@ def decide_augment(
     val_cache: FeatureCache,
     device: torch.device,
     say: Any = print,
-) -> tuple[Decision, FeatureCache]:
-    """Try the candidates; returns the decision and the chosen candidate's training features for
-    the run. ``train_cache(name)`` builds them under augmentation ``name``. A candidate's cache is
+) -> tuple[Decision, FeatureCache, dict[str, Any]]:
+    """Try the candidates; returns the decision, the chosen candidate's training features and its
+    trial's state after ``decision.epochs`` epochs (a snapshot payload the run continues from).
+    ``train_cache(name)`` builds the features under augmentation ``name``. A candidate's cache is
     closed as soon as it loses, so at most two are held at once; on any failure all are closed."""
     from graft.train.runner import seed_everything
 
     started = time.perf_counter()
-    epochs = min(frozen_phase.epochs, MAX_SEARCH_EPOCHS)
-    phase = dataclasses.replace(frozen_phase, epochs=epochs)
+    epochs = search_epochs(frozen_phase.epochs)
     initial = copy.deepcopy(model.state_dict())
     trials: list[DetectionTrial] = []
-    best: tuple[DetectionTrial, FeatureCache] | None = None
-    trial_task = _ScoredAtTheEnd(task)
+    best: tuple[DetectionTrial, FeatureCache, dict[str, Any]] | None = None
     current: FeatureCache | None = None
     try:
         for name in AUTO_AUGMENTS:
@@ -101,21 +121,23 @@ def decide_augment(
             current = train_cache(name)
             cache_seconds = time.perf_counter() - t0
             model.load_state_dict(initial)
+            trial_task, keep = _ScoredAtTheEnd(task, epochs), _KeepAt(epochs)
             trainer = Trainer(
-                model, [phase], solver=cfg.solver, train_data=current, val_data=val_cache, device=device,
-                freeze_patterns=cfg.model.freeze, lr_rules=cfg.model.lr_mult, task=trial_task,
+                model, [frozen_phase], solver=cfg.solver, train_data=current, val_data=val_cache, device=device,
+                freeze_patterns=cfg.model.freeze, lr_rules=cfg.model.lr_mult, task=trial_task, hooks=[keep],
                 data_for_phase=lambda p, c=current: PhaseData(c, val_cache, forward=model, workers=0),
             )
             seed_everything(cfg.solver.seed)
-            last = trainer.fit().history[-1]
+            last = trainer.fit(until_epoch=epochs).history[-1]
             if last["val_map"] is None:  # stopped early by solver.max_iter: score where it stopped
                 last = {**last, **DetectionTask.validate(trial_task, trainer)}  # the base class's: scores now
+                keep.payload = copy.deepcopy(trainer.snapshot_payload())
             row = DetectionTrial(name, float(last["val_map"]), float(last["val_map50"]), int(last["epoch"]), round(cache_seconds, 2))
             trials.append(row)
             if best is None or best_trial([best[0], row]) is row:
                 if best is not None:
                     best[1].close()
-                best, current = (row, current), None
+                best, current = (row, current, keep.payload), None
             else:
                 current.close()
                 current = None
@@ -126,13 +148,13 @@ def decide_augment(
                 c.close()
         raise
     finally:
-        model.load_state_dict(initial)  # the run starts where every trial started
-    assert best is not None
+        model.load_state_dict(initial)  # the run starts where every trial started, then takes the winner's state
+    assert best is not None and best[2] is not None
     decision = Decision(
         augment=best[0].augment, epochs=epochs, trials=trials,  # type: ignore[arg-type]
-        note=f"{plural(len(task.val_samples), 'validation image')}, neck and heads trained {plural(epochs, 'epoch')} on cached backbone features",
+        note=f"{plural(len(task.val_samples), 'validation image')}, the first {plural(epochs, 'epoch')} of the frozen phase on cached backbone features (the winner's are the run's)",
         seconds=time.perf_counter() - started,
     )
     for line in summary(decision):
         say(line)
-    return decision, best[1]
+    return decision, best[1], best[2]

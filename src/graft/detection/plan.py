@@ -77,7 +77,7 @@ def _decide_now(cfg: GraftConfig, model: Any, splits: Any) -> dict[str, Any]:
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     seed_everything(cfg.solver.seed)
     model.to(device)
-    decision, train_cache, val_cache = decide_auto(cfg, model, splits, plan_phases(cfg, model), DetectionTask(splits.val, splits.classes, cfg.detect.conf), device=device, amp=amp, say=lambda m: None)
+    decision, train_cache, val_cache, _ = decide_auto(cfg, model, splits, plan_phases(cfg, model), DetectionTask(splits.val, splits.classes, cfg.detect.conf), device=device, amp=amp, say=lambda m: None)
     for cache in (train_cache, val_cache):
         if cache is not None:
             cache.close()

@@ -37,7 +37,7 @@ from graft.html_report import write_report_after_run
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.report import plot_learning_curves, write_history_csv
-from graft.train.hooks import EarlyStoppingHook, run_hooks
+from graft.train.hooks import EarlyStoppingHook, SnapshotHook, run_hooks
 from graft.train.autotune import Decision
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import save_model
@@ -46,9 +46,11 @@ DETECTION_FILES = ("detections.png", "per_class_ap.png", "pr_curves.png")
 
 
 # Defaults that differ from a classifier's, applied where the config does not set the key: detection
-# heads start from scratch and need many more, smaller steps than a new linear layer. Chosen on the
-# validation tiles of the tree data (benchmarks/detection.py --report val).
-DETECTION_DEFAULTS = {("solver", "batch_size"): 8, ("solver", "base_lr"): 3e-3, ("train", "epochs"): 30, ("train", "fine_tune_epochs"): 5}
+# heads start from scratch and need many more, smaller steps than a new linear layer. Chosen by
+# validation mAP against wall time (benchmarks/detection.py --report val, objects and digits):
+# batch 4 reached the tutorial loop's best in 36% of its time on objects where batch 8 needed 16
+# epochs of a 30-epoch schedule and batch 2 lost on digits; 20 + 3 epochs ended above 30 + 5 on both.
+DETECTION_DEFAULTS = {("solver", "batch_size"): 4, ("solver", "base_lr"): 3e-3, ("train", "epochs"): 20, ("train", "fine_tune_epochs"): 3}
 
 
 def apply_detection_defaults(cfg: GraftConfig) -> list[str]:
@@ -165,10 +167,11 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
         return result
 
 
-def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits, phases: list[Phase], task: DetectionTask, *, device: torch.device, amp: bool, say: Any) -> tuple[Decision, Any, Any]:
+def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits, phases: list[Phase], task: DetectionTask, *, device: torch.device, amp: bool, say: Any) -> tuple[Decision, Any, Any, dict[str, Any] | None]:
     """``data.augment: auto`` decided on the validation split (``graft.detection.autotune``), for a
     run or for ``graft plan --decide``: (decision, the winner's training features, the validation
-    features), the caches None where nothing could be searched (the fallback is then used)."""
+    features, the winner's trial as a snapshot payload for the run to continue), the caches and
+    the payload None where nothing could be searched (the fallback is then used)."""
     val_ds = BoxDataset(splits.val, model.size, max_pixels=cfg.data.max_pixels)
     cacheable = features_cacheable(cfg)
     frozen = next((p for p in phases if p.backbone_frozen), None)
@@ -176,7 +179,7 @@ def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits,
         why = "no validation images" if not len(val_ds) else "no frozen-backbone phase with cached features"
         decision = Decision(augment=FALLBACK, note=f"{why} to decide on: augmentation {FALLBACK}")
         say(f"auto: {decision.note}")
-        return decision, None, None
+        return decision, None, None, None
     common = cache_options(cfg, device, amp, say)
 
     def candidate_cache(name: str) -> Any:
@@ -189,12 +192,14 @@ def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits,
     val_cache = None
     try:
         val_cache = build_feature_cache(model, val_ds, views=1, **common)
-        decision, train_cache = decide_augment(cfg, model, frozen, task, train_cache=candidate_cache, val_cache=val_cache, device=device, say=say)
+        decision, train_cache, start = decide_augment(cfg, model, frozen, task, train_cache=candidate_cache, val_cache=val_cache, device=device, say=say)
+        if frozen is not phases[0]:  # the winner's epochs are the run's first only when the run starts frozen
+            start = None
     except BaseException:  # Ctrl-C or a failed trial: no cache file is left behind
         if val_cache is not None:
             val_cache.close()
         raise
-    return decision, train_cache, val_cache
+    return decision, train_cache, val_cache, start
 
 
 def features_cacheable(cfg: GraftConfig) -> bool:
@@ -237,9 +242,9 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
         say(f"feature cache: {len(splits.train)} training images x {plural(caches['train'].views, 'view')} and {len(val_ds)} validation images through the frozen backbone once ({time.perf_counter() - t0:.1f}s)")
 
     task = task or DetectionTask(splits.val, splits.classes, cfg.detect.conf)
-    decision = None
+    decision = start = None
     if cfg.data.augment == "auto":
-        decision, train_cache, val_cache = decide_auto(cfg, model, splits, phases, task, device=device, amp=amp, say=say)
+        decision, train_cache, val_cache, start = decide_auto(cfg, model, splits, phases, task, device=device, amp=amp, say=say)
         if train_cache is not None:
             caches.update(train=train_cache, val=val_cache)
         cfg.data.augment = decision.augment  # the saved config says what ran; a resumed run does not decide again
@@ -270,8 +275,13 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     )
     if payload is None:
         seed_everything(cfg.solver.seed)
+    if start is not None:  # auto's winning trial is the run's first epochs: snapshotted as if the run had trained them
+        model.load_state_dict(start["model"])
+        for hook in trainer.hooks:
+            if isinstance(hook, SnapshotHook):
+                hook.save(start)
     try:
-        state = trainer.fit(resume=payload)
+        state = trainer.fit(resume=payload if payload is not None else start)
     finally:
         _close(caches)
     info = {**run_info(cfg, splits, model, phases, static["weights_source"]), **(extra or {})}

@@ -24,19 +24,22 @@ class SnapshotHook(Hook):
         self.interval, self.prefix = solver.snapshot, solver.snapshot_prefix
         self.static = static
 
-    def _payload(self, trainer: Trainer) -> dict[str, Any]:
-        return {**trainer.snapshot_payload(), **self.static}
-
     def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        epoch = trainer.state.epoch
+        self.save(trainer.snapshot_payload())
+
+    def save(self, payload: dict[str, Any]) -> None:
+        """Snapshot a loop state (``Trainer.snapshot_payload()``) after its epoch: also one the run
+        continues from without having trained it itself (auto's winning trial)."""
+        payload = {**payload, **self.static}
+        epoch = payload["loop"]["epoch"]
         last = self.dir / "last"
         if self.interval and epoch % self.interval == 0:
-            checkpoint.save_snapshot(self.dir / f"{self.prefix}-{epoch:04d}", self._payload(trainer), also_as=last)
+            checkpoint.save_snapshot(self.dir / f"{self.prefix}-{epoch:04d}", payload, also_as=last)
         else:
-            checkpoint.save_snapshot(last, self._payload(trainer))
+            checkpoint.save_snapshot(last, payload)
 
     def on_interrupt(self, trainer: Trainer) -> str:
-        return str(checkpoint.save_snapshot(self.dir / "last", self._payload(trainer)))
+        return str(checkpoint.save_snapshot(self.dir / "last", {**trainer.snapshot_payload(), **self.static}))
 
 
 class HistoryHook(Hook):

@@ -172,8 +172,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, resume: dict[str, Any] | None = None) -> LoopState:
-        """Run every remaining phase. ``resume`` is a loaded snapshot payload."""
+    def fit(self, resume: dict[str, Any] | None = None, *, until_epoch: int | None = None) -> LoopState:
+        """Run every remaining phase. ``resume`` is a loaded snapshot payload. ``until_epoch``:
+        pause once that many epochs are done, before the next one (no ``after_train`` hooks);
+        ``snapshot_payload()`` then continues the run exactly, as a snapshot would."""
         if resume is not None:
             self.state = LoopState(**resume["loop"])
             for hook in self.hooks:
@@ -192,6 +194,8 @@ class Trainer:
                     self._load_solver_state(resume)
                     resume = None
                 while not self.phase_done():
+                    if until_epoch is not None and self.state.epoch >= until_epoch:
+                        return self.state
                     self.run_epoch()
                     if self.stop_requested:
                         raise Interrupted(self._on_interrupt())
