@@ -37,7 +37,7 @@ class DataConfig(_Strict):
     std: tuple[float, float, float] | None = Field(None, description="Normalisation std; default: the backbone's.")
     interpolation: Literal["nearest", "bilinear", "bicubic"] | None = Field(None, description="Resize interpolation; default: the backbone's.")
     crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="Evaluation centre-crop fraction; default: the backbone's.")
-    augment: AugmentPreset = Field("auto", description="auto (try none, flip and flip-rotate on the validation split, keep the best) | none | flip (horizontal) | flip-rotate (the Keras tutorial's) | strong (random-resized-crop, flip, colour jitter). Detectors: auto (try none and flip by validation mAP after the frozen phase's first 2 epochs; the winner's epochs are the run's) | none | flip | flip-scale (flip, zoom 0.6-1.4) | strong (flip, zoom 0.5-1.6, colour); boxes move with the pixels.")
+    augment: AugmentPreset = Field("auto", description="auto (try none and flip on the validation split, keep the best) | none | flip (horizontal) | flip-rotate (the Keras tutorial's) | strong (random-resized-crop, flip, colour jitter). Detectors: auto (try none and flip by validation mAP after the frozen phase's first 2 epochs; the winner's epochs are the run's) | none | flip | flip-scale (flip, zoom 0.6-1.4) | strong (flip, zoom 0.5-1.6, colour); boxes move with the pixels.")
     hflip: bool | None = Field(None, description="Override the preset: random horizontal flip.")
     vflip: bool | None = Field(None, description="Override the preset: random vertical flip.")
     rotation: float | None = Field(None, ge=0.0, le=180.0, description="Override the preset: max rotation in degrees.")
@@ -100,7 +100,7 @@ class TrainConfig(_Strict):
     cache_dir: str | None = Field(None, description="Where caches live; default $GRAFT_CACHE_DIR, else ~/.cache/graft.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: bool | Literal["auto"] = Field("auto", description="Mixed precision; auto = on for CUDA.")
-    channels_last: bool | Literal["auto"] = Field("auto", description="Channels-last memory format for convolutions; auto = on for CUDA, where it is faster.")
+    channels_last: bool | Literal["auto"] = Field("auto", description="Channels-last memory format for convolutions; auto = on for classifiers (faster on CPUs too: Lite0 1.3x at 96 px, 2.4x at 224 px), on CUDA only for detectors.")
     tensorboard: bool = Field(False, description="Also log every history column per epoch to RUNDIR/tensorboard/ (needs the tensorboard package: pip install 'graft[tensorboard]').")
 
 

@@ -43,7 +43,7 @@ from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fi
 from graft.train.hooks import run_hooks
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import write_results
-from graft.train.runner import TrainResult, check_classifier_monitor, check_files_exist, holds_run, keeping_replaced_run, run_info, seed_everything, select_device, stash_run
+from graft.train.runner import TrainResult, check_classifier_monitor, check_files_exist, holds_run, keeping_replaced_run, run_info, seed_everything, select_device, stash_run, use_channels_last
 
 CALIBRATION_DRAWS = 256  # old-class samples drawn per class from the statistics for calibration
 
@@ -84,7 +84,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     pre, aug = source.preprocessing, augmentation_from_config(cfg.data)
     check_classifier_monitor(cfg)
-    teacher = source.model.to(device).eval()
+    teacher = source.model.to(device, memory_format=torch.channels_last if use_channels_last(cfg, device) else torch.contiguous_format).eval()
     cache_root = (Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()) if cfg.train.embedding_cache else None
 
     def embedding_cache(backbone: torch.nn.Module) -> EmbeddingCache:
@@ -131,7 +131,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
         lr_rules=cfg.model.lr_mult,
         hooks=run_hooks(run_dir, cfg, static, quiet=quiet, extra=hooks),
         data_for_phase=PhaseSources(cfg, model, teacher, splits, pre, source_cache, stats, say).phase_data,
-        channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
+        channels_last=use_channels_last(cfg, device),
     )
     if payload is None:
         seed_everything(cfg.solver.seed)

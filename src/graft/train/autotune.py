@@ -2,12 +2,15 @@
 
 A flip turns a 2 into another glyph and a rotation turns a 6 into a 9, so no augmentation is right
 for every dataset, and neither is one learning rate for every head. Both are decided the same way:
-the new head is trained, exactly as the frozen-base phase would train it (same solver, seed,
-epochs), on the frozen backbone's cached embeddings for each candidate, and scored on the
-**validation** split; test images are never looked at. An augmented candidate costs
-``SEARCH_VIEWS`` augmented views of each training image once (they are stored: the run reuses them
-and computes only the views it has beyond those), and each learning rate about a second of head
-training. A value the user set is never searched.
+the new head is trained as the frozen-base phase would train it (same solver, seed, epochs), on
+the frozen backbone's cached embeddings, for each candidate, and scored on the **validation**
+split; test images are never looked at.
+
+The price is bounded: the candidates are no augmentation and a flip, whose two outcomes are each
+embedded once (the unflipped one is the run's own), so deciding costs at most one extra backbone
+pass over the training images, and none when the flip wins (the run reuses it). Every head rate
+of a candidate trains in the same pass over the embeddings (``_train_heads``), well under a
+second an epoch. A value the user set is never searched.
 """
 
 from __future__ import annotations
@@ -18,21 +21,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from graft.configuration import GraftConfig
 from graft.console import plural
 from graft.data.folder import DatasetSplits
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform
+from graft.errors import GraftError
 from graft.models.classifier import GraftClassifier
 from graft.train.embeddings import EmbeddingCache, EmbeddingDataset
-from graft.train.loop import Phase, PhaseData, Trainer
-from graft.train.task import ClassificationTask
+from graft.train.loop import Phase, phase_param_groups
+from graft.train.solver import LRSchedule, make_optimizer
 
-AUTO_AUGMENTS = ("none", "flip", "flip-rotate")  # in growing strength; `strong` crops need full-resolution decoding per view: opt in
+AUTO_AUGMENTS = ("none", "flip")  # a flip has 2 outcomes: one extra backbone pass, none if it wins. flip-rotate (a view per epoch) and strong: opt in
 HEAD_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-SEARCH_VIEWS = 2  # augmented views per training image for an augmented candidate (the run adds the rest)
+SEARCH_VIEWS = 2  # augmented views per image for a user-set augmentation with more outcomes than a flip (the run adds the rest)
 SEARCH_EPOCHS = 5  # when the run has no frozen-base phase to copy the length from
-MAX_SEARCH_EPOCHS = 20  # a longer frozen phase is searched over its first 20 epochs' schedule (each trial costs its epochs)
+MAX_SEARCH_EPOCHS = 20  # a longer frozen phase is searched over its first 20 epochs' schedule
 
 
 @dataclass
@@ -128,13 +133,7 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
         aug = augmentation_from_config(cfg.data, aug_name)
         views = training_views(cache, splits.train, pre, aug, cfg, min(epochs, SEARCH_VIEWS), decoded=decoded)
         train = EmbeddingDataset(views, labels, seed=cfg.solver.seed)
-        row = [_trial(cfg, trial_model, initial_head, train, val, aug_name, lr, epochs, device) for lr in rates]
-        # The candidates grow stronger (none, flip, flip-rotate): once more augmentation is no
-        # better than less, the next step is not tried (it costs its views' embeddings).
-        improved = not trials or _best(trials + row) in row
-        trials += row
-        if not improved:
-            break
+        trials += _train_heads(cfg, trial_model, initial_head, train, val, aug_name, rates, epochs, device)
     best = _best(trials)
     decision = Decision(
         augment=best.augment if cfg.data.augment == "auto" else None,
@@ -149,29 +148,72 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
     return decision
 
 
-def _trial(cfg: GraftConfig, model: GraftClassifier, initial_head: dict[str, torch.Tensor], train: EmbeddingDataset, val: EmbeddingDataset, aug: str, lr: float, epochs: int, device: torch.device) -> Trial:
-    """The frozen-base phase on embeddings, through the run's own loop, from the run's head."""
-    from graft.train.hooks import EarlyStoppingHook
+def _train_heads(cfg: GraftConfig, model: GraftClassifier, initial_head: dict[str, torch.Tensor], train: EmbeddingDataset, val: EmbeddingDataset, aug: str, rates: tuple[float, ...], epochs: int, device: torch.device) -> list[Trial]:
+    """The frozen-base phase on embeddings for every head rate at once: one copy of the run's
+    initial head per rate, each with its own optimizer and schedule built as the run builds them
+    (``phase_param_groups``, ``make_optimizer``, ``LRSchedule``), all fed the same batches in the
+    run's order under the same dropout mask. The copies share no parameter, so each learns as it
+    would alone, and a batch costs one pass over the data for all of them. Each copy is scored on
+    its last epoch, or under early stopping on its best one (its later epochs are ignored)."""
+    from graft.data.dataset import EpochBatchSampler
     from graft.train.runner import seed_everything
 
-    model.head.load_state_dict(initial_head)
-    hooks = [EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor)] if cfg.train.early_stopping else []
-    trainer = Trainer(
-        model,
-        [Phase("feature-extract", epochs, None, lr)],
-        solver=cfg.solver,
-        train_data=train,
-        val_data=val,
-        device=device,
-        freeze_patterns=cfg.model.freeze,
-        lr_rules=cfg.model.lr_mult,
-        task=ClassificationTask(cfg.train.label_smoothing),
-        data_for_phase=lambda phase: PhaseData(train, val, forward=model.head, workers=0),
-        hooks=hooks,
-    )
     seed_everything(cfg.solver.seed)
-    history = trainer.fit().history
-    scored = history[-1]
-    if hooks and hooks[0].best is not None:
-        scored = history[hooks[0].best["epoch"] - 1]
-    return Trial(aug, lr, float(scored["val_accuracy"]), float(scored["val_loss"]), int(scored["epoch"]))
+    original = model.head
+    heads, optimizers, schedules = [], [], []
+    sampler = EpochBatchSampler(len(train), cfg.solver.batch_size, seed=cfg.solver.seed)
+    total = epochs * len(sampler)
+    if cfg.solver.max_iter:
+        total = min(total, cfg.solver.max_iter)
+    try:
+        for lr in rates:
+            head = copy.deepcopy(original)
+            head.load_state_dict(initial_head)
+            model.head = head  # parameter names, freezing and lr_mult rules exactly as in the run
+            groups = phase_param_groups(model, Phase("feature-extract", epochs, None, lr), cfg.solver, cfg.model.freeze, cfg.model.lr_mult)
+            optimizers.append(make_optimizer(groups, cfg.solver))
+            schedules.append(LRSchedule(optimizers[-1], cfg.solver, total_iters=total, iters_per_epoch=len(sampler)))
+            heads.append(head)
+    finally:
+        model.head = original
+    monitor, patience = cfg.train.early_stopping_monitor, cfg.train.early_stopping
+    scored: list[dict[str, Any] | None] = [None] * len(rates)
+    waited = [0] * len(rates)
+    val_x, val_y = val.embeddings[:, 0].to(device), val.labels.to(device)
+    step = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for head in heads:
+            head.train()
+        for batch in sampler.batches():
+            x, y = (t.to(device) for t in train.batch(batch, epoch))
+            dropped = heads[0].dropout(x)  # one mask for every copy, as seeded trials would each draw it
+            loss = sum(F.cross_entropy(head.fc(dropped).float(), y, label_smoothing=cfg.train.label_smoothing) for head in heads)
+            if not torch.isfinite(loss):
+                raise GraftError(f"auto: a head rate diverged (loss {loss.item()}); set train.head_lr and solver.base_lr lower")
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer, schedule in zip(optimizers, schedules):
+                optimizer.step()
+                schedule.step()
+            step += 1
+            if step >= total:
+                break
+        with torch.no_grad():
+            for k, head in enumerate(heads):
+                head.eval()
+                logits = head(val_x).float()
+                row = {"epoch": epoch + 1, "val_loss": float(F.cross_entropy(logits, val_y)), "val_accuracy": float((logits.argmax(1) == val_y).float().mean())}
+                schedules[k].epoch_end(row["val_loss"])
+                if not patience:
+                    scored[k] = row
+                elif waited[k] < patience:  # still running, as the early-stopped phase would be
+                    best = scored[k]
+                    if best is None or (row[monitor] < best[monitor] if monitor == "val_loss" else row[monitor] > best[monitor]):
+                        scored[k], waited[k] = row, 0
+                    else:
+                        waited[k] += 1
+        if step >= total:
+            break
+    return [Trial(aug, lr, row["val_accuracy"], row["val_loss"], row["epoch"]) for lr, row in zip(rates, scored)]

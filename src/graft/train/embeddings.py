@@ -199,8 +199,17 @@ class EmbeddingDataset(Dataset):
     def __len__(self) -> int:
         return len(self.embeddings)
 
+    def view(self, index: int, epoch: int | None) -> int:
+        views = self.embeddings.shape[1]
+        return 0 if epoch is None or views == 1 else _mix(self.seed, epoch, index) % views
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, None)
-        views = self.embeddings.shape[1]
-        view = 0 if epoch is None or views == 1 else _mix(self.seed, epoch, index) % views
-        return self.embeddings[index, view], int(self.labels[index])
+        return self.embeddings[index, self.view(index, epoch)], int(self.labels[index])
+
+    def batch(self, indices: Sequence[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples ``(i, epoch)`` for ``i`` in ``indices`` as one ``[B, D]`` tensor and labels,
+        without a DataLoader: what a batch of ``EpochBatchSampler`` keys would collate to."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        views = torch.as_tensor([self.view(i, epoch) for i in indices], dtype=torch.long)
+        return self.embeddings[index, views], self.labels[index]

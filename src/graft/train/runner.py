@@ -61,6 +61,13 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+def use_channels_last(cfg: GraftConfig, device: torch.device) -> bool:
+    """``train.channels_last: auto`` is on for classifiers on any device: on a 2-core CPU, Lite0
+    embeds 1.3x faster at 96 px and 2.4x at 224 px, and trains its top 1.3x faster; ResNet-18
+    runs the same either way. (Detectors keep it to CUDA: not measured on CPUs.)"""
+    return cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else True
+
+
 def seed_everything(seed: int) -> None:
     """Seed every global RNG a run draws from (dropout, drop-path; data order has its own)."""
     random.seed(seed)
@@ -258,7 +265,8 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         say(report.summary())
     elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
         shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
-    model.to(device)
+    channels_last = use_channels_last(cfg, device)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # before the embedding cache's pass
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     cache = embedding_cache(cfg, model, pre, device, workers, stored=cfg.train.embedding_cache)
@@ -304,7 +312,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         task=ClassificationTask(cfg.train.label_smoothing),
         hooks=run_hooks(run_dir, cfg, static, quiet=quiet, stopping=stopping, extra=hooks),
         data_for_phase=phase_sources(cached, prefix),
-        channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
+        channels_last=channels_last,
     )
     if payload is None:
         seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
