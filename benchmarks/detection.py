@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from curves import draw, envelope, race  # noqa: E402
 from detection_data import DETECTION_DATASETS, write_detection_dataset  # noqa: E402
 
 SIZES = {"objects": 192, "trees": 384, "digits": 128}
@@ -154,40 +155,16 @@ def graft_curve(data: Path, out: Path, size: int, budget: str, seed: int, report
     return [*points, final]
 
 
-def envelope(points: list[dict], report: str) -> list[tuple[float, float, float]]:
-    """(seconds, val mAP, reported mAP) at each time a recipe gets a model better on validation."""
-    out: list[tuple[float, float, float]] = []
-    for p in sorted(points, key=lambda p: (p["seconds"], -p["val_map"])):
-        if not out or p["val_map"] > out[-1][1]:
-            out.append((p["seconds"], p["val_map"], p[f"{report}_map"]))
-    return out
-
-
-def at(curve: list[tuple[float, float, float]], seconds: float) -> float | None:
-    """A recipe's reported mAP at a wall-clock budget: that of its best-on-validation model by then."""
-    had = [c for c in curve if c[0] <= seconds]
-    return had[-1][2] if had else None
-
-
-def reach(curve: list[tuple[float, float, float]], target: float) -> float | None:
-    """The first budget at which the recipe's chosen model scores ``target`` or more."""
-    return next((s for s, _, m in curve if m >= target - 1e-9), None)
-
-
 def summarise(name: str, points: list[dict], report: str) -> dict:
-    loop = envelope([p for p in points if p["recipe"] == "tutorial"], report)
-    ours = envelope([p for p in points if p["recipe"] == "graft"], report)
-    loop_best, graft_best = max(m for _, _, m in loop), max(m for _, _, m in ours)
-    loop_time, graft_time = reach(loop, loop_best), reach(ours, loop_best)
-    grid = sorted({s for s, _, _ in loop + ours if s >= max(loop[0][0], ours[0][0])})
-    margins = [(s, at(ours, s) - at(loop, s)) for s in grid]
-    worst = min(margins, key=lambda x: x[1]) if margins else (None, None)
+    loop = envelope([p for p in points if p["recipe"] == "tutorial"], report, "map")
+    ours = envelope([p for p in points if p["recipe"] == "graft"], report, "map")
+    r = race(loop, ours)
     return {
-        "dataset": name, "split": report, "loop_best": round(loop_best, 4), "loop_seconds_to_best": loop_time,
-        "graft_best": round(graft_best, 4), "graft_seconds_to_loop_best": graft_time,
-        "loop_seconds_to_graft_best": reach(loop, graft_best),
-        "ratio": round(graft_time / loop_time, 2) if graft_time and loop_time else None,
-        "worst_margin_at_equal_time": None if worst[1] is None else round(worst[1], 4), "worst_margin_seconds": worst[0],
+        "dataset": name, "split": report, "loop_best": r["peer_best"], "loop_seconds_to_best": r["peer_seconds_to_best"],
+        "graft_best": r["graft_best"], "graft_seconds_to_loop_best": r["graft_seconds_to_peer_best"],
+        "loop_seconds_to_graft_best": r["peer_seconds_to_graft_best"],
+        "ratio": round(r["graft_seconds_to_peer_best"] / r["peer_seconds_to_best"], 2) if r["speedup"] else None,
+        "worst_margin_at_equal_time": r["worst_margin_at_equal_time"], "worst_margin_seconds": r["worst_margin_seconds"],
     }
 
 
@@ -199,16 +176,10 @@ def plot(by_dataset: dict[str, list[dict]], report: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(by_dataset), figsize=(5.2 * len(by_dataset), 4.2), squeeze=False)
     for ax, (name, points) in zip(axes[0], by_dataset.items()):
+        until = max(p["seconds"] for p in points)
         for recipe, colour in (("tutorial", "tab:orange"), ("graft", "tab:blue")):
-            mine = [p for p in points if p["recipe"] == recipe]
-            curve = envelope(mine, report)
-            if not curve:
-                continue
-            xs = [s for s, _, _ in curve] + [max(p["seconds"] for p in points)]
-            ys = [m for _, _, m in curve] + [curve[-1][2]]
             label = "torchvision tutorial loop" if recipe == "tutorial" else "graft (defaults and shorter budgets)"
-            ax.step(xs, ys, where="post", color=colour, label=label, linewidth=2)
-            ax.scatter([p["seconds"] for p in mine], [p[f"{report}_map"] for p in mine], s=10, color=colour, alpha=0.35)
+            draw(ax, [p for p in points if p["recipe"] == recipe], report, "map", colour, label, until)
         ax.set_title(f"{name} ({report} images)")
         ax.set_xlabel("wall-clock seconds (2 CPU cores)")
         ax.set_ylabel(f"{report} mAP@[.5:.95] of the best-on-validation model")
