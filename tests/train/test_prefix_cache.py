@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from graft.configuration import ModelConfig, parse_config
 from graft.models.backbones import build_model
-from graft.train.caches import backbone_units, chain_matches
+from graft.train.prefix import backbone_units, chain_matches
 from graft.train.runner import train
 from helpers import make_class_folders, tiny_config
 
@@ -79,7 +79,7 @@ def test_channels_last_trains_to_the_same_result(data, tmp_path):
 
 
 def test_over_budget_final_metrics_do_not_build_activations(data, tmp_path, monkeypatch):
-    from graft.train.caches import PrefixActivations
+    from graft.train.prefix import PrefixActivations
 
     built = []
     real = PrefixActivations._activations

@@ -1,8 +1,8 @@
 """Where a phase's batches come from when something can be computed once instead of every epoch.
 
 - ``CachedEmbeddings``: a frozen-backbone phase trains the head on cached backbone embeddings.
-- ``PrefixActivations``: a fine-tuning phase without augmentation caches the activations at the
-  cut below the first trainable block and runs only the trainable suffix.
+- ``PrefixActivations`` (``graft.train.prefix``): a fine-tuning phase caches the activations at
+  the cut below the first trainable block and runs only the trainable suffix.
 - ``decoded_images``: image phases read each file's decoded, resized pixels from memory.
 
 Each returns ``None`` where it does not apply, and the loop then runs the plain image path.
@@ -13,23 +13,23 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from graft.configuration import GraftConfig
-from graft.console import plural
-from graft.data.dataset import ImageDataset, eval_loader
+from graft.data.dataset import eval_loader
 from graft.data.folder import DatasetSplits, Sample
 from graft.data.transforms import Preprocessing, eval_transform, flipped_transform, train_transform
-from graft.evaluate import Outputs, collect_outputs, in_chunks
-from graft.models import surgery
+from graft.evaluate import Outputs, collect_outputs
 from graft.models.classifier import GraftClassifier
 from graft.train.class_stats import ClassStats
 from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir
 from graft.train.loop import Phase, PhaseData
+
+if TYPE_CHECKING:
+    from graft.train.prefix import PrefixActivations
 
 
 def training_views(cache: EmbeddingCache, samples: list[Sample], pre: Preprocessing, aug: Any, cfg: GraftConfig, epochs: int, decoded: Any = None) -> torch.Tensor:
@@ -177,177 +177,6 @@ def class_statistics(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSp
         heldout = cache.embed(splits.val, eval_transform(pre))
     return ClassStats.fit(emb, labels, splits.classes, fingerprint, heldout=heldout, heldout_labels=torch.tensor([s.label for s in splits.val], dtype=torch.long))
 
-
-
-# ---------------------------------------------------------------------------- frozen prefix
-
-
-def backbone_units(backbone: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """The backbone as a chain of modules whose composition is its forward pass (image to pooled
-    embedding), for the block-structured timm families graft knows (EfficientNet, ResNet).
-    ``None`` for others; callers must still check the chain with ``chain_matches``."""
-    b = backbone
-    units: list[tuple[str, nn.Module]] = []
-    if all(hasattr(b, a) for a in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool")):
-        units += [("conv_stem", b.conv_stem), ("bn1", b.bn1)]
-        for si, stage in enumerate(b.blocks):
-            units += [(f"blocks.{si}.{bi}", block) for bi, block in enumerate(stage)]
-        units += [("conv_head", b.conv_head), ("bn2", b.bn2), ("global_pool", b.global_pool)]
-    elif all(hasattr(b, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4", "global_pool")):
-        units += [("conv1", b.conv1), ("bn1", b.bn1), ("act1", b.act1), ("maxpool", b.maxpool)]
-        for li in range(1, 5):
-            units += [(f"layer{li}.{bi}", block) for bi, block in enumerate(getattr(b, f"layer{li}"))]
-        units += [("global_pool", b.global_pool)]
-    else:
-        return None
-    return units
-
-
-@torch.inference_mode()
-def chain_matches(backbone: nn.Module, units: list[tuple[str, nn.Module]], size: int) -> bool:
-    """Does running ``units`` in order reproduce ``backbone(x)``, deterministically, in the mode
-    training uses? Guards against architectures whose forward does more than the chain."""
-    was = backbone.training
-    try:
-        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        backbone.eval()
-        reference = backbone(x)
-        chain = x
-        for _, unit in units:
-            chain = unit(chain)
-        return chain.shape == reference.shape and torch.allclose(chain, reference, atol=1e-5, rtol=1e-4)
-    except Exception:
-        return False
-    finally:
-        backbone.train(was)
-
-
-class SuffixHead(nn.Module):
-    """The trainable top of the network: activations at the cut -> logits."""
-
-    def __init__(self, model: GraftClassifier, units: list[nn.Module]) -> None:
-        super().__init__()
-        self.suffix = nn.Sequential(*units)
-        self.head = model.head
-        self.frozen_bn_eval, self.bn_inference = model.frozen_bn_eval, model.bn_inference
-
-    def forward(self, activations: torch.Tensor) -> torch.Tensor:
-        return self.head(self.suffix(activations))
-
-    def train(self, mode: bool = True) -> SuffixHead:
-        super().train(mode)
-        if mode:
-            surgery.batchnorm_inference(self, every=self.bn_inference, frozen=self.frozen_bn_eval)
-        return self
-
-
-class ActivationDataset(Dataset):
-    """Cached activations (stored in half precision); ``ds[i]`` or ``ds[(i, epoch)]``."""
-
-    def __init__(self, activations: torch.Tensor, labels: list[int]) -> None:
-        self.activations, self.labels = activations, labels
-
-    def __len__(self) -> int:
-        return len(self.activations)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index = key[0] if isinstance(key, tuple) else key
-        return self.activations[index].float(), self.labels[index]
-
-
-def prefix_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, say: Any, decoded: tuple[Any, Any]) -> PrefixActivations | None:
-    """The prefix cache applies without augmentation (a frozen prefix then maps each image to one
-    activation) and with frozen BatchNorm in inference mode."""
-    if not (cfg.train.prefix_cache and aug.is_identity and frozen_bn_fixed(cfg)):
-        return None
-    source = PrefixActivations(model, cfg, splits, pre, device, say, decoded)
-    return source if source.units is not None else None
-
-
-class PrefixActivations:
-    """For a fine-tuning phase without augmentation: run the frozen prefix once per image."""
-
-    def __init__(self, model: GraftClassifier, cfg: GraftConfig, splits: DatasetSplits, pre: Preprocessing, device: torch.device, say: Any, decoded: tuple[Any, Any] = (None, None)) -> None:
-        self.model, self.cfg, self.splits, self.pre, self.device, self.say = model, cfg, splits, pre, device, say
-        self.decoded = decoded
-        self.units = backbone_units(model.backbone)
-        if self.units is not None and not chain_matches(model.backbone, self.units, pre.input_size):
-            self.units = None
-        self.cut = 0
-        self.memo: dict[int, torch.Tensor] = {}
-
-    def phase_data(self, phase: Phase) -> PhaseData | None:
-        if phase.backbone_frozen or self.units is None:
-            return None
-        trainable = [any(p.requires_grad for p in unit.parameters()) for _, unit in self.units]
-        cut = trainable.index(True) if True in trainable else len(self.units)
-        if cut == 0:
-            return None
-        prefix = nn.Sequential(*[u for _, u in self.units[:cut]])
-        per_image = self._activation_numel(prefix) * 2  # float16
-        need = per_image * (len(self.splits.train) + len(self.splits.val))
-        budget = self.cfg.train.prefix_cache_mb * 2**20
-        if need > budget:
-            self.say(f"prefix cache: {need / 2**20:.0f} MiB of activations exceed train.prefix_cache_mb={self.cfg.train.prefix_cache_mb:g}; running the whole network each epoch")
-            return None
-        started = time.perf_counter()
-        train = self._activations(prefix, self.splits.train, self.decoded[0])
-        val = self._activations(prefix, self.splits.val, self.decoded[1])
-        if not (torch.isfinite(train).all() and torch.isfinite(val).all()):
-            self.say("prefix cache: activations overflow half precision; running the whole network each epoch")
-            return None
-        self.cut = cut
-        self.memo = {id(self.splits.val): val, id(self.splits.train): train}
-        self.say(f"prefix cache: {self.units[cut - 1][0]} and below are frozen; their activations for {plural(len(train) + len(val), 'image')} computed once ({time.perf_counter() - started:.1f}s, {need / 2**20:.0f} MiB); each epoch runs only the layers above")
-        forward = SuffixHead(self.model, [u for _, u in self.units[cut:]])
-        return PhaseData(ActivationDataset(train, [s.label for s in self.splits.train]), ActivationDataset(val, [s.label for s in self.splits.val]), forward=forward, workers=0)
-
-    @torch.inference_mode()
-    def _activation_numel(self, prefix: nn.Module) -> int:
-        was = prefix.training
-        prefix.eval()
-        try:
-            x = torch.zeros(1, 3, self.pre.input_size, self.pre.input_size, device=self.device)
-            return prefix(x).numel()
-        finally:
-            prefix.train(was)
-
-    @torch.inference_mode()
-    def _activations(self, prefix: nn.Module, samples: list[Sample], decoded: Any) -> torch.Tensor:
-        was = prefix.training
-        prefix.eval()
-        try:
-            ds = ImageDataset(samples, eval_transform(self.pre), max_pixels=self.cfg.data.max_pixels, decoded=decoded)
-            chunks = [in_chunks(prefix, images.to(self.device)).half().cpu() for images, _ in eval_loader(ds, batch_size=self.cfg.solver.batch_size, workers=0)]
-        finally:
-            prefix.train(was)
-        return torch.cat(chunks) if chunks else torch.zeros(0)
-
-    @torch.inference_mode()
-    def embeddings(self, samples: list[Sample]) -> torch.Tensor | None:
-        """Pooled embeddings of the trained network from the cached activations (the prefix did
-        not change), or ``None`` for samples whose activations were not cached."""
-        acts = self.memo.get(id(samples))
-        if acts is None or self.cut == 0:
-            return None
-        suffix = nn.Sequential(*[u for _, u in self.units[self.cut :]])
-        was = suffix.training
-        suffix.eval()
-        try:
-            return torch.cat([suffix(chunk.float().to(self.device)).float().cpu() for chunk in acts.split(256)]) if len(acts) else torch.zeros(0, self.model.num_features)
-        finally:
-            suffix.train(was)
-
-    def outputs(self, model: GraftClassifier, samples: list[Sample]) -> Outputs:
-        """Final metrics: on the cached validation activations (the prefix did not change); any
-        other split (test) runs through the whole network, batch by batch, as without the cache."""
-        acts = self.memo.get(id(samples))
-        if acts is None:
-            from graft.train.results import evaluate_samples
-
-            return evaluate_samples(model, samples, self.pre, device=self.device, amp=False, workers=0, batch_size=self.cfg.solver.batch_size)
-        loader = eval_loader(ActivationDataset(acts, [s.label for s in samples]), batch_size=64, workers=0)
-        return collect_outputs(SuffixHead(model, [u for _, u in self.units[self.cut :]]), loader, self.device)
 
 
 def phase_sources(*sources: Any) -> Any:

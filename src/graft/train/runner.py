@@ -36,7 +36,8 @@ from graft.models.classifier import HEAD_LAYER, GraftClassifier
 from graft.train import checkpoint
 from graft.train import autotune
 from graft.train.hooks import EarlyStoppingHook, run_hooks
-from graft.train.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, frozen_bn_fixed, phase_sources, prefix_data
+from graft.train.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, frozen_bn_fixed, phase_sources
+from graft.train.prefix import prefix_data
 from graft.train.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.train.loop import Phase, Trainer
 from graft.train.task import ClassificationTask
