@@ -57,9 +57,36 @@ def test_over_budget_falls_back_to_the_whole_network(data, tmp_path, capsys):
     assert result.metrics["val_accuracy"] is not None
 
 
-def test_never_used_with_augmentation(data, tmp_path, capsys):
+def test_never_used_with_augmentation_beyond_flips(data, tmp_path, capsys):
     fine_tune(data, tmp_path, "aug", augment="flip-rotate")
     assert "prefix cache:" not in capsys.readouterr().err
+
+
+def test_with_flips_each_outcome_is_cached_once_and_epochs_draw_both(data, tmp_path, capsys, monkeypatch):
+    """A flip has two outcomes: the prefix's activations of each are computed once (the second is
+    the prefix of the mirrored image, not a mirrored activation) and each epoch draws one per
+    image, both over the run, as a random flip would."""
+    from torch import nn
+
+    from graft.data.dataset import ImageDataset
+    from graft.data.transforms import flipped_transform
+    from graft.train.prefix import PrefixActivations
+
+    built = []
+    real = PrefixActivations.phase_data
+    monkeypatch.setattr(PrefixActivations, "phase_data", lambda self, phase: built.append((self, real(self, phase))) or built[-1][1])
+    result = fine_tune(data, tmp_path, "flip", augment="flip")
+    assert "(2 flips each)" in capsys.readouterr().err and result.metrics["val_accuracy"] is not None
+    source, phase_data = built[0]
+    train = phase_data.train
+    assert train.embeddings.shape[:2] == (len(source.splits.train), 2) and train.embeddings.dtype == torch.float16
+    assert {train.view(i, epoch) for i in range(len(train)) for epoch in range(3)} == {0, 1}
+    prefix = nn.Sequential(*[u for _, u in source.units[: source.cut]]).eval()  # frozen: unchanged by training
+    for view, hflip in ((0, False), (1, True)):
+        image, _ = ImageDataset(source.splits.train[:1], flipped_transform(source.pre, hflip, False))[0]
+        with torch.inference_mode():
+            expected = prefix(image[None])[0]
+        torch.testing.assert_close(train.embeddings[0, view].float(), expected, atol=2e-2, rtol=2e-2)
 
 
 def test_resume_with_the_prefix_cache_is_exact(data, tmp_path):

@@ -1,6 +1,7 @@
 """The frozen-prefix cache: a fine-tuning phase whose bottom layers stay frozen (with BatchNorm in
-inference mode) maps each image to fixed activations at the cut below the first trainable block.
-They are computed once and each epoch runs only the layers above the cut."""
+inference mode) maps each image to fixed activations at the cut below the first trainable block,
+one per flip outcome when the augmentation only flips. They are computed once and each epoch runs
+only the layers above the cut."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from graft.configuration import GraftConfig
 from graft.console import plural
 from graft.data.dataset import ImageDataset, eval_loader
 from graft.data.folder import DatasetSplits, Sample
-from graft.data.transforms import Preprocessing, eval_transform
+from graft.data.transforms import Preprocessing, eval_transform, flipped_transform
 from graft.evaluate import Outputs, collect_outputs, in_chunks
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
 from graft.train.caches import frozen_bn_fixed
+from graft.train.embeddings import EmbeddingDataset
 from graft.train.loop import Phase, PhaseData
 
 
@@ -82,35 +83,35 @@ class SuffixHead(nn.Module):
         return self
 
 
-class ActivationDataset(Dataset):
-    """Cached activations (stored in half precision); ``ds[i]`` or ``ds[(i, epoch)]``."""
-
-    def __init__(self, activations: torch.Tensor, labels: list[int]) -> None:
-        self.activations, self.labels = activations, labels
-
-    def __len__(self) -> int:
-        return len(self.activations)
+class ActivationDataset(EmbeddingDataset):
+    """``[N, V, ...]`` cached activations (stored in half precision, served as float); ``ds[i]`` is
+    view 0, ``ds[(i, epoch)]`` draws one of image i's V views (flip outcomes) as the embedding
+    cache does."""
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index = key[0] if isinstance(key, tuple) else key
-        return self.activations[index].float(), self.labels[index]
+        activations, label = super().__getitem__(key)
+        return activations.float(), label
 
 
 def prefix_data(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre: Preprocessing, aug: Any, device: torch.device, say: Any, decoded: tuple[Any, Any]) -> PrefixActivations | None:
-    """The prefix cache applies without augmentation (a frozen prefix then maps each image to one
-    activation) and with frozen BatchNorm in inference mode."""
-    if not (cfg.train.prefix_cache and aug.is_identity and frozen_bn_fixed(cfg)):
+    """The prefix cache applies where a frozen prefix maps each training image to a few fixed
+    activations: without augmentation (one) or with an augmentation that only flips (one per
+    outcome; each epoch draws one, as a random flip would), and with frozen BatchNorm in
+    inference mode."""
+    outcomes = [(False, False)] if aug.is_identity else aug.flips
+    if not (cfg.train.prefix_cache and outcomes and frozen_bn_fixed(cfg)):
         return None
-    source = PrefixActivations(model, cfg, splits, pre, device, say, decoded)
+    source = PrefixActivations(model, cfg, splits, pre, device, say, decoded, flips=outcomes)
     return source if source.units is not None else None
 
 
 class PrefixActivations:
-    """For a fine-tuning phase without augmentation: run the frozen prefix once per image."""
+    """For a fine-tuning phase without augmentation, or with flips only: run the frozen prefix
+    once per image and flip outcome."""
 
-    def __init__(self, model: GraftClassifier, cfg: GraftConfig, splits: DatasetSplits, pre: Preprocessing, device: torch.device, say: Any, decoded: tuple[Any, Any] = (None, None)) -> None:
+    def __init__(self, model: GraftClassifier, cfg: GraftConfig, splits: DatasetSplits, pre: Preprocessing, device: torch.device, say: Any, decoded: tuple[Any, Any] = (None, None), *, flips: list[tuple[bool, bool]] = ((False, False),)) -> None:
         self.model, self.cfg, self.splits, self.pre, self.device, self.say = model, cfg, splits, pre, device, say
-        self.decoded = decoded
+        self.decoded, self.flips = decoded, list(flips)  # (hflip, vflip) outcomes of the training images, identity first
         self.units = backbone_units(model.backbone)
         if self.units is not None and not chain_matches(model.backbone, self.units, pre.input_size):
             self.units = None
@@ -126,22 +127,25 @@ class PrefixActivations:
             return None
         prefix = nn.Sequential(*[u for _, u in self.units[:cut]])
         per_image = self._activation_numel(prefix) * 2  # float16
-        need = per_image * (len(self.splits.train) + len(self.splits.val))
+        views = len(self.flips)
+        need = per_image * (len(self.splits.train) * views + len(self.splits.val))
         budget = self.cfg.train.prefix_cache_mb * 2**20
         if need > budget:
             self.say(f"prefix cache: {need / 2**20:.0f} MiB of activations exceed train.prefix_cache_mb={self.cfg.train.prefix_cache_mb:g}; running the whole network each epoch")
             return None
         started = time.perf_counter()
-        train = self._activations(prefix, self.splits.train, self.decoded[0])
-        val = self._activations(prefix, self.splits.val, self.decoded[1])
+        train = torch.stack([self._activations(prefix, self.splits.train, self.decoded[0], flipped_transform(self.pre, h, v) if h or v else eval_transform(self.pre)) for h, v in self.flips], 1)
+        val = self._activations(prefix, self.splits.val, self.decoded[1], eval_transform(self.pre))
         if not (torch.isfinite(train).all() and torch.isfinite(val).all()):
             self.say("prefix cache: activations overflow half precision; running the whole network each epoch")
             return None
         self.cut = cut
-        self.memo = {id(self.splits.val): val, id(self.splits.train): train}
-        self.say(f"prefix cache: {self.units[cut - 1][0]} and below are frozen; their activations for {plural(len(train) + len(val), 'image')} computed once ({time.perf_counter() - started:.1f}s, {need / 2**20:.0f} MiB); each epoch runs only the layers above")
+        self.memo = {id(self.splits.val): val, id(self.splits.train): train[:, 0]}  # the evaluation view
+        each = f" ({views} flips each)" if views > 1 else ""
+        self.say(f"prefix cache: {self.units[cut - 1][0]} and below are frozen; their activations for {plural(len(train), 'training image')}{each} and {plural(len(val), 'validation image')} computed once ({time.perf_counter() - started:.1f}s, {need / 2**20:.0f} MiB); each epoch runs only the layers above")
         forward = SuffixHead(self.model, [u for _, u in self.units[cut:]])
-        return PhaseData(ActivationDataset(train, [s.label for s in self.splits.train]), ActivationDataset(val, [s.label for s in self.splits.val]), forward=forward, workers=0)
+        labels = [s.label for s in self.splits.train]
+        return PhaseData(ActivationDataset(train, labels, seed=self.cfg.solver.seed), ActivationDataset(val.unsqueeze(1), [s.label for s in self.splits.val]), forward=forward, workers=0)
 
     @torch.inference_mode()
     def _activation_numel(self, prefix: nn.Module) -> int:
@@ -154,11 +158,11 @@ class PrefixActivations:
             prefix.train(was)
 
     @torch.inference_mode()
-    def _activations(self, prefix: nn.Module, samples: list[Sample], decoded: Any) -> torch.Tensor:
+    def _activations(self, prefix: nn.Module, samples: list[Sample], decoded: Any, transform: Any) -> torch.Tensor:
         was = prefix.training
         prefix.eval()
         try:
-            ds = ImageDataset(samples, eval_transform(self.pre), max_pixels=self.cfg.data.max_pixels, decoded=decoded)
+            ds = ImageDataset(samples, transform, max_pixels=self.cfg.data.max_pixels, decoded=decoded)
             chunks = [in_chunks(prefix, images.to(self.device)).half().cpu() for images, _ in eval_loader(ds, batch_size=self.cfg.solver.batch_size, workers=0)]
         finally:
             prefix.train(was)
@@ -187,5 +191,5 @@ class PrefixActivations:
             from graft.train.results import evaluate_samples
 
             return evaluate_samples(model, samples, self.pre, device=self.device, amp=False, workers=0, batch_size=self.cfg.solver.batch_size)
-        loader = eval_loader(ActivationDataset(acts, [s.label for s in samples]), batch_size=64, workers=0)
+        loader = eval_loader(ActivationDataset(acts.unsqueeze(1), [s.label for s in samples]), batch_size=64, workers=0)
         return collect_outputs(SuffixHead(model, [u for _, u in self.units[self.cut :]]), loader, self.device)
