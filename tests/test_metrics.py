@@ -94,3 +94,21 @@ def test_topk_accuracy():
     assert topk_accuracy(np.zeros((0, 3)), [], 1) is None
     with pytest.raises(ValueError):
         topk_accuracy(probs, y, 0)
+
+
+@pytest.mark.parametrize("k, n, seed", [(2, 50, 0), (5, 7, 1), (10, 300, 2), (4, 1, 3)])
+def test_counts_match_scikit_learn(k, n, seed):
+    """graft counts with numpy (importing sklearn.metrics cost every command a second); the
+    figures are scikit-learn's, classes that never occur and zero divisions included."""
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, max(1, k - 1), n)  # the last class never occurs in y_true
+    y_pred = np.where(rng.random(n) < 0.6, y_true, rng.integers(0, k, n))
+    m = classification_metrics(y_true.tolist(), y_pred.tolist(), [f"c{i}" for i in range(k)])
+    p, r, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=list(range(k)), average=None, zero_division=0)
+    for i, row in enumerate(m["per_class"].values()):
+        assert (row["precision"], row["recall"], row["f1"], row["support"]) == pytest.approx((p[i], r[i], f1[i], support[i]))
+    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=list(range(k))).tolist()
+    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))

@@ -1,11 +1,14 @@
-"""Classification metrics as plain, JSON-able Python (no numpy types leak out)."""
+"""Classification metrics as plain, JSON-able Python (no numpy types leak out).
+
+Counted with numpy from the confusion matrix, with scikit-learn's definitions (``zero_division=0``;
+the tests compare with it): importing ``sklearn.metrics`` costs every graft command about a second.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 __all__ = ["classification_metrics", "topk_accuracy"]
 
@@ -56,7 +59,6 @@ def classification_metrics(
     if len(yt) != len(yp):
         raise ValueError(f"y_true has {len(yt)} entries but y_pred has {len(yp)}")
     n = int(len(yt))
-    labels = list(range(k))
 
     loss = None
     if losses is not None:
@@ -77,10 +79,13 @@ def classification_metrics(
             "confusion_matrix": [[0] * k for _ in range(k)],
         }
 
-    precision, recall, f1, support = precision_recall_fscore_support(
-        yt, yp, labels=labels, average=None, zero_division=0
-    )
-    cm = confusion_matrix(yt, yp, labels=labels)
+    cm = np.bincount(yt * k + yp, minlength=k * k).reshape(k, k)  # rows: true class, columns: predicted
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(1), cm.sum(0)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1_denominator = support + predicted  # 2tp + fp + fn
+    f1 = np.divide(2 * tp, f1_denominator, out=np.zeros(k), where=f1_denominator > 0)
 
     per_class = {}
     for i, name in enumerate(classes):
