@@ -118,7 +118,9 @@ def races(points: list[dict], report: str) -> list[dict]:
         theirs = [p for p in points if p["recipe"] in peers]
         if mine and theirs:
             result = race(envelope(theirs, report, "accuracy"), envelope(mine, report, "accuracy"))
-            best_peer = max(theirs, key=lambda p: (p["val_accuracy"], -p["seconds"]))
+            # The peer point that gave the best figure: on the envelope (best on validation so far) at that time.
+            best_peer = next(p for p in sorted(theirs, key=lambda p: (p["seconds"], -p["val_accuracy"]))
+                             if p["seconds"] == result["peer_seconds_to_best"] and p[f"{report}_accuracy"] >= result["peer_best"] - 1e-4)
             default = [p for p in mine if p["budget"] == "default"]
             rows.append({"race": name, **result, "graft_default": default[0][f"{report}_accuracy"] if default else None,
                          "graft_default_seconds": default[0]["seconds"] if default else None, "peer_best_recipe": f"{best_peer['recipe']} {best_peer['budget']}"})
@@ -130,9 +132,10 @@ def plot(by_dataset: dict[str, list[dict]], report: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     styles = {"graft-fe": ("tab:blue", "graft, feature extraction"), "graft": ("tab:blue", "graft, two-phase"),
-              "tutorial-frozen": ("tab:orange", "tutorial, frozen base"), "tutorial": ("tab:red", "tutorial, both phases"),
+              "tutorial-frozen": ("tab:orange", "tutorial, frozen base"), "tutorial": ("tab:orange", "tutorial, frozen then fine-tuned"),
               "fastai": ("tab:green", "fastai fine_tune"), "fastai-noaug": ("tab:olive", "fastai, no augmentation")}
     fig, axes = plt.subplots(len(RACES), len(by_dataset), figsize=(4.6 * len(by_dataset), 3.9 * len(RACES)), squeeze=False)
     for col, (name, points) in enumerate(by_dataset.items()):
@@ -140,6 +143,8 @@ def plot(by_dataset: dict[str, list[dict]], report: str, path: Path) -> None:
         for row, (race_name, (ours, peers)) in enumerate(RACES.items()):
             ax = axes[row][col]
             for recipe in (*peers, ours):
+                if recipe == "tutorial-frozen" and "tutorial" in peers:
+                    continue  # drawn as the start of the tutorial's two-phase line
                 mine = [p for p in points if p["recipe"] == recipe]
                 if recipe == "tutorial":  # both phases: its frozen epochs are where its runs start
                     mine = [p for p in points if p["recipe"] in ("tutorial", "tutorial-frozen")]
@@ -147,6 +152,9 @@ def plot(by_dataset: dict[str, list[dict]], report: str, path: Path) -> None:
                 draw(ax, mine, report, "accuracy", colour, label, until)
             ax.set_title(f"{name}: {race_name}", fontsize=10)
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(FixedLocator([t for t in (2, 5, 10, 20, 50, 100, 200, 500) if t <= 1.2 * until]))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("wall-clock seconds, whole process (2 CPU cores, log)")
             ax.set_ylabel(f"{report} accuracy, best-on-val model")
             ax.grid(alpha=0.3, which="both")
@@ -171,14 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", choices=["val", "test"], default="test")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default WORK/accuracy_time_to_quality.png)")
     parser.add_argument("--work", type=Path, default=None, help="where data and runs go (default: a new temporary folder)")
+    parser.add_argument("--replot", type=Path, default=None, help="summarise and plot the points of an earlier run's output (JSON lines) instead of running")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="graft-accuracy-"))
     by_dataset: dict[str, list[dict]] = {}
     summaries = []
+    saved = [json.loads(line) for line in args.replot.read_text().splitlines() if line.startswith("{")] if args.replot else None
     for seed in args.seeds:
         for name in args.datasets:
+            if saved is not None:
+                points = [p for p in saved if p.get("dataset") == name and p.get("seed") == seed and "recipe" in p]
+                for row in races(points, args.report):
+                    summaries.append({"dataset": name, "seed": seed, **row})
+                by_dataset[f"{name} (split {seed})"] = points
+                continue
             data = write_dataset(name, work / "data", seed)
-            points: list[dict] = []
+            points = []
             for recipe in args.recipes:
                 if recipe == "graft":
                     found = [run_graft(data, work, args, "feature-extract", b) for b in args.graft_fe]
