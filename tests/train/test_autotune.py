@@ -211,3 +211,19 @@ def test_a_tie_goes_to_the_earlier_weaker_candidate():
     assert _best([none, flip]) is none and _best([none, Trial("flip", 1e-3, 0.9, 0.2, 5)]).augment == "flip"
     zero = [DetectionTrial(name, 0.0, 0.0, 1) for name in ("none", "flip")]
     assert best_trial(zero) is zero[0] and best_trial([zero[0], DetectionTrial("flip", 0.01, 0.0, 1)]).augment == "flip"
+
+
+def test_under_early_stopping_each_rate_is_scored_on_the_epoch_the_run_would_keep(tmp_path):
+    """With patience, a head copy stops counting once the run would have stopped, and is scored on
+    its best epoch: the chosen trial's epoch and figures are those the run restores."""
+    data = make_mirrored_classes(tmp_path / "data", per_class=10)
+    cfg = auto_config(data, tmp_path, epochs=8, early_stopping=1, early_stopping_monitor="val_accuracy")
+    cfg["data"]["augment"] = "none"
+    result = train(parse_config(cfg), tmp_path / "run", quiet=True)
+    decided, stopping = result.metrics["decided"], result.metrics["early_stopping"]["phases"][0]
+    assert stopping["stopped_early"] and all(t["epoch"] < 8 for t in decided["trials"])  # the copies stopped too
+    chosen = next(t for t in decided["trials"] if t["lr"] == decided["head_lr"])
+    assert chosen["epoch"] == stopping["best_epoch"]
+    row = result.history[stopping["best_epoch"] - 1]
+    assert chosen["val_accuracy"] == row["val_accuracy"]
+    assert chosen["val_loss"] == pytest.approx(row["val_loss"], rel=1e-5)
