@@ -295,7 +295,7 @@ def _calibration(cal: dict) -> str | None:
 def _expansion(run: _Run) -> str:
     x = run.expand
     keys = ([("old_map_before", "old classes' mAP before"), ("old_map_after", "old classes' mAP after"), ("old_map50_before", "old mAP@.5 before"),
-             ("old_map50_after", "old mAP@.5 after"), ("new_map", "new classes' mAP"), ("new_map50", "new mAP@.5"), ("overall_map", "overall mAP"),
+             ("old_map50_after", "old mAP@.5 after"), ("new_map", "new classes' mAP"), ("new_map50", "new mAP@.5"), ("new_map_new_images", "new mAP, new images alone"), ("overall_map", "overall mAP"),
              ("forgetting", "forgetting (mAP lost)"), ("old_detections_unchanged", "old detections unchanged")]
             if run.detect else
             [("old_accuracy_before", "old classes before"), ("old_accuracy_after", "old classes after"), ("new_accuracy", "new classes"),

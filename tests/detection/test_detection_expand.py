@@ -74,6 +74,9 @@ def test_frozen_expansion_keeps_the_old_classes_exactly_and_learns_the_new_one(o
     assert p["old_changed"] == 0 and p["buffers_changed"] == 0 and p["added"] == p["expected_added"] > 0
     # the new class learned: a fresh block ranks rings at chance (mAP@.5 under 0.02 on these images)
     assert m["new_map50"] > 0.2 and m["new_map"] > 0.05
+    # new classes measured where old objects are too: the new data's test images and the original's
+    assert m["new_images"] == 6 + 6 and m["new_split"] == f"test + {original.name} test"
+    assert m["new_map"] <= m["new_map_new_images"]  # the original's images add no ring, only chances of a false one
     for name in ("model.safetensors", "metrics.json", "history.csv", "detections.png", "per_class_ap.png", "learning_curves.png", "report.html", "weights_report.json"):
         assert (expanded / name).is_file(), name
     page = (expanded / "report.html").read_text(encoding="utf-8")  # written after expand_metrics.json, so it shows its figures
@@ -292,3 +295,27 @@ def test_an_expanded_detector_exports_to_onnx_and_predicts_as_the_run(expanded, 
     theirs = json.loads(run_cli(capsys, "predict", target, images, "--conf", "0.2", "--format", "json")[1])
     assert sum(len(p["boxes"]) for p in theirs) > 0 and {b["label"] for p in theirs for b in p["boxes"]} >= {"ring"}
     assert [[b["label"] for b in p["boxes"]] for p in theirs] == [[b["label"] for b in p["boxes"]] for p in ours]
+
+
+def test_new_classes_are_also_measured_where_only_old_objects_are() -> None:
+    """A new-class box on an old object of the original's held-out images is a false positive:
+    the new data's images alone (old objects unboxed) cannot show it, the honest figure must."""
+    import numpy as np
+
+    from graft.detection.boxes import BoxSample
+    from graft.detection.expand import score_new_classes
+    from graft.detection.metrics import Prediction
+
+    def sample(name: str, box: list[float], label: int) -> BoxSample:
+        return BoxSample(Path(f"/nowhere/{name}.png"), name, 64, 64, np.array([box], np.float32), np.array([label]), np.array([False]), np.array([False]))
+
+    ring, disc = [10, 10, 30, 30], [34, 34, 54, 54]
+    new_images = [sample("n0", ring, 2)]
+    old_images = [sample("o0", disc, 0)]
+    on_new = [Prediction(np.array([ring], np.float32), np.array([0.9], np.float32), np.array([2]))]
+    on_old = [Prediction(np.array([disc, disc], np.float32), np.array([0.95, 0.95], np.float32), np.array([0, 2]))]  # the disc, and a 'ring' on it
+    honest, alone = score_new_classes((new_images, on_new), (old_images, on_old), range(2, 3), ["ring"], 0.3)
+    assert alone["map50"] == pytest.approx(1.0)
+    assert honest["map50"] == pytest.approx(0.5, abs=0.02)  # the false ring outranks the true one: precision 1/2 at full recall
+    clean = [Prediction(np.array([disc], np.float32), np.array([0.95], np.float32), np.array([0]))]
+    assert score_new_classes((new_images, on_new), (old_images, clean), range(2, 3), ["ring"], 0.3)[0]["map50"] == pytest.approx(1.0)

@@ -316,7 +316,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         write_json(run_dir / "expand_metrics.json", metrics)
         write_report_after_run(run_dir)
     say(f"done: old classes mAP {_fmt(metrics['old_map_before'])} -> {_fmt(metrics['old_map_after'])} ({metrics['old_split']}), "
-        f"new classes mAP {_fmt(metrics['new_map'])} ({metrics['new_split']}), overall {_fmt(metrics['overall_map'])}; results in {run_dir}")
+        f"new classes mAP {_fmt(metrics['new_map'])} ({metrics['new_split']}; {_fmt(metrics['new_map_new_images'])} on the new images alone), overall {_fmt(metrics['overall_map'])}; results in {run_dir}")
     return ExpandResult(run_dir, result.metrics, result.history, metrics)
 
 
@@ -337,9 +337,10 @@ def held_out(samples_by_split: list[tuple[str, list[BoxSample]]]) -> tuple[str |
 
 
 def expansion_metrics(source: DetectionSource, model: GraftDetector, splits: DetectionSplits, k: int, cfg: GraftConfig, device: torch.device) -> dict[str, Any]:
-    """Old classes on the original run's held-out images (before and after), new classes on the new
-    data's; each block is scored on its own classes' boxes, so an object the other data set never
-    labelled does not count as a false positive."""
+    """Old classes on the original run's held-out images (before and after); new classes on the new
+    data's held-out images together with the original's (``new_map``; on the new data's alone:
+    ``new_map_new_images``). Each block is scored on its own classes' boxes, so an old object the
+    new data never labelled does not count against the old classes."""
     classes = splits.classes
     old_classes, new_classes = classes[:k], classes[k:]
     workers = min(2, cfg.data.num_workers if cfg.data.num_workers is not None else default_workers())
@@ -366,7 +367,11 @@ def expansion_metrics(source: DetectionSource, model: GraftDetector, splits: Det
     else:
         out["note"] = (f"the old classes could not be measured: none of {source.name}'s held-out images are on disk" if source.dir is not None else
                        f"the old classes are not measured: {source.name}'s held-out images (COCO val) are not at hand; in frozen mode their detections are the COCO model's by construction")
-    new = score(new_samples, detect(model, new_samples), new_range, new_classes) if new_samples else None
+    new_preds = detect(model, new_samples) if new_samples else []
+    new, new_alone = score_new_classes((new_samples, new_preds), (old_samples, preds if old_samples else []), new_range, new_classes, cfg.detect.conf)
+    if new_samples and old_samples:
+        out["new_split"] = f"{new_split} + {out['old_split']}"
+        out["new_images"] = len(new_samples) + len(old_samples)
     ap = {**({c: v["ap"] for c, v in after["per_class"].items()} if after else {}), **({c: v["ap"] for c, v in new["per_class"].items()} if new else {})}
     measured = [v for v in ap.values() if v is not None]
     out.update(
@@ -374,10 +379,27 @@ def expansion_metrics(source: DetectionSource, model: GraftDetector, splits: Det
         old_map50_before=before["map50"] if before else None, old_map50_after=after["map50"] if after else None,
         forgetting=before["map"] - after["map"] if before and after and before["map"] is not None and after["map"] is not None else None,
         new_map=new["map"] if new else None, new_map50=new["map50"] if new else None,
+        new_map_new_images=new_alone["map"] if new_alone else None, new_map50_new_images=new_alone["map50"] if new_alone else None,
         overall_map=float(np.mean(measured)) if measured else None,
         per_class_before=before["per_class"] if before else {}, per_class_after={**(after["per_class"] if after else {}), **(new["per_class"] if new else {})},
     )
     return out
+
+
+def score_new_classes(new: tuple[list[BoxSample], list[Prediction]], old: tuple[list[BoxSample], list[Prediction]], keep: range, names: list[str], conf: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The new classes' metrics on the new data's held-out images together with the original's,
+    and on the new data's alone (``None`` without new images). The original's images show old
+    objects only: a new-class box there (an old object that looks like a new one) is a false
+    positive, which the new data's images rarely reveal, as their old objects carry no boxes."""
+    (new_samples, new_preds), (old_samples, old_preds) = new, old
+    if not new_samples:
+        return None, None
+
+    def score(samples: list[BoxSample], preds: list[Prediction]) -> dict[str, Any]:
+        return detection_metrics(restrict(samples, keep), restrict_predictions(preds, keep), names, conf=conf).metrics
+
+    alone = score(new_samples, new_preds)
+    return (score(new_samples + old_samples, new_preds + old_preds) if old_samples else alone), alone
 
 
 def parameter_changes(original: GraftDetector, expanded: GraftDetector, added: dict[str, int]) -> dict[str, int]:
