@@ -48,7 +48,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from curves import draw, envelope, race  # noqa: E402
+from curves import draw, envelope, race, save  # noqa: E402
 from datasets import DATASETS, write_dataset  # noqa: E402
 
 RECIPES = ("graft", "tutorial", "fastai", "fastai-noaug")
@@ -159,10 +159,7 @@ def plot(by_dataset: dict[str, list[dict]], report: str, path: Path) -> None:
             ax.set_ylabel(f"{report} accuracy, best-on-val model")
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path, dpi=80)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,3 +58,13 @@ def draw(ax, points: list[dict], report: str, metric: str, colour: str, label: s
     ys = [m for _, _, m in curve] + [curve[-1][2]]
     ax.step(xs, ys, where="post", color=colour, label=label, linewidth=2)
     ax.scatter([p["seconds"] for p in points], [p[f"{report}_{metric}"] for p in points], s=12, color=colour, alpha=0.35)
+
+
+def save(fig, path, dpi: int) -> None:
+    """Lay out, write (making the folder) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

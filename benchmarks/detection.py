@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from curves import draw, envelope, race  # noqa: E402
+from curves import draw, envelope, race, save  # noqa: E402
 from detection_data import DETECTION_DATASETS, write_detection_dataset  # noqa: E402
 
 SIZES = {"objects": 192, "trees": 384, "digits": 128}
@@ -185,10 +185,7 @@ def plot(by_dataset: dict[str, list[dict]], report: str, path: Path) -> None:
         ax.set_ylabel(f"{report} mAP@[.5:.95] of the best-on-validation model")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save(fig, path, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> int:
