@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -133,50 +134,130 @@ DIGIT_BACKGROUNDS = ("china.jpg", "flower.jpg", "camera.png", "moon.png", "hubbl
 DIGIT_SCENE = 128
 
 
-def write_digits(root: Path, *, seed: int = 0, counts: dict[str, int] | None = None) -> Path:
-    """Scenes of 1-6 handwritten digits (classes "0".."9") on real photos, COCO 2017 layout."""
-    import json
+def _digit_background(rng: random.Random, backgrounds: list[Image.Image]) -> Image.Image:
+    """A random square crop of a random background photo, resized to the scene size."""
+    bg = rng.choice(backgrounds)
+    side = min(bg.width, bg.height, rng.randint(DIGIT_SCENE, 3 * DIGIT_SCENE))
+    x, y = rng.randint(0, bg.width - side), rng.randint(0, bg.height - side)
+    return bg.crop((x, y, x + side, y + side)).resize((DIGIT_SCENE, DIGIT_SCENE), Image.BILINEAR)
 
+
+def _place_digit(scene: Image.Image, rng: random.Random, scan: np.ndarray, placed: list[list[int]]) -> list[int] | None:
+    """Paste one scan in a random ink and size where it overlaps nothing placed before; its box, or
+    None when 20 tries found no room."""
+    ink = rng.choice(((20, 20, 20), (240, 240, 240), (200, 30, 30), (30, 30, 160)))
+    size = rng.randint(14, 36)
+    alpha = Image.fromarray((scan * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    for _ in range(20):
+        ox, oy = rng.randint(0, DIGIT_SCENE - size), rng.randint(0, DIGIT_SCENE - size)
+        box = [ox, oy, ox + size, oy + size]
+        if all(box[2] <= q[0] or box[0] >= q[2] or box[3] <= q[1] or box[1] >= q[3] for q in placed):
+            scene.paste(Image.new("RGB", (size, size), ink), (ox, oy), alpha)
+            placed.append(box)
+            return box
+    return None
+
+
+def _digit_scans(seed: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """scikit-learn's digits and their scans split 60/20/20 (each scan in one split only)."""
     from sklearn.datasets import load_digits
 
-    counts = counts or {"train": 400, "val": 100, "test": 150}
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "annotations").mkdir(parents=True)
     digits = load_digits()
     order = np.random.default_rng(seed).permutation(len(digits.images))
     a, b = int(0.6 * len(order)), int(0.8 * len(order))
-    scans = {"train": order[:a], "val": order[a:b], "test": order[b:]}
+    return digits, {"train": order[:a], "val": order[a:b], "test": order[b:]}
+
+
+def _write_coco(root: Path, split: str, scenes: list[tuple[Image.Image, list[tuple[int, list[int]]]]], names: list[str]) -> None:
+    """Scenes with their (digit, box) objects as COCO; only the digits in ``names`` are boxed."""
+    import json
+
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i, (scene, objects) in enumerate(scenes):
+        name = f"{split}_{i:04d}.png"
+        scene.save(root / split / name)
+        images.append({"id": i + 1, "file_name": name, "width": DIGIT_SCENE, "height": DIGIT_SCENE})
+        for digit, (x0, y0, x1, y1) in objects:
+            if str(digit) in names:
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": names.index(str(digit)) + 1,
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+    categories = [{"id": c + 1, "name": n} for c, n in enumerate(names)]
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+
+
+def write_digits(root: Path, *, seed: int = 0, counts: dict[str, int] | None = None) -> Path:
+    """Scenes of 1-6 handwritten digits (classes "0".."9") on real photos, COCO 2017 layout."""
+    counts = counts or {"train": 400, "val": 100, "test": 150}
+    shutil.rmtree(root, ignore_errors=True)
+    digits, scans = _digit_scans(seed)
     backgrounds = _backgrounds(DIGIT_BACKGROUNDS)
     rng = random.Random(seed)
     for split, n in counts.items():
-        (root / split).mkdir()
-        images, annotations = [], []
-        for i in range(n):
-            bg = rng.choice(backgrounds[split])
-            side = min(bg.width, bg.height, rng.randint(DIGIT_SCENE, 3 * DIGIT_SCENE))
-            x, y = rng.randint(0, bg.width - side), rng.randint(0, bg.height - side)
-            scene = bg.crop((x, y, x + side, y + side)).resize((DIGIT_SCENE, DIGIT_SCENE), Image.BILINEAR)
-            placed: list[list[int]] = []
+        scenes = []
+        for _ in range(n):
+            scene, objects, placed = _digit_background(rng, backgrounds[split]), [], []
             for _ in range(rng.randint(1, 6)):
                 k = int(rng.choice(scans[split]))
-                ink = rng.choice(((20, 20, 20), (240, 240, 240), (200, 30, 30), (30, 30, 160)))
-                size = rng.randint(14, 36)
-                alpha = Image.fromarray((digits.images[k] * 16).clip(0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-                for _ in range(20):  # a place that overlaps nothing placed before
-                    ox, oy = rng.randint(0, DIGIT_SCENE - size), rng.randint(0, DIGIT_SCENE - size)
-                    box = [ox, oy, ox + size, oy + size]
-                    if all(box[2] <= q[0] or box[0] >= q[2] or box[3] <= q[1] or box[1] >= q[3] for q in placed):
-                        scene.paste(Image.new("RGB", (size, size), ink), (ox, oy), alpha)
-                        placed.append(box)
-                        annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(digits.target[k]) + 1,
-                                            "bbox": [ox, oy, size, size], "area": size * size, "iscrowd": 0})
-                        break
-            name = f"{split}_{i:04d}.png"
-            scene.save(root / split / name)
-            images.append({"id": i + 1, "file_name": name, "width": DIGIT_SCENE, "height": DIGIT_SCENE})
-        categories = [{"id": d + 1, "name": str(d)} for d in range(10)]
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+                box = _place_digit(scene, rng, digits.images[k], placed)
+                if box is not None:
+                    objects.append((int(digits.target[k]), box))
+            scenes.append((scene, objects))
+        _write_coco(root, split, scenes, [str(d) for d in range(10)])
     return root
+
+
+def write_digit_expansion(root: Path, *, seed: int = 0, new: tuple[int, ...] = (8, 9), old_scenes: str = "any", counts: dict[str, int] | None = None) -> dict[str, Path]:
+    """The detector-expansion protocol on digits (COCO layout, 128 px), each a folder under ``root``:
+
+    - ``old``: the original's scenes, only the old digits boxed; with ``old_scenes="any"`` they show
+      any digit (the new ones unboxed, as in VOC's "19 + 1"), with ``"old-only"`` only old digits;
+    - ``new``: scenes each showing a new digit, only the new digits boxed; every second one also
+      shows 1-4 old digits that nobody boxed, as a user's new photos would;
+    - ``joint``: the ``old`` and ``new`` scenes with every digit boxed (joint retraining);
+    - ``full``: ``joint``'s scenes and fresh test scenes of any digits, every digit boxed.
+    """
+    counts = counts or {"old_train": 500, "old_val": 100, "new_train": 160, "new_val": 40, "test": 250}
+    shutil.rmtree(root, ignore_errors=True)
+    digits, scans = _digit_scans(seed)
+    backgrounds = _backgrounds(DIGIT_BACKGROUNDS)
+    rng = random.Random(seed + 1)
+    new_set = set(new)
+    if old_scenes not in ("any", "old-only"):
+        raise ValueError(f"old_scenes is any or old-only, not {old_scenes!r}")
+    pool = "any" if old_scenes == "any" else "old"
+    pools = {split: {"old": [int(k) for k in ks if digits.target[k] not in new_set], "new": [int(k) for k in ks if digits.target[k] in new_set], "any": [int(k) for k in ks]}
+             for split, ks in scans.items()}
+
+    def scene(split: str, plan: list[str]) -> tuple[Image.Image, list[tuple[int, list[int]]]]:
+        image, objects, placed = _digit_background(rng, backgrounds[split]), [], []
+        for pool in plan:
+            k = rng.choice(pools[split][pool])
+            box = _place_digit(image, rng, digits.images[k], placed)
+            if box is not None:
+                objects.append((int(digits.target[k]), box))
+        return image, objects
+
+    def new_scene(split: str, i: int) -> tuple[Image.Image, list[tuple[int, list[int]]]]:
+        plan = ["new"] * rng.randint(1, 2) + (["old"] * rng.randint(1, 4) if i % 2 else [])
+        return scene(split, plan)
+
+    made = {
+        "old": {split: [scene(split, [pool] * rng.randint(1, 6)) for _ in range(counts[f"old_{split}"])] for split in ("train", "val")},
+        "new": {split: [new_scene(split, i) for i in range(counts[f"new_{split}"])] for split in ("train", "val")},
+        "test": [scene("test", ["any"] * rng.randint(1, 6)) for _ in range(counts["test"])],
+    }
+    old_names, new_names, every = [str(d) for d in range(10) if d not in new_set], [str(d) for d in new], [str(d) for d in range(10)]
+    out = {name: root / name for name in ("old", "new", "joint", "full")}
+    for split in ("train", "val"):
+        _write_coco(out["old"], split, made["old"][split], old_names)
+        _write_coco(out["new"], split, made["new"][split], new_names)
+        _write_coco(out["joint"], split, made["old"][split] + made["new"][split], every)
+    _write_coco(out["full"], "train", made["old"]["train"] + made["new"]["train"], every)  # joint's, so that it scans as a dataset
+    _write_coco(out["full"], "val", made["old"]["val"] + made["new"]["val"], every)
+    _write_coco(out["full"], "test", made["test"], every)
+    return out
 
 
 def write_detection_dataset(name: str, root: Path, seed: int = 0) -> Path:

@@ -1,9 +1,19 @@
 """Adding classes to a trained detector: graft expand against the usual recipes, on real images.
 
     .venv/bin/python benchmarks/expand_detection.py [--report val|test] [--seed 0] [--new face]
+    .venv/bin/python benchmarks/expand_detection.py --dataset digits [--report val|test]
 
-Data: the ``objects`` scenes of ``detection_data.py`` (real coins, handwritten digits and faces
-pasted onto real photos, 192 px; every object instance and background band belongs to one split).
+``--dataset digits`` is issue 22's protocol (``detection_data.write_digit_expansion``, 128 px,
+COCO): the original learns digits 0-7 from 500 scenes with only those boxed (they show 8s and 9s
+too, unboxed, as in VOC's "19 + 1"; ``--old-scenes old-only``: they show none) for 10 frozen + 2
+fine-tuning epochs without augmentation, as the issue trained it (joint retraining likewise); the
+new data is 160 scenes each showing an 8 or a 9, only those boxed, every second one also showing 1-4
+old digits nobody boxed; joint retraining sees all 660 scenes with every digit boxed; the held-out
+scenes (100 + 40 validation, 250 test) have every digit boxed.
+
+Data (default, ``objects``): the ``objects`` scenes of ``detection_data.py`` (real coins,
+handwritten digits and faces pasted onto real photos, 192 px; every object instance and background
+band belongs to one split).
 As in the incremental-detection literature (Shmelkov et al. 2017, "19 + 1" on VOC), the original
 detector learns the old classes from every training scene with only their boxes labelled (the new
 class is in the photos, unlabelled). The new data holds the training scenes with only the new class
@@ -52,7 +62,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from detection_data import CLASSES, write_objects  # noqa: E402
+from detection_data import CLASSES, DIGIT_SCENE, write_digit_expansion, write_objects  # noqa: E402
+
+DIGITS_NEW = (8, 9)
 
 SIZE = 192
 
@@ -167,7 +179,9 @@ def widened_conv(old: torch.nn.Conv2d, anchors: int, k: int, n: int, *, copy_old
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new", nargs="+", default=["face"], choices=CLASSES, help="the classes added; the others are the original's")
+    parser.add_argument("--dataset", choices=["objects", "digits"], default="objects", help="objects (coins, digits, faces; VOC '19+1') or digits (issue 22's protocol: digits 0-7, then 8 and 9 from 160 scenes, half of them showing unboxed old digits)")
+    parser.add_argument("--new", nargs="+", default=["face"], choices=CLASSES, help="objects: the classes added; the others are the original's")
+    parser.add_argument("--old-scenes", choices=["any", "old-only"], default="any", help="digits: the original's scenes show any digit, 8 and 9 unboxed (default), or old digits only")
     parser.add_argument("--report", choices=["val", "test"], default="test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--new-scenes", choices=["all", "half"], default="all", help="training scenes the new data holds (new-class boxes only)")
@@ -179,20 +193,31 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     work = args.work or Path(tempfile.mkdtemp(prefix="graft-expand-det-bench-"))
     os.environ["GRAFT_CACHE_DIR"] = str(work / "cache")
-    full = write_objects(work / "objects", seed=args.seed)
-    old_classes = [c for c in CLASSES if c not in args.new]
-    new_classes = [c for c in CLASSES if c in args.new]
+    if args.dataset == "digits":
+        protocol = write_digit_expansion(work / "digits", seed=args.seed, old_scenes=args.old_scenes)
+        full, old_data, new_data, joint_data = protocol["full"], protocol["old"], protocol["new"], protocol["joint"]
+        new_classes = [str(d) for d in DIGITS_NEW]
+        old_classes = [str(d) for d in range(10) if d not in DIGITS_NEW]
+        size, old_train_scenes = DIGIT_SCENE, None
+        # the issue's settings for the original and joint retraining
+        common = ["--quiet", "--img-size", size, "--seed", args.seed, "--device", "cpu", "--epochs", 10, "--fine-tune-epochs", 2, "--augment", "none"]
+    else:
+        full = write_objects(work / "objects", seed=args.seed)
+        old_classes = [c for c in CLASSES if c not in args.new]
+        new_classes = [c for c in CLASSES if c in args.new]
+        train, val, test = stems(full, "train"), stems(full, "val"), stems(full, "test")
+        half, val_half = len(train) // 2, len(val) // 2
+        old_data = subset_voc(full, work / "old", {"train": train, "val": val, "test": test}, set(old_classes))
+        new_train_scenes, new_val_scenes = (train, val) if args.new_scenes == "all" else (train[half:], val[val_half:])
+        new_data = subset_voc(full, work / f"new-{args.new_scenes}", {"train": new_train_scenes, "val": new_val_scenes}, set(new_classes))
+        joint_data = None
+        size, old_train_scenes = SIZE, len(train)
+        common = ["--quiet", "--img-size", size, "--seed", args.seed, "--device", "cpu"]
     classes = old_classes + new_classes
     k = len(old_classes)
-    train, val, test = stems(full, "train"), stems(full, "val"), stems(full, "test")
-    half, val_half = len(train) // 2, len(val) // 2
-    old_data = subset_voc(full, work / "old", {"train": train, "val": val, "test": test}, set(old_classes))
-    new_train_scenes, new_val_scenes = (train, val) if args.new_scenes == "all" else (train[half:], val[val_half:])
-    new_data = subset_voc(full, work / f"new-{args.new_scenes}", {"train": new_train_scenes, "val": new_val_scenes}, set(new_classes))
-    common = ["--quiet", "--img-size", SIZE, "--seed", args.seed, "--device", "cpu"]
     reuse = args.work is not None and (work / "runs/original/model.json").is_file()  # a second look at the same split: the same original
     secs = 0.0 if reuse else cli("train", "--data", old_data, "--out", work / "runs/original", *common)
-    print(json.dumps({"step": "original", "old_classes": old_classes, "new_classes": new_classes, "train_scenes": len(train), "new_train_scenes": len(new_train_scenes), "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
+    print(json.dumps({"step": "original", "dataset": args.dataset, "old_classes": old_classes, "new_classes": new_classes, "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
 
     from graft.configuration import parse_config
     from graft.detection.runner import scan
@@ -246,7 +271,8 @@ def main() -> None:
         secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/fine-tune", "--mode", "fine-tune", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
         emit("graft-fine-tune", load_run(work / "runs/fine-tune", device="cpu").model, secs, old_images_used=0)
     if want("joint"):
-        joint_data = subset_voc(full, work / "joint", {"train": train, "val": val}, set(CLASSES))
+        if joint_data is None:
+            joint_data = subset_voc(full, work / "joint", {"train": train, "val": val}, set(CLASSES))
         os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")
         if reuse and (work / "runs/joint/model.json").is_file():  # the same scenes and seed: the same joint run
             secs = json.loads((work / "runs/joint/metrics.json").read_text())["train_seconds"]
@@ -258,10 +284,10 @@ def main() -> None:
             emit_model = _reordered(joint.model, order)
         else:
             emit_model = joint.model
-        emit("joint", emit_model, secs, old_images_used=len(train))
+        emit("joint", emit_model, secs, old_images_used=old_train_scenes if old_train_scenes is not None else len(scan(parse_config({"task": "detect", "data": {"dir": str(old_data)}})).train))
     if want("original-reseeded"):
         os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-reseeded")
-        reseeded = ["--quiet", "--img-size", SIZE, "--seed", args.seed + 1, "--device", "cpu"]
+        reseeded = [*common[: common.index("--seed") + 1], args.seed + 1, *common[common.index("--seed") + 2 :]]
         secs = cli("train", "--data", old_data, "--out", work / "runs/original-reseeded", "--overwrite", *reseeded)
         again = score(load_run(work / "runs/original-reseeded", device="cpu").model, held, old_classes, k)
         row = {"method": "original-reseeded", "split": args.report, "old_map_before": round(before["old_map"], 4), "old_map_after": round(again["old_map"], 4), "old_map50_after": round(again["old_map50"], 4), "seconds": round(secs, 1), "training_seed": args.seed + 1}
