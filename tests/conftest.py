@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Caches (embeddings) go to a throwaway folder, never the user's ~/.cache.
+# Caches (embeddings) go to a throwaway folder, never the user's ~/.cache, removed when the tests end.
 if "GRAFT_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["GRAFT_CACHE_DIR"] = tempfile.mkdtemp(prefix="graft-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["GRAFT_CACHE_DIR"], ignore_errors=True)
 
 from helpers import make_class_folders  # noqa: E402
 
