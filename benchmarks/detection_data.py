@@ -168,8 +168,9 @@ def _digit_scans(seed: int) -> tuple[Any, dict[str, np.ndarray]]:
     return digits, {"train": order[:a], "val": order[a:b], "test": order[b:]}
 
 
-def _write_coco(root: Path, split: str, scenes: list[tuple[Image.Image, list[tuple[int, list[int]]]]], names: list[str]) -> None:
-    """Scenes with their (digit, box) objects as COCO; only the digits in ``names`` are boxed."""
+def _write_coco(root: Path, split: str, scenes: list[tuple[Image.Image, list[tuple[int, list[int]]]]], names: list[str], boxed: list[list[str]] | None = None) -> None:
+    """Scenes with their (digit, box) objects as COCO; only the digits in ``names`` are boxed (in
+    scene i, only those in ``boxed[i]`` when given)."""
     import json
 
     (root / split).mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def _write_coco(root: Path, split: str, scenes: list[tuple[Image.Image, list[tup
         scene.save(root / split / name)
         images.append({"id": i + 1, "file_name": name, "width": DIGIT_SCENE, "height": DIGIT_SCENE})
         for digit, (x0, y0, x1, y1) in objects:
-            if str(digit) in names:
+            if str(digit) in names and (boxed is None or str(digit) in boxed[i]):
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": names.index(str(digit)) + 1,
                                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
     categories = [{"id": c + 1, "name": n} for c, n in enumerate(names)]
@@ -216,6 +217,8 @@ def write_digit_expansion(root: Path, *, seed: int = 0, new: tuple[int, ...] = (
     - ``new``: scenes each showing a new digit, only the new digits boxed; every second one also
       shows 1-4 old digits that nobody boxed, as a user's new photos would;
     - ``joint``: the ``old`` and ``new`` scenes with every digit boxed (joint retraining);
+    - ``matched``: the same scenes with the boxes the original and the expansion had between them
+      (joint retraining with the expansion's labels: a bound on what those labels can teach);
     - ``full``: ``joint``'s scenes and fresh test scenes of any digits, every digit boxed.
     """
     counts = counts or {"old_train": 500, "old_val": 100, "new_train": 160, "new_val": 40, "test": 250}
@@ -249,11 +252,12 @@ def write_digit_expansion(root: Path, *, seed: int = 0, new: tuple[int, ...] = (
         "test": [scene("test", ["any"] * rng.randint(1, 6)) for _ in range(counts["test"])],
     }
     old_names, new_names, every = [str(d) for d in range(10) if d not in new_set], [str(d) for d in new], [str(d) for d in range(10)]
-    out = {name: root / name for name in ("old", "new", "joint", "full")}
+    out = {name: root / name for name in ("old", "new", "joint", "matched", "full")}
     for split in ("train", "val"):
         _write_coco(out["old"], split, made["old"][split], old_names)
         _write_coco(out["new"], split, made["new"][split], new_names)
         _write_coco(out["joint"], split, made["old"][split] + made["new"][split], every)
+        _write_coco(out["matched"], split, made["old"][split] + made["new"][split], every, [old_names] * len(made["old"][split]) + [new_names] * len(made["new"][split]))
     _write_coco(out["full"], "train", made["old"]["train"] + made["new"]["train"], every)  # joint's, so that it scans as a dataset
     _write_coco(out["full"], "val", made["old"]["val"] + made["new"]["val"], every)
     _write_coco(out["full"], "test", made["test"], every)
