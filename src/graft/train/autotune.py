@@ -156,6 +156,7 @@ def _train_heads(cfg: GraftConfig, model: GraftClassifier, initial_head: dict[st
     would alone, and a batch costs one pass over the data for all of them. Each copy is scored on
     its last epoch, or under early stopping on its best one (its later epochs are ignored)."""
     from graft.data.dataset import EpochBatchSampler
+    from graft.train.hooks import improves
     from graft.train.runner import seed_everything
 
     seed_everything(cfg.solver.seed)
@@ -209,8 +210,7 @@ def _train_heads(cfg: GraftConfig, model: GraftClassifier, initial_head: dict[st
                 if not patience:
                     scored[k] = row
                 elif waited[k] < patience:  # still running, as the early-stopped phase would be
-                    best = scored[k]
-                    if best is None or (row[monitor] < best[monitor] if monitor == "val_loss" else row[monitor] > best[monitor]):
+                    if improves(monitor, row[monitor], None if scored[k] is None else scored[k][monitor]):
                         scored[k], waited[k] = row, 0
                     else:
                         waited[k] += 1

@@ -151,6 +151,13 @@ class ProgressHook(Hook):
         print(stopping.describe(stopping.phases[-1], trainer.phase.epochs), file=self.stream, flush=True)
 
 
+def improves(monitor: str, value: float, best: float | None) -> bool:
+    """Is ``value`` of ``monitor`` better than ``best`` (lower loss, higher anything else)?"""
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best
+
+
 class EarlyStoppingHook(Hook):
     """Keras' ``EarlyStopping(patience, restore_best_weights=True)``, per phase: a phase ends after
     ``patience`` epochs without a better ``monitor`` on the validation split, and at the end of
@@ -168,9 +175,7 @@ class EarlyStoppingHook(Hook):
         self.phases: list[dict[str, Any]] = []  # what happened in each finished phase
 
     def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value < self.best["value"] if self.monitor == "val_loss" else value > self.best["value"]
+        return improves(self.monitor, value, None if self.best is None else self.best["value"])
 
     def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
         value = row.get(self.monitor)
