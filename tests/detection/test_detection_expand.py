@@ -19,7 +19,7 @@ from helpers import run_cli
 
 TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",
         "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "solver.base_lr=0.01", "--quiet"]
-EXPAND = ["--epochs", "30", "--set", "solver.base_lr=0.01", "--set", "solver.snapshot=10", "--quiet"]
+EXPAND = ["--epochs", "30", "--set", "solver.base_lr=0.01", "--set", "solver.snapshot=10", "--set", "expand.pseudo_labels=false", "--quiet"]  # pseudo-labels: test_pseudo_labels.py
 
 
 

@@ -44,6 +44,7 @@ from graft.detection.dataset import BoxDataset
 from graft.detection.distill import DistillingDetectionTask
 from graft.detection.metrics import Prediction, detection_metrics
 from graft.detection.model import GraftDetector
+from graft.detection.pseudo_labels import add_pseudo_labelled
 from graft.detection.task import DetectionTask, collect_detections
 from graft.detection.widen import SIGMOID_HEADS, add_block, block_kinds, branch_class_layer
 from graft.errors import ConfigError, DataError, SnapshotError
@@ -291,13 +292,17 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
                              LayerRule(pattern=f"branches.{i}", lr_mult=cfg.train.fine_tune_lr_mult)]
     frozen = old_parameters(model)
     phases = [Phase("feature-extract", cfg.train.epochs, None, cfg.solver.base_lr, freeze=frozen)]
+    _, aug = augmentation(cfg)
+    device = select_device(cfg.train.device)
+    if payload is None and cfg.expand.pseudo_labels:  # the probe trains the new block; the run continues from it
+        splits, spec["pseudo_labels"] = add_pseudo_labelled(cfg, model, splits, source.splits, k, phases[0], aug, device, say)
+    if spec.get("pseudo_labels", {}).get("used"):
+        phases[0] = dataclasses.replace(phases[0], epochs=cfg.expand.pseudo_label_epochs)
     task = None
     if cfg.expand.mode == "fine-tune":  # then the backbone's top too; the old detector above it stays frozen
         at = surgery.resolve_fine_tune_at(model, cfg.train.fine_tune_at)
         phases.append(Phase("fine-tune", cfg.train.fine_tune_epochs, at, cfg.solver.base_lr * cfg.train.fine_tune_lr_mult, freeze=tuple(n for n in frozen if not n.startswith("backbone."))))
         task = DistillingDetectionTask(splits.val, splits.classes, cfg.detect.conf, teacher=source.model, weight=cfg.expand.distill_weight)
-    _, aug = augmentation(cfg)
-    device = select_device(cfg.train.device)
     lineage = list(source.info.get("expanded_from", [])) + [{"run": source.name, "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode, "block": cfg.expand.detector_block}]
     if replace:
         stash_run(run_dir)
@@ -312,7 +317,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
             + (f"; {plural(rehearsal['boxes'], 'box', 'boxes')} of old classes ({', '.join(rehearsal['classes'])}) are negatives for it" if rehearsal["boxes"] else ""))
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, list(hooks), extra={"expand": spec, "expanded_from": lineage}, task=task)
         metrics = expansion_metrics(source, model, splits, k, cfg, device)
-        metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
+        metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, pseudo_labels=spec.get("pseudo_labels"), parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
         write_json(run_dir / "expand_metrics.json", metrics)
         write_report_after_run(run_dir)
     say(f"done: old classes mAP {_fmt(metrics['old_map_before'])} -> {_fmt(metrics['old_map_after'])} ({metrics['old_split']}), "
