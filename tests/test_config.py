@@ -386,3 +386,23 @@ def test_a_section_given_twice_in_a_config_file_is_an_error(tmp_path: Path) -> N
     path = write(tmp_path / "twice.yaml", "train:\n  strategy: fine-tune\nsolver:\n  base_lr: 0.01\ntrain:\n  epochs: 3\n")
     with pytest.raises(ConfigError, match=r"at line 5, column 1: key 'train' appears twice in one mapping \(first at line 1\)"):
         read_yaml(path)
+
+
+def test_the_readme_config_reference_has_every_key_with_its_default():
+    """The README's table is written by hand: a key added to the config without a row fails here."""
+    import json
+
+    from graft.configuration import GraftConfig
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip().strip("`") for line in readme.splitlines() if line.startswith("| `")}
+    for section, field in GraftConfig.model_fields.items():
+        keys = getattr(field.annotation, "model_fields", None)
+        if keys is None:
+            assert rows.get(section) == field.default, section
+            continue
+        for key, f in keys.items():
+            name = f"{section}.{key}"
+            assert name in rows, f"README's config reference has no row for {name}"
+            default = f.default if f.default_factory is None else f.default_factory()
+            assert rows[name] in (str(default), json.dumps(default)), (name, rows[name], default)
