@@ -264,7 +264,7 @@ def test_fine_tune_mode_adapts_the_backbone_and_distillation_holds_the_old_detec
     for weight in ("0", "10"):
         out = root / "runs" / f"det+ring-ft{weight}"
         code, _, err = run_cli(capsys, "expand", original, "--data", rings, "--out", out, "--mode", "fine-tune", "--epochs", "2", "--fine-tune-epochs", "3",
-                               "--set", "solver.base_lr=0.01", "--set", "train.fine_tune_lr_mult=1.0", "--set", f"expand.distill_weight={weight}", "--set", "data.augment=none", "--device", "cpu")
+                               "--set", "solver.base_lr=0.01", "--set", "train.fine_tune_lr_mult=1.0", "--set", f"expand.distill_weight={weight}", "--set", "data.augment=none", "--set", "expand.pseudo_labels=false", "--device", "cpu")
         assert code == 0, err
         runs[weight] = out
     assert "mode fine-tune" in err and "distilled towards the original's (weight 10)" in err

@@ -124,6 +124,7 @@ def add_pseudo_labelled(cfg: GraftConfig, model: GraftDetector, splits: Detectio
         say(f"pseudo-labels: none ({why})")
         return splits, {"used": False, "why": why}
     t0 = time.perf_counter()
+    say(f"pseudo-labels: the new block trains {phase.epochs} epochs on the new data alone, then looks for its classes in {len(images)} training images of the original run")
     val_map = probe(cfg, model, splits, phase, aug, device, say)
     # the source's labels are its classes' indices, which the expansion keeps (old classes first)
     labelled, found = pseudo_label(model, images, k, score=cfg.expand.pseudo_label_score, cfg=cfg, device=device)
