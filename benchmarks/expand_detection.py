@@ -32,9 +32,12 @@ Methods, one JSON line each (old mAP before/after, new mAP, overall mAP, seconds
 - ``copy-rows``: the mission document's recipe: a K+N classification layer with the old rows
   copied in, trained on the new boxes plus ``--rehearsal`` old-class training scenes (old boxes
   only), then the old rows copied back;
-- ``graft-frozen``: ``graft expand``, defaults, no old images;
+- ``graft-frozen``: ``graft expand``, defaults: no old images given; with its pseudo-labels it
+  reads the original run's training images (and their old boxes) from disk, as a user's expansion
+  on the machine that trained the original would (``old_images_used`` counts them;
+  ``--expand-set expand.pseudo_labels=false`` for the new data alone);
 - ``graft-fine-tune``: ``graft expand --mode fine-tune``: that, then the backbone's top adapts too,
-  with the old detector's features distilled towards the original's; no old images;
+  with the old detector's features distilled towards the original's;
 - ``joint``: graft train on all training scenes with every class labelled, as the original was
   trained (the upper bound).
 - ``joint-matched`` (digits): joint retraining on only the boxes the original and the expansion
@@ -269,10 +272,10 @@ def main() -> None:
         emit("copy-rows", model, secs, old_images_used=len(rehearsal))
     if want("graft-frozen"):
         secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/frozen", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
-        emit("graft-frozen", load_run(work / "runs/frozen", device="cpu").model, secs, old_images_used=0)
+        emit("graft-frozen", load_run(work / "runs/frozen", device="cpu").model, secs, **pseudo_record(work / "runs/frozen"))
     if want("graft-fine-tune"):
         secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/fine-tune", "--mode", "fine-tune", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
-        emit("graft-fine-tune", load_run(work / "runs/fine-tune", device="cpu").model, secs, old_images_used=0)
+        emit("graft-fine-tune", load_run(work / "runs/fine-tune", device="cpu").model, secs, **pseudo_record(work / "runs/fine-tune"))
     if want("joint"):
         if joint_data is None:
             joint_data = subset_voc(full, work / "joint", {"train": train, "val": val}, set(CLASSES))
@@ -311,6 +314,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['old_map_before']:.3f} -> {r['old_map_after']:.3f} | {r['new_map']:.3f} | {r['overall_map']:.3f} | {len(held)} | {r['seconds']} |")
+
+
+def pseudo_record(run: Path) -> dict:
+    """What an expansion took from the original's training images (graft expand's pseudo-labels)."""
+    p = json.loads((run / "expand_metrics.json").read_text()).get("pseudo_labels") or {}
+    if not p.get("used"):
+        return {"old_images_used": 0}
+    return {"old_images_used": p["images"], "pseudo_boxes": p["boxes"], "pseudo_seconds": p["seconds"]}
 
 
 class _Reordered(torch.nn.Module):
