@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from graft.errors import ConfigError
+from graft.models.blocks import BlockLinear
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -257,8 +258,6 @@ def widen_head(model: nn.Module, new_classes: int, *, seed: int = 0) -> dict[str
     """Add ``new_classes`` outputs to ``model.head.fc`` (K -> K + N). The old K rows, weights and
     bias, are kept as they are (as their own block, so their logits stay bit-identical) and the N
     new rows are initialised from ``seed``. Returns the counts of what changed."""
-    from graft.models.classifier import BlockLinear
-
     if new_classes < 1:
         raise ConfigError(f"widen_head needs at least one new class, got {new_classes}")
     fc = model.head.fc
