@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from graft.version import __version__
 
 
 def config(file: str | None = None, overrides: list[str] = (), **sections: dict[str, Any]):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graft import __version__
+from graft.version import __version__
 from graft.console import plural
 from graft.data.images import ImageError, load_image
 from graft.errors import ConfigError, ExportError

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from graft import __version__
+from graft.version import __version__
 from graft.errors import GraftError
 from graft.io import write_text
 

@@ -11,8 +11,7 @@ from graft.errors import ConfigError, DataError
 from graft.data.transforms import augmentation_from_config, preprocessing_for
 from graft.models import surgery
 from graft.models.backbones import build_model
-from graft.train.loop import phase_param_groups
-from graft.train.runner import plan_phases
+from graft.train.phases import phase_rows, plan_phases
 
 
 def _count_class_folders(data_dir: str) -> int:
@@ -33,7 +32,7 @@ def decide_now(cfg: GraftConfig) -> dict[str, Any]:
     from graft.data.dataset import default_workers
     from graft.train import autotune
     from graft.train.caches import decoded_for_search, embedding_cache
-    from graft.train.runner import plan_phases, select_device
+    from graft.train.device import select_device
 
     if not cfg.data.dir:
         raise ConfigError("graft plan --decide needs --data DIR: the decision is made on its validation split")
@@ -45,31 +44,6 @@ def decide_now(cfg: GraftConfig) -> dict[str, Any]:
     cache = embedding_cache(cfg, model.to(device), pre, device, default_workers(), stored=cfg.train.embedding_cache)
     has_head = any(p.backbone_frozen for p in plan_phases(cfg, model))
     return autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=has_head, decoded=decoded_for_search(cfg, splits, pre), say=lambda m: None).to_dict()
-
-
-def phase_rows(cfg: GraftConfig, model: Any, layers: list) -> list[dict[str, Any]]:
-    """Each phase: what learns, at which rate, in which optimizer groups (classifiers and detectors)."""
-    phases = []
-    for phase in plan_phases(cfg, model):
-        groups = phase_param_groups(model, phase, cfg.solver, cfg.model.freeze, cfg.model.lr_mult)
-        learning = [name for name, module in layers if any(p.requires_grad for p in module.parameters(recurse=False))]
-        phases.append(
-            {
-                "name": phase.name,
-                "epochs": phase.epochs,
-                "lr": phase.lr,
-                "trainable_from_layer": phase.trainable_from,
-                "first_trainable_layer": layers[phase.trainable_from][0] if phase.trainable_from is not None and phase.trainable_from < len(layers) else None,
-                "parameters": surgery.count_parameters(model),
-                "backbone_layers_learning": len(learning),
-                "frozen_batchnorm_in_eval": cfg.model.frozen_bn_eval,
-                "groups": [
-                    {"lr": g["lr"], "weight_decay": g["weight_decay"], "lr_mult": g["lr_mult"], "decay_mult": g["decay_mult"], "tensors": len(g["names"]), "parameters": sum(p.numel() for p in g["params"]), "first": g["names"][0], "last": g["names"][-1]}
-                    for g in groups
-                ],
-            }
-        )
-    return phases
 
 
 def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: bool = False) -> dict[str, Any]:

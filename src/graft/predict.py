@@ -36,7 +36,7 @@ class TrainedModel:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, device: str = "auto") -> TrainedModel:
-        from graft.train.runner import select_device
+        from graft.train.device import select_device
 
         run_dir = Path(run_dir)
         info_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"

@@ -107,7 +107,7 @@ def decide_augment(
     trial's state after ``decision.epochs`` epochs (a snapshot payload the run continues from).
     ``train_cache(name)`` builds the features under augmentation ``name``. A candidate's cache is
     closed as soon as it loses, so at most two are held at once; on any failure all are closed."""
-    from graft.train.runner import seed_everything
+    from graft.train.device import seed_everything
 
     started = time.perf_counter()
     epochs = search_epochs(frozen_phase.epochs)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from graft.configuration import GraftConfig
 from graft.data.dataset import _mix
 from graft.detection.dataset import BoxDataset, collate_boxes
 from graft.detection.model import GraftDetector
@@ -135,3 +137,20 @@ def _collate_keyed(batch):
     keys = [k for k, _, _ in batch]
     images, targets = collate_boxes([(image, target) for _, image, target in batch])
     return keys, images, targets
+
+
+def features_cacheable(cfg: GraftConfig) -> bool:
+    """Backbone features are computed once only when asked and the frozen backbone is a fixed function."""
+    from graft.train.caches import frozen_bn_fixed
+
+    return cfg.train.embedding_cache and frozen_bn_fixed(cfg)
+
+
+def cache_options(cfg: GraftConfig, device: torch.device, amp: bool, say: Any) -> dict[str, Any]:
+    """``build_feature_cache``'s settings from the config."""
+    cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
+    return {"seed": cfg.solver.seed, "device": device, "amp": amp, "budget_mb": cfg.detect.cache_mb, "cache_dir": cache_dir, "say": say}
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graft")

@@ -237,7 +237,8 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
     from graft.detection.runner import augmentation, train_and_report
     from graft.expansion.run import ExpandResult
     from graft.expansion.source import load_source
-    from graft.train.runner import holds_run, keeping_replaced_run, select_device, stash_run
+    from graft.train.device import select_device
+    from graft.train.runner import holds_run, keeping_replaced_run, stash_run
 
     started = time.perf_counter()
     say = progress(quiet)

@@ -21,7 +21,7 @@ def describe_detection_plan(cfg: GraftConfig, num_classes: int | None = None, *,
     training would (it costs the candidates' feature caches and short trainings)."""
     from graft.detection.build import build_detection_model, input_size
     from graft.detection.runner import apply_detection_defaults, augmentation, box_sizes, scan
-    from graft.plan import phase_rows
+    from graft.train.phases import phase_rows
 
     apply_detection_defaults(cfg)
     sizes, classes, data, splits = [], None, None, None
@@ -69,7 +69,8 @@ def _decide_now(cfg: GraftConfig, model: Any, splits: Any) -> dict[str, Any]:
     """What ``graft train`` would make of ``auto``; ``cfg.data.augment`` becomes it."""
     from graft.detection.runner import decide_auto
     from graft.detection.task import DetectionTask
-    from graft.train.runner import plan_phases, seed_everything, select_device
+    from graft.train.phases import plan_phases
+    from graft.train.device import seed_everything, select_device
 
     if splits is None:
         raise ConfigError("graft plan --decide needs --data DIR: the decision is made on its validation split")

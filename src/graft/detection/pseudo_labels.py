@@ -28,6 +28,7 @@ from torchvision.ops import box_iou
 from graft.configuration import GraftConfig
 from graft.data.dataset import default_workers, eval_loader
 from graft.detection.boxes import BoxSample
+from graft.detection.cache import build_feature_cache, cache_options, features_cacheable
 from graft.detection.data import DetectionSplits
 from graft.detection.dataset import BoxAugment, BoxDataset
 from graft.detection.metrics import Prediction
@@ -49,9 +50,7 @@ def source_images(source_splits: DetectionSplits | None, new: DetectionSplits) -
 def probe(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits, phase: Phase, aug: BoxAugment, device: torch.device, say: Any) -> float | None:
     """Train the new block (``phase``) on ``splits`` in memory, on cached backbone features where
     the backbone is a fixed function; returns the last epoch's validation mAP."""
-    from graft.detection.cache import build_feature_cache
-    from graft.detection.runner import cache_options, features_cacheable
-    from graft.train.runner import seed_everything
+    from graft.train.device import seed_everything
 
     model.to(device)
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"

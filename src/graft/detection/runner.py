@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from graft import __version__
+from graft.version import __version__
 from graft.configuration import GraftConfig, dump_yaml
 from graft.console import plural, progress, tell_data, warn
 from graft.data.dataset import default_workers, eval_loader
 from graft.detection.build import build_detection_model, input_size
 from graft.detection.autotune import FALLBACK, decide_augment
-from graft.detection.cache import build_feature_cache
+from graft.detection.cache import build_feature_cache, cache_options, features_cacheable
 from graft.detection.data import DetectionSplits, describe, scan_detection
 from graft.detection.dataset import BoxAugment, BoxDataset, resized_size
 from graft.detection.metrics import detection_metrics
@@ -124,7 +124,8 @@ def run_info(cfg: GraftConfig, splits: DetectionSplits, model: GraftDetector, ph
 
 
 def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, *, replace: bool, device: torch.device, source_run: Path | None, data_dir: str | Path | None, started: float, quiet: bool, hooks: list[Any]):
-    from graft.train.runner import check_batch_size, keeping_replaced_run, plan_phases, stash_run
+    from graft.train.phases import plan_phases
+    from graft.train.runner import check_batch_size, keeping_replaced_run, stash_run
 
     say = progress(quiet)
     if payload is None:
@@ -202,24 +203,12 @@ def decide_auto(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits,
     return decision, train_cache, val_cache, start
 
 
-def features_cacheable(cfg: GraftConfig) -> bool:
-    """Backbone features are computed once only when asked and the frozen backbone is a fixed function."""
-    from graft.train.caches import frozen_bn_fixed
-
-    return cfg.train.embedding_cache and frozen_bn_fixed(cfg)
-
-
-def cache_options(cfg: GraftConfig, device: torch.device, amp: bool, say: Any) -> dict[str, Any]:
-    """``build_feature_cache``'s settings from the config."""
-    cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
-    return {"seed": cfg.solver.seed, "device": device, "amp": amp, "budget_mb": cfg.detect.cache_mb, "cache_dir": cache_dir, "say": say}
-
-
 def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DetectionSplits, model: GraftDetector, aug: BoxAugment, phases: list[Phase], device: torch.device, started: float, say: Any, quiet: bool, hooks: list[Any], *, extra: dict[str, Any] | None = None, task: DetectionTask | None = None):
     """Train ``model`` on ``splits`` and write the run. ``extra`` goes into every snapshot and into
     ``model.json`` (an expansion's record of where it came from); ``task`` replaces the plain
     detection loss (an expansion's distillation)."""
-    from graft.train.runner import TrainResult, seed_everything
+    from graft.train.device import seed_everything
+    from graft.train.runner import TrainResult
 
     model.to(device)
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
@@ -301,12 +290,6 @@ def _close(caches: dict[str, Any]) -> None:
     for c in caches.values():
         if c is not None:
             c.close()
-
-
-def _cache_root() -> Path:
-    import os
-
-    return Path(os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graft")
 
 
 def evaluate_detector(model: GraftDetector, samples: list, classes: list[str], *, device: torch.device, amp: bool, workers: int, batch_size: int, conf: float):

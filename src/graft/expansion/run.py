@@ -43,7 +43,8 @@ from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fi
 from graft.train.hooks import run_hooks
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import write_results
-from graft.train.runner import TrainResult, check_classifier_monitor, check_files_exist, holds_run, keeping_replaced_run, run_info, seed_everything, select_device, stash_run, use_channels_last
+from graft.train.device import seed_everything, select_device
+from graft.train.runner import TrainResult, check_classifier_monitor, check_files_exist, holds_run, keeping_replaced_run, run_info, stash_run, use_channels_last
 
 CALIBRATION_DRAWS = 256  # old-class samples drawn per class from the statistics for calibration
 

@@ -157,7 +157,7 @@ def _train_heads(cfg: GraftConfig, model: GraftClassifier, initial_head: dict[st
     its last epoch, or under early stopping on its best one (its later epochs are ignored)."""
     from graft.data.dataset import EpochBatchSampler
     from graft.train.hooks import improves
-    from graft.train.runner import seed_everything
+    from graft.train.device import seed_everything
 
     seed_everything(cfg.solver.seed)
     original = model.head

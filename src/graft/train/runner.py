@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import sys
 import time
@@ -18,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from graft import __version__
+from graft.version import __version__
 from graft.configuration import GraftConfig, dump_yaml, parse_config
 from graft.console import plural, progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
@@ -40,26 +38,12 @@ from graft.train.caches import class_statistics, decoded_for_search, decoded_ima
 from graft.train.prefix import prefix_data
 from graft.train.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.train.loop import Phase, Trainer
+from graft.train.phases import plan_phases
+from graft.train.device import seed_everything, select_device
 from graft.train.task import ClassificationTask
 from graft.train.results import write_results
 
 RUN_MARKERS = ("model.json", "snapshots", "history.csv")
-
-
-def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' was asked for (--device or train.device), but no CUDA GPU is available here; use auto or cpu")
-    return device
 
 
 def use_channels_last(cfg: GraftConfig, device: torch.device) -> bool:
@@ -67,13 +51,6 @@ def use_channels_last(cfg: GraftConfig, device: torch.device) -> bool:
     embeds 1.3x faster at 96 px and 2.4x at 224 px, and trains its top 1.3x faster; ResNet-18
     runs the same either way. (Detectors keep it to CUDA: not measured on CPUs.)"""
     return cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else True
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every global RNG a run draws from (dropout, drop-path; data order has its own)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_task(cfg: GraftConfig) -> str:
@@ -92,20 +69,6 @@ def check_classifier_monitor(cfg: GraftConfig) -> None:
     would silently never stop and never restore."""
     if cfg.train.early_stopping_monitor in ("val_map", "val_map50"):
         raise ConfigError(f"train.early_stopping_monitor {cfg.train.early_stopping_monitor} is a detector's validation mAP; a classifier is judged by val_loss or val_accuracy")
-
-
-def plan_phases(cfg: GraftConfig, model: GraftClassifier) -> list[Phase]:
-    """The recipe: which phases run, what learns in each, at which learning rate."""
-    t, base = cfg.train, cfg.solver.base_lr
-    # Until ``auto`` is decided (graft.train.autotune), the head's rate shows as solver.base_lr.
-    extract = Phase("feature-extract", t.epochs, None, t.head_lr if isinstance(t.head_lr, float) else base)
-    at = surgery.resolve_fine_tune_at(model, t.fine_tune_at)
-    if t.strategy == "feature-extract":
-        return [extract]
-    if t.strategy == "fine-tune":
-        return [Phase("fine-tune", t.epochs, at, base * t.fine_tune_lr_mult)]
-    phases = [extract, Phase("fine-tune", t.fine_tune_epochs, at, base * t.fine_tune_lr_mult)]
-    return [p for p in phases if p.epochs > 0]
 
 
 RUN_FILES = RUN_MARKERS + (
