@@ -295,10 +295,6 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
     phases = [Phase("feature-extract", cfg.train.epochs, None, cfg.solver.base_lr, freeze=frozen)]
     _, aug = augmentation(cfg)
     device = select_device(cfg.train.device)
-    if payload is None and cfg.expand.pseudo_labels:  # the probe trains the new block; the run continues from it
-        splits, spec["pseudo_labels"] = add_pseudo_labelled(cfg, model, splits, source.splits, k, phases[0], aug, device, say)
-    if spec.get("pseudo_labels", {}).get("used"):
-        phases[0] = dataclasses.replace(phases[0], epochs=cfg.expand.pseudo_label_epochs)
     task = None
     if cfg.expand.mode == "fine-tune":  # then the backbone's top too; the old detector above it stays frozen
         at = surgery.resolve_fine_tune_at(model, cfg.train.fine_tune_at)
@@ -316,6 +312,10 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         then = f"; then the backbone's top adapts too for {plural(cfg.train.fine_tune_epochs, 'epoch')}, its features for the old detector distilled towards the original's (weight {cfg.expand.distill_weight:g})" if task is not None else ""
         say(f"expanding {source.name} ({plural(k, 'class', 'classes')}, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}: the old detector stays as it was, for the new classes {how}{then}"
             + (f"; {plural(rehearsal['boxes'], 'box', 'boxes')} of old classes ({', '.join(rehearsal['classes'])}) are negatives for it" if rehearsal["boxes"] else ""))
+        if payload is None and cfg.expand.pseudo_labels:  # the probe trains the new block; the run continues from it
+            splits, spec["pseudo_labels"] = add_pseudo_labelled(cfg, model, splits, source.splits, k, phases[0], aug, device, say)
+        if spec.get("pseudo_labels", {}).get("used"):
+            phases[0] = dataclasses.replace(phases[0], epochs=cfg.expand.pseudo_label_epochs)
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, list(hooks), extra={"expand": spec, "expanded_from": lineage}, task=task)
         metrics = expansion_metrics(source, model, splits, k, cfg, device)
         metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, pseudo_labels=spec.get("pseudo_labels"), parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
