@@ -49,7 +49,6 @@ from graft.detection.task import DetectionTask, collect_detections
 from graft.detection.widen import SIGMOID_HEADS, add_block, block_kinds, branch_class_layer
 from graft.errors import ConfigError, DataError, SnapshotError
 from graft.expansion.classes import refuse_near_twins
-from graft.expansion.source import inherit_weights_report
 from graft.html_report import write_report_after_run
 from graft.io import read_json, write_json
 from graft.models import surgery
@@ -112,6 +111,21 @@ def coco_source(spec: str) -> DetectionSource:
         "detector": {"head": model.head_kind, "level_sizes": model.level_sizes, "frozen_bn": model.frozen_bn, "class_blocks": [len(classes)]},
     }
     return DetectionSource(spec, None, info, model.eval(), file_digest(coco_weights_file(name)), None)
+
+
+def detection_source(name: str) -> DetectionSource:
+    """The detector ``expand.source`` names: torchvision's COCO model (``coco:MODEL``) or a finished
+    detection run (its path is made absolute: snapshots record it, and must work from any folder)."""
+    from graft.detection.predict import TrainedDetector
+    from graft.predict import load_run
+
+    if name.startswith("coco:"):
+        return coco_source(name)
+    run_dir = Path(name).resolve()
+    trained = load_run(run_dir, device="cpu")
+    if not isinstance(trained, TrainedDetector):
+        raise ConfigError(f"{name} is a classifier run: a detector expansion needs a detection run")
+    return load_detection_source(run_dir, trained.model, trained.info)
 
 
 def with_input_size(source: DetectionSource, size: int) -> None:
@@ -235,10 +249,8 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
     ``cfg.data.dir`` into ``out`` (``cfg`` from ``detection_expand_config``), or continue an
     expansion from its snapshot ``resume``."""
     from graft.detection.runner import augmentation, train_and_report
-    from graft.expansion.run import ExpandResult
-    from graft.expansion.source import load_source
     from graft.train.device import select_device
-    from graft.train.runner import holds_run, keeping_replaced_run, stash_run
+    from graft.train.run_folder import ExpandResult, holds_run, inherit_weights_report, keeping_replaced_run, stash_run
 
     started = time.perf_counter()
     say = progress(quiet)
@@ -248,8 +260,8 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
             raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")
         payload = checkpoint.load_snapshot(resume)
         cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
-        source = load_source(cfg.expand.source)
-        if not isinstance(source, DetectionSource) or source.digest != payload["expand"]["source_sha256"]:
+        source = detection_source(cfg.expand.source)
+        if source.digest != payload["expand"]["source_sha256"]:
             raise SnapshotError(f"the model in {cfg.expand.source} changed since this expansion started; it cannot be continued (start it again from the run)")
         snapshot_run = checkpoint.snapshot_run_dir(payload["path"])
         run_dir = Path(out) if out else snapshot_run
@@ -264,7 +276,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
             raise ConfigError("expand needs a config made by graft.expansion.source.expand_config (or --resume SNAPSHOT)")
         if out is None:
             raise ConfigError("no output folder: pass --out RUNDIR")
-        source = load_source(cfg.expand.source)
+        source = detection_source(cfg.expand.source)
         run_dir = Path(out)
         replace = holds_run(run_dir)
     if source.dir is None and cfg.data.img_size and cfg.data.img_size != source.model.size:

@@ -125,7 +125,7 @@ def run_info(cfg: GraftConfig, splits: DetectionSplits, model: GraftDetector, ph
 
 def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, *, replace: bool, device: torch.device, source_run: Path | None, data_dir: str | Path | None, started: float, quiet: bool, hooks: list[Any]):
     from graft.train.phases import plan_phases
-    from graft.train.runner import check_batch_size, keeping_replaced_run, stash_run
+    from graft.train.run_folder import check_batch_size, keeping_replaced_run, stash_run
 
     say = progress(quiet)
     if payload is None:
@@ -208,7 +208,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     ``model.json`` (an expansion's record of where it came from); ``task`` replaces the plain
     detection loss (an expansion's distillation)."""
     from graft.train.device import seed_everything
-    from graft.train.runner import TrainResult
+    from graft.train.run_folder import TrainResult
 
     model.to(device)
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"

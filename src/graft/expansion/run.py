@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from graft.html_report import write_report_after_run
 from graft.expansion.calibrate import Calibration, fit_calibration, norm_ratio
 from graft.expansion.classes import plan_classes
 from graft.expansion.negatives import ExpandEmbeddings, balanced_weights
-from graft.expansion.source import Source, inherit_weights_report, load_source
+from graft.expansion.source import Source, load_source
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
@@ -44,14 +44,10 @@ from graft.train.hooks import run_hooks
 from graft.train.loop import Phase, PhaseData, Trainer
 from graft.train.results import write_results
 from graft.train.device import seed_everything, select_device
-from graft.train.runner import TrainResult, check_classifier_monitor, check_files_exist, holds_run, keeping_replaced_run, run_info, stash_run, use_channels_last
+from graft.train.run_folder import ExpandResult, holds_run, inherit_weights_report, keeping_replaced_run, stash_run
+from graft.train.classifier_run import check_classifier_monitor, check_files_exist, run_info, use_channels_last
 
 CALIBRATION_DRAWS = 256  # old-class samples drawn per class from the statistics for calibration
-
-
-@dataclass
-class ExpandResult(TrainResult):
-    expand_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def expand(

@@ -12,7 +12,7 @@ from graft.configuration import GraftConfig, resolve_config
 from graft.data.folder import DatasetSplits
 from graft.data.transforms import Preprocessing, preprocessing_for
 from graft.errors import ConfigError, DataError, SnapshotError
-from graft.io import read_json, write_json
+from graft.io import read_json
 from graft.models.classifier import GraftClassifier
 from graft.train.class_stats import FILE_NAME as STATS_FILE
 from graft.train.class_stats import ClassStats
@@ -42,16 +42,6 @@ class Source:
     @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.info["preprocessing"])
-
-
-def inherit_weights_report(source_dir: Path | None, source_name: str, run_dir: Path) -> None:
-    """An expansion's weights are its source's, every tensor, plus the new classes: its weights
-    report is the source's (which says where the pretrained weights came from), marked as such."""
-    if source_dir is None or not (source_dir / "weights_report.json").is_file() or (run_dir / "weights_report.json").exists():
-        return
-    report = read_json(source_dir / "weights_report.json")
-    report["inherited_from"] = f"{source_name}: graft expand loaded every tensor of that run and added the new classes; this is how that run's weights were loaded"
-    write_json(run_dir / "weights_report.json", report)
 
 
 def load_source(run_dir: str | os.PathLike) -> Source | DetectionSource:

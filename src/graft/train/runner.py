@@ -7,30 +7,24 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graft.version import __version__
 from graft.configuration import GraftConfig, dump_yaml, parse_config
-from graft.console import plural, progress, tell_data, warn
+from graft.console import progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, scan_folder
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
-from graft.errors import ConfigError, SnapshotError
+from graft.errors import ConfigError
 from graft.html_report import write_report_after_run
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.backbones import build_model
-from graft.models.classifier import HEAD_LAYER, GraftClassifier
+from graft.models.classifier import GraftClassifier
 from graft.train import checkpoint
 from graft.train import autotune
 from graft.train.hooks import EarlyStoppingHook, run_hooks
@@ -39,18 +33,12 @@ from graft.train.prefix import prefix_data
 from graft.train.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.train.loop import Phase, Trainer
 from graft.train.phases import plan_phases
+from graft.train.classifier_run import check_classifier_monitor, check_files_exist, run_info, use_channels_last
+from graft.train.run_folder import TrainResult, check_batch_size, holds_run, keeping_replaced_run, stash_run
 from graft.train.device import seed_everything, select_device
 from graft.train.task import ClassificationTask
 from graft.train.results import write_results
 
-RUN_MARKERS = ("model.json", "snapshots", "history.csv")
-
-
-def use_channels_last(cfg: GraftConfig, device: torch.device) -> bool:
-    """``train.channels_last: auto`` is on for classifiers on any device: on a 2-core CPU, Lite0
-    embeds 1.3x faster at 96 px and 2.4x at 224 px, and trains its top 1.3x faster; ResNet-18
-    runs the same either way. (Detectors keep it to CUDA: not measured on CPUs.)"""
-    return cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else True
 
 
 def resolve_task(cfg: GraftConfig) -> str:
@@ -62,86 +50,6 @@ def resolve_task(cfg: GraftConfig) -> str:
 
         cfg.task = "detect" if (cfg.data.dir and is_detection_data(cfg.data.dir)) or is_torchvision_detector(cfg.model.name) else "classify"
     return cfg.task
-
-
-def check_classifier_monitor(cfg: GraftConfig) -> None:
-    """A detector's monitor on a classifier would never be found in its history: early stopping
-    would silently never stop and never restore."""
-    if cfg.train.early_stopping_monitor in ("val_map", "val_map50"):
-        raise ConfigError(f"train.early_stopping_monitor {cfg.train.early_stopping_monitor} is a detector's validation mAP; a classifier is judged by val_loss or val_accuracy")
-
-
-RUN_FILES = RUN_MARKERS + (
-    "model.safetensors", "metrics.json", "config.yaml", "splits.json", "weights_report.json",
-    "learning_curves.png", "confusion_matrix.png", "predictions.png", CLASS_STATS_FILE, "expand_metrics.json",
-    "detections.png", "per_class_ap.png", "pr_curves.png", "report.html", "export", "tensorboard",
-)
-
-
-def holds_run(path: Path) -> bool:
-    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
-
-
-def clear_run(path: Path) -> None:
-    """Remove a run's own files (nothing else in the folder), so no stale plot survives."""
-    for name in RUN_FILES:
-        target = path / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-
-
-REPLACED = ".replaced"  # where --overwrite keeps the previous run until the new one has finished
-
-
-def stash_run(path: Path) -> Path:
-    """Move the run in ``path`` aside into ``path/.replaced`` instead of deleting it, so a replacement
-    that fails or is interrupted loses nothing. A stash left by an earlier failed replacement holds
-    the last finished run and is kept; the unfinished files above it are removed."""
-    stash = path / REPLACED
-    if stash.is_dir():
-        clear_run(path)
-        return stash
-    stash.mkdir()
-    for name in RUN_FILES:
-        if (path / name).exists():
-            os.replace(path / name, stash / name)
-    return stash
-
-
-def drop_stash(path: Path) -> None:
-    """The new run in ``path`` has finished: the replaced one can go."""
-    shutil.rmtree(path / REPLACED, ignore_errors=True)
-
-
-@contextmanager
-def keeping_replaced_run(path: Path) -> Iterator[None]:
-    """Tell the user where the replaced run is when the new one does not finish."""
-    try:
-        yield
-    except BaseException:
-        if (path / REPLACED).is_dir():
-            print(f"note: the run that was in {path} before --overwrite is kept in {path / REPLACED}", file=sys.stderr)
-        raise
-    drop_stash(path)
-
-
-def check_batch_size(cfg: GraftConfig, model: GraftClassifier, phases: list[Phase]) -> None:
-    """BatchNorm in training mode cannot learn from batches of one image: say so before training."""
-    if cfg.solver.batch_size >= 2:
-        return
-    from graft.train.loop import phase_param_groups
-
-    for phase in phases:
-        phase_param_groups(model, phase, cfg.solver, cfg.model.freeze, cfg.model.lr_mult)
-        model.train()
-        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
-            raise ConfigError(f"solver.batch_size is 1, but the {phase.name} phase trains BatchNorm layers, which need at least 2 images per batch: use --batch-size 2 or more")
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]]
 
 
 def train(
@@ -304,29 +212,3 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def check_files_exist(splits: DatasetSplits) -> None:
-    missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
-    if missing:
-        raise SnapshotError(
-            f"{plural(len(missing), 'image')} of the snapshot's data split {'is' if len(missing) == 1 else 'are'} gone (e.g. {missing[0]}); if the data moved, pass its new location with --data"
-        )
-
-
-def run_info(cfg: GraftConfig, classes: list[str], pre: Preprocessing, model: GraftClassifier, phases: list[Phase], weights_source: str) -> dict[str, Any]:
-    """``model.json``: everything needed to rebuild and use the trained model."""
-    return {
-        "format": "graft-run/1",
-        "graft_version": __version__,
-        "backbone": {"name": cfg.model.name, "weights": weights_source, "num_features": model.num_features},
-        "classes": list(classes),
-        "num_classes": len(classes),
-        "preprocessing": pre.to_dict(),
-        "head": {"layer": HEAD_LAYER, "pool": getattr(getattr(model.backbone, "global_pool", None), "pool_type", None) or "backbone", "dropout": cfg.model.dropout, "blocks": model.head.block_sizes},
-        "trained": {
-            "strategy": cfg.train.strategy,
-            "phases": [{"name": p.name, "epochs": p.epochs, "trainable_from_layer": p.trainable_from, "lr": p.lr} for p in phases],
-        },
-        "config": cfg.to_dict(),
-    }
