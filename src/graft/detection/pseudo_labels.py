@@ -34,6 +34,7 @@ from graft.detection.dataset import BoxAugment, BoxDataset
 from graft.detection.metrics import Prediction
 from graft.detection.model import GraftDetector
 from graft.detection.task import DetectionTask, collect_detections
+from graft.train.device import seed_everything
 from graft.train.loop import Phase, PhaseData, Trainer
 
 ON_OLD_OBJECT = 0.5  # IoU with a box of the original's data above which a new-class detection is an old object
@@ -50,8 +51,6 @@ def source_images(source_splits: DetectionSplits | None, new: DetectionSplits) -
 def probe(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits, phase: Phase, aug: BoxAugment, device: torch.device, say: Any) -> float | None:
     """Train the new block (``phase``) on ``splits`` in memory, on cached backbone features where
     the backbone is a fixed function; returns the last epoch's validation mAP."""
-    from graft.train.device import seed_everything
-
     model.to(device)
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     train_ds = BoxDataset(splits.train, model.size, aug, seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels)
@@ -64,7 +63,8 @@ def probe(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits, phase
         caches.append(build_feature_cache(model, val_ds, views=1, **common) if len(val_ds) else None)
         data_for_phase = lambda p: PhaseData(caches[0], caches[1], forward=model, workers=0)  # noqa: E731
     try:
-        trainer = Trainer(model, [phase], solver=cfg.solver, train_data=train_ds, val_data=val_ds, device=device, amp=amp, workers=0,
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()  # images, where the features are not cached
+        trainer = Trainer(model, [phase], solver=cfg.solver, train_data=train_ds, val_data=val_ds, device=device, amp=amp, workers=workers,
                           freeze_patterns=cfg.model.freeze, lr_rules=cfg.model.lr_mult, task=DetectionTask(splits.val, splits.classes, cfg.detect.conf),
                           data_for_phase=data_for_phase)
         seed_everything(cfg.solver.seed)
