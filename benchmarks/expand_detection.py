@@ -122,7 +122,7 @@ def score(model, samples, classes: list[str], k: int) -> dict:
     """Old-class mAP, new-class mAP and the mean AP over all classes, on fully labelled scenes."""
     from graft.data.dataset import eval_loader
     from graft.detection.dataset import BoxDataset, collate_boxes
-    from graft.detection.expand import restrict, restrict_predictions
+    from graft.detection.expand_metrics import restrict, restrict_predictions
     from graft.detection.metrics import detection_metrics
     from graft.detection.task import collect_detections
 

@@ -303,7 +303,7 @@ def test_new_classes_are_also_measured_where_only_old_objects_are() -> None:
     import numpy as np
 
     from graft.detection.boxes import BoxSample
-    from graft.detection.expand import score_new_classes
+    from graft.detection.expand_metrics import score_new_classes
     from graft.detection.metrics import Prediction
 
     def sample(name: str, box: list[float], label: int) -> BoxSample:
