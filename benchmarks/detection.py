@@ -58,9 +58,9 @@ class Probe:
 
     def score(self, model: Any) -> dict[str, float]:
         from graft.data.dataset import eval_loader
-        from graft.detection.dataset import BoxDataset, collate_boxes
-        from graft.detection.metrics import detection_metrics
-        from graft.detection.task import collect_detections
+        from graft.tasks.detect.dataset import BoxDataset, collate_boxes
+        from graft.tasks.detect.metrics import detection_metrics
+        from graft.tasks.detect.task import collect_detections
 
         t0 = time.perf_counter()
         out = {}
@@ -77,9 +77,9 @@ class Probe:
 def tutorial_curve(data: Path, size: int, epochs: int, seed: int, report: str) -> list[dict]:
     """torchvision's detection tutorial loop (references/detection/engine.py's train_one_epoch)."""
     from graft.configuration import parse_config
-    from graft.detection.build import build_detection_model
-    from graft.detection.dataset import BoxAugment, BoxDataset, collate_boxes
-    from graft.detection.runner import box_sizes, scan
+    from graft.tasks.detect.build import build_detection_model
+    from graft.tasks.detect.dataset import BoxAugment, BoxDataset, collate_boxes
+    from graft.tasks.detect.runner import box_sizes, scan
 
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -126,9 +126,9 @@ def tutorial_curve(data: Path, size: int, epochs: int, seed: int, report: str) -
 def graft_curve(data: Path, out: Path, size: int, budget: str, seed: int, report: str, overrides: list[str]) -> list[dict]:
     """One ``graft train`` run at ``budget``: a point after each epoch and one for the finished run."""
     from graft.configuration import resolve_config
-    from graft.detection.data import scan_detection
-    from graft.train.loop import Hook
-    from graft.train.runner import train
+    from graft.tasks.detect.data import scan_detection
+    from graft.engine.loop import Hook
+    from graft.tasks.classify.train import train
 
     flags = {"task": "detect", "data.dir": str(data), "data.img_size": size, "solver.seed": seed, "train.device": "cpu"}
     if budget != "default":

@@ -117,7 +117,7 @@ def write_objects(root: Path, *, seed: int = 0, counts: dict[str, int] | None = 
 
 def write_trees(root: Path, *, seed: int = 0) -> Path:
     """The deepforest tiles with a seeded 60/20/20 split by tile, as VOC image sets."""
-    from graft.detection.deepforest import write_tree_tiles
+    from graft.tasks.detect.deepforest import write_tree_tiles
 
     shutil.rmtree(root, ignore_errors=True)
     write_tree_tiles(root)

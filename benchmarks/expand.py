@@ -123,8 +123,8 @@ def main() -> None:
     from graft.data.folder import scan_class_folders
     from graft.data.images import load_image
     from graft.data.transforms import eval_transform
-    from graft.predict import load_run
-    from graft.train.embeddings import EmbeddingCache, backbone_fingerprint
+    from graft.tasks.classify.predict import load_run
+    from graft.tasks.classify.embeddings import EmbeddingCache, backbone_fingerprint
 
     original = load_run(work / "runs/original", device="cpu")
     classes = original.classes + [f"digit{d}" for d in new]

@@ -121,10 +121,10 @@ def relabelled(samples, classes_from: list[str], classes_to: list[str]):
 def score(model, samples, classes: list[str], k: int) -> dict:
     """Old-class mAP, new-class mAP and the mean AP over all classes, on fully labelled scenes."""
     from graft.data.dataset import eval_loader
-    from graft.detection.dataset import BoxDataset, collate_boxes
-    from graft.detection.expand_metrics import restrict, restrict_predictions
-    from graft.detection.metrics import detection_metrics
-    from graft.detection.task import collect_detections
+    from graft.tasks.detect.dataset import BoxDataset, collate_boxes
+    from graft.tasks.detect.expand_metrics import restrict, restrict_predictions
+    from graft.tasks.detect.metrics import detection_metrics
+    from graft.tasks.detect.task import collect_detections
 
     preds = collect_detections(model, eval_loader(BoxDataset(samples, model.size), batch_size=8, workers=0, collate_fn=collate_boxes), torch.device("cpu"), samples)
     out = {}
@@ -140,7 +140,7 @@ def score(model, samples, classes: list[str], k: int) -> dict:
 def train_classifier_layer(model, conv_owner, samples, *, epochs: int, lr: float, batch: int, seed: int) -> float:
     """Train only ``conv_owner.cls_logits`` (the rest frozen, BatchNorm in inference mode) with the
     detector's own loss, AdamW and a cosine schedule, as graft's solver would."""
-    from graft.detection.dataset import BoxDataset, collate_boxes
+    from graft.tasks.detect.dataset import BoxDataset, collate_boxes
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -226,8 +226,8 @@ def main() -> None:
     print(json.dumps({"step": "original", "dataset": args.dataset, "old_classes": old_classes, "new_classes": new_classes, "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
 
     from graft.configuration import parse_config
-    from graft.detection.runner import scan
-    from graft.predict import load_run
+    from graft.tasks.detect.runner import scan
+    from graft.tasks.classify.predict import load_run
 
     original = load_run(work / "runs/original", device="cpu")
     report_splits = scan(parse_config({"task": "detect", "data": {"dir": str(full)}}))

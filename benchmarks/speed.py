@@ -117,7 +117,7 @@ def case_fe_plain(data: Path, epochs: int) -> dict:
 
 def graft_train(data: Path, out: Path, strategy: str, augment: str, epochs: int, cache_dir: Path, **train_opts) -> dict:
     from graft.configuration import parse_config
-    from graft.train.runner import train
+    from graft.tasks.classify.train import train
 
     cfg = parse_config(
         {

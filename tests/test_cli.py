@@ -258,7 +258,7 @@ def test_ctrl_c_writes_a_resumable_snapshot_and_exits_130(tmp_path):
         proc.kill()
     assert proc.returncode == 130, err
     assert "graft train --resume" in err and "Traceback" not in err
-    from graft.train.checkpoint import load_snapshot
+    from graft.engine.checkpoint import load_snapshot
 
     snap = load_snapshot(run / "snapshots" / "last")
     assert snap["loop"]["epoch"] >= 2 and snap["loop"]["phase"] == 0

@@ -55,7 +55,7 @@ def test_resume_into_another_run_folder_needs_overwrite(run, tmp_path, capsys):
 
 def test_resumed_run_reports_total_training_time_and_epoch_start_lr(run, tmp_path):
     data, cfg, out = run
-    from graft.train.checkpoint import load_snapshot
+    from graft.engine.checkpoint import load_snapshot
 
     before = load_snapshot(out / "snapshots" / "epoch-0001")["loop"]["elapsed"]
     assert before > 0
@@ -72,7 +72,7 @@ def test_resumed_run_reports_total_training_time_and_epoch_start_lr(run, tmp_pat
 def test_an_image_that_breaks_after_the_scan_is_one_line_even_from_a_worker(run, tmp_path, capsys):
     data, cfg, out = run
     snap = out / "snapshots" / "epoch-0001"
-    from graft.train import checkpoint
+    from graft.engine import checkpoint
 
     payload = checkpoint.load_snapshot(snap)
     payload["config"]["data"]["num_workers"] = 1
@@ -153,7 +153,7 @@ def test_demo_validates_before_writing_anything(tmp_path):
 def test_ctrl_c_before_the_first_snapshot_says_there_is_nothing_to_resume(monkeypatch, capsys):
     """Ctrl-C while auto is being decided (trials write no snapshot) must not suggest --resume None."""
     from graft import cli
-    from graft.train.loop import Interrupted
+    from graft.engine.loop import Interrupted
 
     def interrupted(args):
         raise Interrupted(None)

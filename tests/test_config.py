@@ -49,7 +49,7 @@ def test_defaults_parse():
         assert cfg.solver.type == "adamw"
         assert cfg.solver.lr_policy == "cosine"
         assert cfg.solver.base_lr == pytest.approx(1e-3)
-        assert cfg.data.augment == "auto"  # decided on the validation split (graft.train.autotune)
+        assert cfg.data.augment == "auto"  # decided on the validation split (graft.tasks.classify.autotune)
         assert cfg.train.head_lr == "auto"
         assert cfg.model.bn_inference is True
         assert cfg.train.early_stopping is None
@@ -371,7 +371,7 @@ def test_the_python_api_survives_its_own_imports() -> None:
 
     import graft
     import graft.configuration  # noqa: F401 - what graft.config's first call imports
-    import graft.exporter  # noqa: F401
+    import graft.export.exporter  # noqa: F401
 
     modules = {m.name for m in pkgutil.iter_modules(graft.__path__)}
     assert not modules & set(graft.__all__), "a submodule is named like an API function"

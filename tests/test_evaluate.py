@@ -1,10 +1,10 @@
-"""No-grad passes on a CPU run over chunks of images (graft.evaluate.in_chunks)."""
+"""No-grad passes on a CPU run over chunks of images (graft.tasks.classify.evaluate.in_chunks)."""
 
 from __future__ import annotations
 
 import torch
 
-from graft.evaluate import CPU_CHUNK_PIXELS, in_chunks
+from graft.tasks.classify.evaluate import CPU_CHUNK_PIXELS, in_chunks
 
 
 def test_chunks_give_what_one_call_gives_for_every_output_kind() -> None:

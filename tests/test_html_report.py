@@ -16,7 +16,7 @@ import pytest
 
 from box_data import three_splits, write_yolo
 from graft.cli import main
-from graft.html_report import write_report_after_run
+from graft.report.html import write_report_after_run
 from helpers import make_class_folders
 
 ODD = "a<b&c"  # a class name (folder name) that HTML must escape

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from graft.metrics import classification_metrics, topk_accuracy
+from graft.tasks.classify.metrics import classification_metrics, topk_accuracy
 
 # Hand-computed example, 3 classes:
 #   y_true = [0, 0, 0, 1, 1, 2]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from graft import report
-from graft.report import (
+from graft.report import figures as report
+from graft.report.figures import (
     HISTORY_COLUMNS,
     phase_changes,
     plot_confusion_matrix,

@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from graft.configuration import resolve_config
-    from graft.train.runner import train
+    from graft.tasks.classify.train import train
 
     flags = {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()}
     if args.strict:
@@ -224,8 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _detector_model(flags: dict) -> None:
     """``--model fcos`` names a detector head (over the default backbone), and means detection."""
-    from graft.detection.model import HEADS
-    from graft.detection.torchvision_models import is_torchvision_detector
+    from graft.tasks.detect.model import HEADS
+    from graft.tasks.detect.torchvision_models import is_torchvision_detector
 
     if flags.get("model.name") and is_torchvision_detector(flags["model.name"]):
         flags["task"] = flags.get("task") or "detect"
@@ -239,7 +239,7 @@ def _detector_model(flags: dict) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from graft.data.folder import Skipped
     from graft.io import write_json
-    from graft.predict import load_run
+    from graft.tasks.classify.predict import load_run
 
     if args.out and Path(args.out).is_dir():
         raise GraftError(f"--out {args.out} is a folder; give a file name for the JSON, e.g. {Path(args.out) / 'eval.json'}")
@@ -256,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from graft.exporter import DEFAULT_OPSET, export_run
+    from graft.export.exporter import DEFAULT_OPSET, export_run
 
     say = progress(args.quiet)
     result = export_run(args.run, args.format, out=args.out, half=args.half, opset=args.opset or DEFAULT_OPSET, images=args.images, parity_images=args.parity_images, say=say)
@@ -269,7 +269,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not os.path.exists(item):
             raise GraftError(f"no such file or folder: {item}")
     if os.path.isfile(args.run) or Path(args.run).suffix in (".onnx", ".pt"):  # an exported model: onnxruntime and the sidecar, no torch for ONNX
-        from graft.exported import load_export, sidecar_path
+        from graft.export.exported import load_export, sidecar_path
 
         if Path(args.run).parent.name == "snapshots" and not sidecar_path(Path(args.run)).is_file():
             raise GraftError(f"{args.run} is a snapshot, for --resume or --weights, not a model to predict with: predict with the run folder {Path(args.run).parent.parent}")
@@ -278,8 +278,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if exported.task == "detect":
             return _predict_boxes(args, exported)
         return _print_classes(args, exported)
-    from graft.detection.predict import TrainedDetector
-    from graft.predict import load_run
+    from graft.tasks.detect.predict import TrainedDetector
+    from graft.tasks.classify.predict import load_run
 
     run = load_run(args.run, device=args.device)
     if isinstance(run, TrainedDetector):
@@ -357,7 +357,7 @@ def _predict_boxes(args: argparse.Namespace, run) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from graft.configuration import resolve_config
-    from graft.plan import describe_plan, format_plan
+    from graft.tasks.classify.plan import describe_plan, format_plan
 
     flags = {"task": args.task, "model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "data.img_size": args.img_size, "model.weights": args.weights, "train.device": args.device}
     _detector_model(flags)
@@ -381,8 +381,8 @@ EXPAND_FLAGS = {
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
-    from graft.expansion import expand
-    from graft.expansion.source import expand_config, load_source
+    from graft.tasks.classify.expansion import expand
+    from graft.tasks.classify.expansion.source import expand_config, load_source
 
     flags = {key: getattr(args, dest) for dest, key in EXPAND_FLAGS.items()}
     if args.strict:
@@ -406,7 +406,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from graft.html_report import write_report
+    from graft.report.html import write_report
 
     if args.out and Path(args.out).is_dir():
         raise GraftError(f"--out {args.out} is a folder; give a file name for the page, e.g. {Path(args.out) / 'report.html'}")
@@ -418,7 +418,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from graft.demo import run_demo
 
     if args.task == "detect":
-        from graft.detection.demo import run_detection_demo
+        from graft.tasks.detect.demo import run_detection_demo
 
         run_detection_demo(Path(args.out or "runs/demo-detect"), epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, quiet=args.quiet)
         return 0

@@ -16,8 +16,8 @@ from PIL import Image
 
 from graft.configuration import parse_config
 from graft.errors import DataError
-from graft.train.run_folder import TrainResult
-from graft.train.runner import train
+from graft.engine.run_folder import TrainResult
+from graft.tasks.classify.train import train
 
 TEXTURES = ("brick", "grass", "gravel")
 

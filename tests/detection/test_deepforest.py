@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from graft.configuration import parse_config
-from graft.detection.deepforest import read_photos, tiles, write_tree_tiles
-from graft.train.runner import train
+from graft.tasks.detect.deepforest import read_photos, tiles, write_tree_tiles
+from graft.tasks.classify.train import train
 
 
 def test_tiles_do_not_overlap_and_keep_every_box_once() -> None:

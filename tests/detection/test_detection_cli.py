@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from box_data import CLASSES, three_splits, write_coco, write_voc, write_yolo
 from graft.cli import main
-from graft.train import checkpoint
+from graft.engine import checkpoint
 from helpers import run_cli
 
 TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",
@@ -220,7 +220,7 @@ def test_resume_gives_bit_identical_weights(trained, tmp_path, epoch, capsys) ->
 def test_augment_auto_is_decided_on_validation_map_and_saved(trained, capsys) -> None:
     """The fixture run left data.augment at auto: each candidate trained the frozen phase on its own
     cached views and was scored by validation mAP; the choice is the config the run saved."""
-    from graft.detection.autotune import AUTO_AUGMENTS, best_trial, DetectionTrial
+    from graft.tasks.detect.autotune import AUTO_AUGMENTS, best_trial, DetectionTrial
 
     decided = json.loads((trained / "metrics.json").read_text())["decided"]
     tried = [t["augment"] for t in decided["trials"]]
@@ -302,7 +302,7 @@ def test_mixed_up_requests_get_clear_errors(trained, data, tmp_path, capsys) -> 
 def test_ctrl_c_mid_epoch_saves_a_snapshot_that_resumes_bit_exactly(trained, data, tmp_path, epoch, capsys) -> None:
     """Ctrl-C after the second batch of an epoch (the SIGINT handler sets the same flag): exit 130,
     a snapshot at that batch, no model written; resuming it ends with the uninterrupted run's weights."""
-    from graft.train.loop import Hook
+    from graft.engine.loop import Hook
 
     class StopAfterTwoSteps(Hook):
         def after_step(self, trainer, loss):
@@ -315,7 +315,7 @@ def test_ctrl_c_mid_epoch_saves_a_snapshot_that_resumes_bit_exactly(trained, dat
     chosen = json.loads((trained / "metrics.json").read_text())["decided"]["augment"]
     args = ["train", "--data", str(data["yolo"]), "--out", str(out), "--model", "fcos", "--epochs", "2", "--fine-tune-epochs", "2", "--augment", chosen, *TINY]
     from graft.cli import main as cli_main
-    from graft.train import runner
+    from graft.tasks.classify import train as runner
 
     real_train = runner.train
     with pytest.MonkeyPatch.context() as mp:  # the CLI's train, with the interrupting hook added

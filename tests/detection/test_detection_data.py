@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from box_data import CLASSES, make_scenes, three_splits, voc_xml, write_coco, write_voc, write_yolo
-from graft.detection.data import scan_detection
+from graft.tasks.detect.data import scan_detection
 from graft.errors import DataError
 
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from box_data import ring_scenes, three_splits, write_coco, write_yolo
 from graft.cli import main
-from graft.predict import load_run
-from graft.train import checkpoint
+from graft.tasks.classify.predict import load_run
+from graft.engine import checkpoint
 from helpers import run_cli
 
 TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",
@@ -198,7 +198,7 @@ def test_coco_model_gains_a_class_and_keeps_its_coco_scores(rings, tmp_path, mon
     body, random values) in a private torch hub cache stands in for torchvision's download."""
     from torchvision.models import get_model, get_model_weights
 
-    from graft.detection.torchvision_models import _freeze_batchnorm, build_torchvision_detector, coco_categories
+    from graft.tasks.detect.torchvision_models import _freeze_batchnorm, build_torchvision_detector, coco_categories
 
     name = "fcos_resnet50_fpn"
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -249,7 +249,7 @@ def test_a_softmax_head_gains_a_branch_and_keeps_its_detections(original, root, 
 
 def old_neck_drift(original: Path, expanded: Path, images: torch.Tensor) -> float:
     """How far the old detector's neck maps moved from the original's: what distillation bounds."""
-    from graft.detection.distill import neck_maps, relative_l2
+    from graft.tasks.detect.distill import neck_maps, relative_l2
 
     a, b = load_run(original, device="cpu").model, load_run(expanded, device="cpu").model
     with torch.no_grad():
@@ -302,9 +302,9 @@ def test_new_classes_are_also_measured_where_only_old_objects_are() -> None:
     the new data's images alone (old objects unboxed) cannot show it, the honest figure must."""
     import numpy as np
 
-    from graft.detection.boxes import BoxSample
-    from graft.detection.expand_metrics import score_new_classes
-    from graft.detection.metrics import Prediction
+    from graft.tasks.detect.boxes import BoxSample
+    from graft.tasks.detect.expand_metrics import score_new_classes
+    from graft.tasks.detect.metrics import Prediction
 
     def sample(name: str, box: list[float], label: int) -> BoxSample:
         return BoxSample(Path(f"/nowhere/{name}.png"), name, 64, 64, np.array([box], np.float32), np.array([label]), np.array([False]), np.array([False]))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graft.detection.boxes import BoxSample
-from graft.detection.metrics import Prediction, detection_metrics
+from graft.tasks.detect.boxes import BoxSample
+from graft.tasks.detect.metrics import Prediction, detection_metrics
 
 
 def _sample(i: int, boxes, labels, crowd=None) -> BoxSample:

@@ -1,4 +1,4 @@
-"""The frozen phase's backbone-feature cache (graft.detection.cache)."""
+"""The frozen phase's backbone-feature cache (graft.tasks.detect.cache)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import torch
 
 from box_data import three_splits, write_voc
 from graft.configuration import parse_config
-from graft.detection.build import build_detection_model
-from graft.detection.cache import build_feature_cache
-from graft.detection.data import scan_detection
-from graft.detection.dataset import BoxAugment, BoxDataset
+from graft.tasks.detect.build import build_detection_model
+from graft.tasks.detect.cache import build_feature_cache
+from graft.tasks.detect.data import scan_detection
+from graft.tasks.detect.dataset import BoxAugment, BoxDataset
 
 
 @pytest.fixture(scope="module")

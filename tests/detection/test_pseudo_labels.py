@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
 from box_data import ring_scenes, three_splits, write_yolo
-from graft.detection.boxes import BoxSample
-from graft.detection.data import DetectionSplits
-from graft.detection.metrics import Prediction
-from graft.detection.pseudo_labels import add_pseudo_labelled, source_images, with_pseudo_boxes
+from graft.tasks.detect.boxes import BoxSample
+from graft.tasks.detect.data import DetectionSplits
+from graft.tasks.detect.metrics import Prediction
+from graft.tasks.detect.pseudo_labels import add_pseudo_labelled, source_images, with_pseudo_boxes
 from helpers import run_cli
 
 TINY = ["--set", "model.name=test_efficientnet", "--weights", "none", "--img-size", "64", "--batch-size", "4",

@@ -14,7 +14,7 @@ from torchvision.models import get_model, get_model_weights
 
 from box_data import three_splits, write_yolo
 from graft.cli import main
-from graft.detection.torchvision_models import _freeze_batchnorm
+from graft.tasks.detect.torchvision_models import _freeze_batchnorm
 
 NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
 

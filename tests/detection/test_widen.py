@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from graft.configuration import parse_config
-from graft.detection.build import build_detection_model
-from graft.detection.widen import BlockConv2d, class_blocks, widen_detector
+from graft.tasks.detect.build import build_detection_model
+from graft.tasks.detect.widen import BlockConv2d, class_blocks, widen_detector
 
 
 def tiny(head: str, classes: int = 2):

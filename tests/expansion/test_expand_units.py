@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from graft.errors import DataError, SnapshotError
-from graft.expansion.calibrate import fit_calibration, upper_bound
-from graft.expansion.classes import plan_classes
-from graft.expansion.negatives import ExpandEmbeddings, balanced_weights
-from graft.train.class_stats import ClassStats, herding
+from graft.tasks.classify.expansion.calibrate import fit_calibration, upper_bound
+from graft.data.class_names import plan_classes
+from graft.tasks.classify.expansion.negatives import ExpandEmbeddings, balanced_weights
+from graft.tasks.classify.class_stats import ClassStats, herding
 
 OLD = ["blue", "green", "red"]
 
@@ -297,7 +297,7 @@ def test_class_stats_select_and_merge_relabel_the_anchors():
 
 
 def test_many_classes_keep_fewer_anchors_each():
-    from graft.train.class_stats import ANCHOR_BUDGET
+    from graft.tasks.classify.class_stats import ANCHOR_BUDGET
 
     k = 2 * ANCHOR_BUDGET // 64  # twice as many classes as the budget holds at 64 each
     emb = torch.randn(k * 40, 4, generator=torch.Generator().manual_seed(1))

@@ -12,8 +12,8 @@ from PIL import Image
 
 from graft.cli import main
 from graft.configuration import parse_config
-from graft.train.autotune import AUTO_AUGMENTS, HEAD_LRS
-from graft.train.runner import train
+from graft.tasks.classify.autotune import AUTO_AUGMENTS, HEAD_LRS
+from graft.tasks.classify.train import train
 from helpers import make_class_folders, tiny_config
 
 
@@ -63,7 +63,7 @@ def _search_parts(tmp_path: Path, dropout: float = 0.0):
     from graft.data.folder import scan_folder
     from graft.data.transforms import preprocessing_for
     from graft.models.backbones import build_model
-    from graft.train.caches import embedding_cache
+    from graft.tasks.classify.caches import embedding_cache
 
     data = make_class_folders(tmp_path / "data", per_class=8)
     cfg = parse_config(auto_config(data, tmp_path))
@@ -82,7 +82,7 @@ def test_deciding_costs_at_most_one_extra_backbone_pass(tmp_path):
     first view and the validation images anyway."""
     import torch
 
-    from graft.train import autotune
+    from graft.tasks.classify import autotune
 
     cfg, model, splits, pre, cache = _search_parts(tmp_path)
     d = autotune.decide(cfg, model, splits, pre, cache, device=torch.device("cpu"), has_head_phase=True, say=lambda m: None)
@@ -98,8 +98,8 @@ def test_every_head_rate_learns_in_one_pass_as_it_would_alone(tmp_path):
     import torch
 
     from graft.data.transforms import eval_transform
-    from graft.train.autotune import _train_heads
-    from graft.train.embeddings import EmbeddingDataset
+    from graft.tasks.classify.autotune import _train_heads
+    from graft.tasks.classify.embeddings import EmbeddingDataset
 
     cfg, model, splits, pre, cache = _search_parts(tmp_path, dropout=0.5)
     train = EmbeddingDataset(cache.embed(splits.train, eval_transform(pre)), [s.label for s in splits.train], seed=0)
@@ -204,8 +204,8 @@ def test_plan_shows_what_is_auto_and_decides_on_request(tmp_path, capsys):
 def test_a_tie_goes_to_the_earlier_weaker_candidate():
     """Equal validation figures are no evidence that more augmentation helps: the earlier candidate
     wins, so the search stops there (classifiers and detectors alike)."""
-    from graft.detection.autotune import DetectionTrial, best_trial
-    from graft.train.autotune import Trial, _best
+    from graft.tasks.detect.autotune import DetectionTrial, best_trial
+    from graft.tasks.classify.autotune import Trial, _best
 
     none, flip = Trial("none", 1e-3, 0.9, 0.3, 5), Trial("flip", 1e-3, 0.9, 0.3, 5)
     assert _best([none, flip]) is none and _best([none, Trial("flip", 1e-3, 0.9, 0.2, 5)]).augment == "flip"

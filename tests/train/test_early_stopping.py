@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from graft.configuration import parse_config
-from graft.train import checkpoint
-from graft.train.hooks import EarlyStoppingHook
-from graft.train.runner import train
+from graft.engine import checkpoint
+from graft.engine.hooks import EarlyStoppingHook
+from graft.tasks.classify.train import train
 from helpers import make_class_folders, tiny_config
 
 EPOCHS = 8
@@ -118,8 +118,8 @@ def test_without_validation_images_nothing_stops():
 def test_the_report_and_the_console_say_what_early_stopping_did(stopped, capsys):
     """The report's phase table gives the epochs run ("5 of 8"), and its settings say which epoch
     was restored; a run that prints says so too."""
-    from graft.html_report import write_report
-    from graft.train.hooks import ProgressHook
+    from graft.report.html import write_report
+    from graft.engine.hooks import ProgressHook
 
     tmp, _, result = stopped
     first = result.metrics["early_stopping"]["phases"][0]

@@ -12,8 +12,8 @@ from graft.configuration import ModelConfig, parse_config
 from graft.data.folder import scan_folder
 from graft.data.transforms import Preprocessing, eval_transform
 from graft.models.backbones import build_model
-from graft.train.embeddings import EmbeddingCache, EmbeddingDataset, EmbeddingStore
-from graft.train.runner import train
+from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, EmbeddingStore
+from graft.tasks.classify.train import train
 from helpers import make_class_folders, tiny_config
 
 
@@ -126,7 +126,7 @@ def test_a_flips_only_augmentation_caches_each_outcome_once(setup):
     tmp, _, samples, model, pre = setup
     from graft.data.images import load_image
     from graft.data.transforms import Augmentation
-    from graft.train.caches import training_views
+    from graft.tasks.classify.caches import training_views
 
     cache = make_cache(model, tmp / "c", pre)
     plain = cache.embed(samples, eval_transform(pre))
@@ -205,7 +205,7 @@ def test_swapped_rows_in_a_store_file_are_detected(setup):
 def test_a_rewritten_file_with_its_old_timestamp_gets_a_new_digest(tmp_path):
     import os
 
-    from graft.train.embeddings import file_digest
+    from graft.tasks.classify.embeddings import file_digest
 
     f = tmp_path / "a.bin"
     f.write_bytes(b"one")

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from graft.configuration import ModelConfig, parse_config
 from graft.models.backbones import build_model
-from graft.train.prefix import backbone_units, chain_matches
-from graft.train.runner import train
+from graft.tasks.classify.prefix import backbone_units, chain_matches
+from graft.tasks.classify.train import train
 from helpers import make_class_folders, tiny_config
 
 
@@ -70,7 +70,7 @@ def test_with_flips_each_outcome_is_cached_once_and_epochs_draw_both(data, tmp_p
 
     from graft.data.dataset import ImageDataset
     from graft.data.transforms import flipped_transform
-    from graft.train.prefix import PrefixActivations
+    from graft.tasks.classify.prefix import PrefixActivations
 
     built = []
     real = PrefixActivations.phase_data
@@ -106,7 +106,7 @@ def test_channels_last_trains_to_the_same_result(data, tmp_path):
 
 
 def test_over_budget_final_metrics_do_not_build_activations(data, tmp_path, monkeypatch):
-    from graft.train.prefix import PrefixActivations
+    from graft.tasks.classify.prefix import PrefixActivations
 
     built = []
     real = PrefixActivations._activations
@@ -119,9 +119,9 @@ def test_class_statistics_after_fine_tuning_come_from_the_prefix_and_match_a_ful
     """With the prefix cached, the class statistics of the fine-tuned model run only its top; they
     must describe the same embeddings a full inference pass of the final model gives."""
     from graft.data.transforms import eval_transform
-    from graft.predict import load_run
-    from graft.train.class_stats import FILE_NAME, ClassStats
-    from graft.train.embeddings import EmbeddingCache
+    from graft.tasks.classify.predict import load_run
+    from graft.tasks.classify.class_stats import FILE_NAME, ClassStats
+    from graft.tasks.classify.embeddings import EmbeddingCache
 
     fast = fine_tune(data, tmp_path, "fast")
     stats = ClassStats.load(fast.run_dir / FILE_NAME)

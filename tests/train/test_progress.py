@@ -6,8 +6,8 @@ import io
 import re
 
 from graft.configuration import parse_config
-from graft.train.hooks import ProgressHook
-from graft.train.runner import train
+from graft.engine.hooks import ProgressHook
+from graft.tasks.classify.train import train
 from helpers import make_class_folders, tiny_config
 
 

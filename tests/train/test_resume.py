@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from graft.configuration import parse_config
 from graft.errors import ConfigError, SnapshotError
-from graft.train import checkpoint
-from graft.train.loop import Hook, Interrupted
-from graft.train.runner import train
+from graft.engine import checkpoint
+from graft.engine.loop import Hook, Interrupted
+from graft.tasks.classify.train import train
 from helpers import tiny_config
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from graft.configuration import SolverConfig
 from graft.errors import ConfigError
 from graft.models import surgery
-from graft.train.solver import LRSchedule, make_optimizer
+from graft.engine.solver import LRSchedule, make_optimizer
 
 BASE = 0.1
 

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from box_data import three_splits, write_yolo
 from graft.cli import main
-from graft.report import read_history_csv
+from graft.report.figures import read_history_csv
 from helpers import make_class_folders
 
 COMMON = ["--weights", "none", "--augment", "none", "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "train.tensorboard=true", "--quiet"]

@@ -109,7 +109,7 @@ PRESETS = {
 
 def augmentation_from_config(data_cfg: Any, preset: str | None = None) -> Augmentation:
     """``preset`` (default ``data.augment``) with the ``data.hflip/...`` overrides applied. ``auto``
-    is decided from the data before training (``graft.train.autotune``); until then it is ``none``."""
+    is decided from the data before training (``graft.tasks.classify.autotune``); until then it is ``none``."""
     name = preset or data_cfg.augment
     if name not in PRESETS and name != "auto":
         raise ConfigError(f"data.augment {name} is for detectors (it moves boxes); a classifier takes auto, {', '.join(PRESETS)}")

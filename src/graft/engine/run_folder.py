@@ -1,0 +1,108 @@
+"""A run folder's lifecycle, the same for every task: which files make a run, and how
+``--overwrite`` replaces one without losing it (the old run is stashed until the new one finishes);
+and the checks and result every run shares."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graft.configuration import GraftConfig
+from graft.errors import ConfigError
+from graft.io import read_json, write_json
+from graft.tasks.classify.class_stats import FILE_NAME as CLASS_STATS_FILE
+from graft.engine.loop import Phase, phase_param_groups
+
+RUN_MARKERS = ("model.json", "snapshots", "history.csv")
+RUN_FILES = RUN_MARKERS + (
+    "model.safetensors", "metrics.json", "config.yaml", "splits.json", "weights_report.json",
+    "learning_curves.png", "confusion_matrix.png", "predictions.png", CLASS_STATS_FILE, "expand_metrics.json",
+    "detections.png", "per_class_ap.png", "pr_curves.png", "report.html", "export", "tensorboard",
+)
+
+
+def holds_run(path: Path) -> bool:
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+def clear_run(path: Path) -> None:
+    """Remove a run's own files (nothing else in the folder), so no stale plot survives."""
+    for name in RUN_FILES:
+        target = path / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+REPLACED = ".replaced"  # where --overwrite keeps the previous run until the new one has finished
+
+
+def stash_run(path: Path) -> Path:
+    """Move the run in ``path`` aside into ``path/.replaced`` instead of deleting it, so a replacement
+    that fails or is interrupted loses nothing. A stash left by an earlier failed replacement holds
+    the last finished run and is kept; the unfinished files above it are removed."""
+    stash = path / REPLACED
+    if stash.is_dir():
+        clear_run(path)
+        return stash
+    stash.mkdir()
+    for name in RUN_FILES:
+        if (path / name).exists():
+            os.replace(path / name, stash / name)
+    return stash
+
+
+def drop_stash(path: Path) -> None:
+    """The new run in ``path`` has finished: the replaced one can go."""
+    shutil.rmtree(path / REPLACED, ignore_errors=True)
+
+
+@contextmanager
+def keeping_replaced_run(path: Path) -> Iterator[None]:
+    """Tell the user where the replaced run is when the new one does not finish."""
+    try:
+        yield
+    except BaseException:
+        if (path / REPLACED).is_dir():
+            print(f"note: the run that was in {path} before --overwrite is kept in {path / REPLACED}", file=sys.stderr)
+        raise
+    drop_stash(path)
+
+
+def check_batch_size(cfg: GraftConfig, model: torch.nn.Module, phases: list[Phase]) -> None:
+    """BatchNorm in training mode cannot learn from batches of one image: say so before training."""
+    if cfg.solver.batch_size >= 2:
+        return
+    for phase in phases:
+        phase_param_groups(model, phase, cfg.solver, cfg.model.freeze, cfg.model.lr_mult)
+        model.train()
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+            raise ConfigError(f"solver.batch_size is 1, but the {phase.name} phase trains BatchNorm layers, which need at least 2 images per batch: use --batch-size 2 or more")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+@dataclass
+class ExpandResult(TrainResult):
+    expand_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def inherit_weights_report(source_dir: Path | None, source_name: str, run_dir: Path) -> None:
+    """An expansion's weights are its source's, every tensor, plus the new classes: its weights
+    report is the source's (which says where the pretrained weights came from), marked as such."""
+    if source_dir is None or not (source_dir / "weights_report.json").is_file() or (run_dir / "weights_report.json").exists():
+        return
+    report = read_json(source_dir / "weights_report.json")
+    report["inherited_from"] = f"{source_name}: graft expand loaded every tensor of that run and added the new classes; this is how that run's weights were loaded"
+    write_json(run_dir / "weights_report.json", report)

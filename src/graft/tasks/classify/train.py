@@ -1,0 +1,214 @@
+"""From a config to a finished run folder: scan data, build the model, train, write results.
+
+``RUNDIR`` holds ``model.safetensors`` + ``model.json`` (the trained model, self-describing),
+``snapshots/``, ``history.csv``, ``metrics.json``, ``config.yaml`` (resolved), ``splits.json``,
+``weights_report.json`` and the plots.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graft.configuration import GraftConfig, dump_yaml, parse_config
+from graft.console import progress, tell_data, warn
+from graft.data.dataset import ImageDataset, default_workers
+from graft.data.folder import DatasetSplits, scan_folder
+from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
+from graft.errors import ConfigError
+from graft.report.html import write_report_after_run
+from graft.io import write_json, write_text
+from graft.models import surgery
+from graft.models.backbones import build_model
+from graft.models.classifier import GraftClassifier
+from graft.engine import checkpoint
+from graft.tasks.classify import autotune
+from graft.engine.hooks import EarlyStoppingHook, run_hooks
+from graft.tasks.classify.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, frozen_bn_fixed, phase_sources
+from graft.tasks.classify.prefix import prefix_data
+from graft.tasks.classify.class_stats import FILE_NAME as CLASS_STATS_FILE
+from graft.engine.loop import Phase, Trainer
+from graft.engine.phases import plan_phases
+from graft.tasks.classify.run_info import check_classifier_monitor, check_files_exist, run_info, use_channels_last
+from graft.engine.run_folder import TrainResult, check_batch_size, holds_run, keeping_replaced_run, stash_run
+from graft.engine.device import seed_everything, select_device
+from graft.engine.task import ClassificationTask
+from graft.tasks.classify.results import write_results
+
+
+
+def resolve_task(cfg: GraftConfig) -> str:
+    """``classify`` or ``detect``; ``auto`` becomes one of them (in ``cfg`` too) by the data:
+    box annotations (COCO, YOLO, Pascal VOC) mean detection."""
+    if cfg.task == "auto":
+        from graft.tasks.detect.data import is_detection_data
+        from graft.tasks.detect.torchvision_models import is_torchvision_detector
+
+        cfg.task = "detect" if (cfg.data.dir and is_detection_data(cfg.data.dir)) or is_torchvision_detector(cfg.model.name) else "classify"
+    return cfg.task
+
+
+def train(
+    cfg: GraftConfig | None = None,
+    out: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    hooks: list[Any] = (),
+) -> TrainResult:
+    """Train a run into ``out``, or continue one from the snapshot ``resume``.
+
+    A resumed run keeps the snapshot's config and data split (``data_dir`` may point to the data's
+    new location); passing ``cfg`` with ``resume`` is an error, as in Caffe, where a solver state
+    only continues the solver that made it."""
+    started = time.perf_counter()
+    payload = None
+    if resume is not None:
+        if cfg is not None:
+            raise ConfigError("--resume continues the snapshot's run with its saved config; to change the solver, start from its weights with --weights SNAPSHOT instead")
+        payload = checkpoint.load_snapshot(resume)
+        if "expand" in payload:  # an expansion's snapshot continues as an expansion
+            from graft.tasks.classify.expansion import expand
+
+            return expand(None, out, resume=resume, data_dir=data_dir, overwrite=overwrite, quiet=quiet, hooks=hooks)
+        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
+        if payload.get("task") != "detect":
+            splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
+            check_files_exist(splits)
+        source_run = checkpoint.snapshot_run_dir(payload["path"])
+        run_dir = Path(out) if out else source_run
+        replace = run_dir.resolve() != source_run.resolve() and holds_run(run_dir)
+        device = select_device(cfg.train.device)
+    else:
+        if cfg is None:
+            raise ConfigError("train needs a config (or --resume SNAPSHOT)")
+        if data_dir is not None:
+            cfg.data.dir = str(data_dir)
+        if not cfg.data.dir:
+            raise ConfigError("no data: pass --data DIR (a folder of class folders) or set data.dir in the config")
+        if out is None:
+            raise ConfigError("no output folder: pass --out RUNDIR")
+        run_dir = Path(out)
+        replace = holds_run(run_dir)
+        source_run = None
+        device = select_device(cfg.train.device)
+    if replace and not overwrite:
+        hint = f", continue it with --resume {run_dir}/snapshots/last," if payload is None else ""
+        raise ConfigError(f"{run_dir} already holds a run; choose another --out{hint} or pass --overwrite to replace it")
+    if resolve_task(cfg) == "detect":
+        from graft.tasks.detect.runner import train_detection
+
+        return train_detection(cfg, run_dir, payload, replace=replace, device=device, source_run=source_run, data_dir=data_dir, started=started, quiet=quiet, hooks=hooks)
+    if payload is None:
+        d = cfg.data
+        splits = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)
+    say = progress(quiet)
+    model, report = build_model(cfg.model, len(splits.classes), load_weights=payload is None, seed=cfg.solver.seed)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+    pre = preprocessing_for(model.backbone, cfg.data)
+    aug = augmentation_from_config(cfg.data)
+    check_classifier_monitor(cfg)
+    phases = plan_phases(cfg, model)
+    surgery.check_rule_patterns(model, cfg.model.freeze, cfg.model.lr_mult)
+    check_batch_size(cfg, model, phases)
+    # Everything is validated: only now are the data's problems told (the run will list them) and
+    # may an earlier run in the folder be set aside.
+    tell_data(warnings=splits.warnings, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
+    if not splits.val:
+        warn("warning: no validation images (data.val_fraction is 0 or the classes are too small to split): no validation metrics" + ("; lr_policy plateau will never lower the rate" if cfg.solver.lr_policy == "plateau" else ""))
+    if replace:
+        stash_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with keeping_replaced_run(run_dir):
+        return _train(cfg, run_dir, payload, splits, model, report, pre, aug, phases, device, source_run, started, say, quiet, hooks)
+
+
+def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DatasetSplits, model: GraftClassifier, report: Any, pre: Preprocessing, aug: Any, phases: list[Phase], device: torch.device, source_run: Path | None, started: float, say: Any, quiet: bool, hooks: list[Any]) -> TrainResult:
+    """The run itself, once everything is validated and ``run_dir`` is ready."""
+    if payload is None:
+        write_json(run_dir / "weights_report.json", report.to_dict())
+        say(report.summary())
+    elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
+        shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
+    channels_last = use_channels_last(cfg, device)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # before the embedding cache's pass
+    amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+    cache = embedding_cache(cfg, model, pre, device, workers, stored=cfg.train.embedding_cache)
+    decoded_train, decision = None, None
+    if autotune.wants_decision(cfg):  # a resumed run's config was resolved when it started
+        decoded_train = decoded_for_search(cfg, splits, pre)
+        if frozen_bn_fixed(cfg):
+            decision = autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=any(p.backbone_frozen for p in phases), decoded=decoded_train, say=say)
+        else:
+            decision = autotune.fallback(cfg, "model.frozen_bn_eval and model.bn_inference are off, so a frozen backbone is no fixed function to decide on: augmentation none, head lr = solver.base_lr")
+            say(decision.summary()[0])
+        cfg = decision.apply(cfg)
+        aug = augmentation_from_config(cfg.data)
+        phases = plan_phases(cfg, model)
+    cached = embedding_data(cfg, model, splits, pre, aug, device, workers, say, cache=cache)
+    decoded_train, decoded_val = decoded_images(cfg, phases, cached, aug, splits, pre, say, train=decoded_train)
+    if cached is not None:
+        cached.decoded = decoded_train
+    prefix = prefix_data(cfg, model, splits, pre, aug, device, say, (decoded_train, decoded_val))
+    train_ds = ImageDataset(splits.train, train_transform(pre, aug), seed=cfg.solver.seed, max_pixels=cfg.data.max_pixels, decoded=decoded_train)
+    val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels, decoded=decoded_val)
+    weights_source = report.source if payload is None else payload.get("weights_source", "snapshot")
+    static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": weights_source}
+    if decision is not None:
+        static["decided"] = decision.to_dict()
+    elif payload is not None and "decided" in payload:
+        static["decided"] = payload["decided"]
+    stopping = EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor) if cfg.train.early_stopping else None
+    write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    write_json(run_dir / "splits.json", static["splits"])
+    say(f"data: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images; device {device}")
+    trainer = Trainer(
+        model,
+        phases,
+        solver=cfg.solver,
+        train_data=train_ds,
+        val_data=val_ds,
+        device=device,
+        amp=amp,
+        workers=workers,
+        freeze_patterns=cfg.model.freeze,
+        lr_rules=cfg.model.lr_mult,
+        task=ClassificationTask(cfg.train.label_smoothing),
+        hooks=run_hooks(run_dir, cfg, static, quiet=quiet, stopping=stopping, extra=hooks),
+        data_for_phase=phase_sources(cached, prefix),
+        channels_last=channels_last,
+    )
+    if payload is None:
+        seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
+    state = trainer.fit(resume=payload)
+    info = run_info(cfg, splits.classes, pre, model, phases, weights_source)
+    if "decided" in static:
+        info["decided"] = static["decided"]
+    if stopping is not None:
+        info["early_stopping"] = stopping.summary()
+    # Training time across every session of the run, plus this session's set-up and results.
+    seconds = trainer.elapsed() + (time.perf_counter() - started - trainer.session_seconds)
+    # After a frozen-backbone last phase the backbone is unchanged: evaluate on cached embeddings.
+    head_outputs = cached.outputs if cached and phases[-1].backbone_frozen else None
+    if head_outputs is None and prefix is not None and prefix.cut > 0:
+        head_outputs = prefix.outputs  # the frozen prefix is unchanged: reuse its activations
+    if cfg.train.class_stats:
+        stats = class_statistics(cfg, model, splits, pre, cached, phases[-1], device, workers, prefix=prefix)
+        stats.save(run_dir / CLASS_STATS_FILE)
+        info["class_stats"] = {"file": CLASS_STATS_FILE, "embeddings": int(stats.counts.sum()), "backbone": stats.backbone}
+    metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs, batch_size=cfg.solver.batch_size)
+    write_report_after_run(run_dir)
+    say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
+    return TrainResult(run_dir, metrics, state.history)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
