@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from graft.tasks.classify.evaluate import CPU_CHUNK_PIXELS, in_chunks
+from graft.engine.inference import CPU_CHUNK_PIXELS, in_chunks
 
 
 def test_chunks_give_what_one_call_gives_for_every_output_kind() -> None:

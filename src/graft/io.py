@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -58,3 +59,20 @@ def atomic_link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
             shutil.copyfile(src, tmp)
 
     return atomic_write(dst, write)
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (memoised per path, size and modification time)."""
+    st = os.stat(path)
+    # ctime and inode too: copying tools restore mtime, but a rewrite always moves ctime.
+    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if memo_key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _DIGESTS[memo_key] = h.hexdigest()
+    return _DIGESTS[memo_key]

@@ -205,7 +205,7 @@ def test_swapped_rows_in_a_store_file_are_detected(setup):
 def test_a_rewritten_file_with_its_old_timestamp_gets_a_new_digest(tmp_path):
     import os
 
-    from graft.tasks.classify.embeddings import file_digest
+    from graft.io import file_digest
 
     f = tmp_path / "a.bin"
     f.write_bytes(b"one")

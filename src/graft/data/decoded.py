@@ -49,7 +49,7 @@ class DecodedImages:
         return np.asarray(self.resize(load_image(self.samples[i].path, max_pixels=self.max_pixels)))
 
     def _disk_path(self, i: int) -> Path:
-        from graft.tasks.classify.embeddings import file_digest
+        from graft.io import file_digest
 
         return self.disk_dir / f"{file_digest(self.samples[i].path)}-{self.tag}.npy"
 

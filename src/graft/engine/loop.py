@@ -20,12 +20,11 @@ from torch.utils.data import Dataset
 
 from graft.data.dataset import EpochBatchSampler, ImageDataset, eval_loader, train_loader
 from graft.errors import GraftError, Interrupted  # Interrupted lives there so the CLI can catch it without importing torch
-from graft.tasks.classify.evaluate import autocast
+from graft.engine.inference import autocast
 from graft.models import surgery
-from graft.models.classifier import GraftClassifier
 from graft.engine import checkpoint
 from graft.engine.solver import LRSchedule, make_optimizer
-from graft.engine.task import ClassificationTask, Task
+from graft.engine.task import Task
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class Hook:
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def phase_param_groups(model: GraftClassifier, phase: Phase, solver: Any, freeze_patterns: list[str], lr_rules: list[Any]) -> list[dict[str, Any]]:
+def phase_param_groups(model: nn.Module, phase: Phase, solver: Any, freeze_patterns: list[str], lr_rules: list[Any]) -> list[dict[str, Any]]:
     """Make exactly what ``phase`` trains require gradients; return its optimizer groups.
     Order: everything unfrozen, then the phase's frozen layers, ``model.freeze`` patterns and
     ``lr_mult: 0`` rules frozen."""
@@ -102,7 +101,7 @@ def phase_param_groups(model: GraftClassifier, phase: Phase, solver: Any, freeze
 class Trainer:
     def __init__(
         self,
-        model: GraftClassifier,
+        model: nn.Module,
         phases: list[Phase],
         *,
         solver: Any,
@@ -113,7 +112,7 @@ class Trainer:
         workers: int = 0,
         freeze_patterns: list[str] = (),
         lr_rules: list[Any] = (),
-        task: Task | None = None,
+        task: Task,
         hooks: list[Hook] = (),
         data_for_phase: Any = None,
         channels_last: bool = False,
@@ -122,7 +121,7 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.device, self.amp, self.workers = device, amp and device.type == "cuda", workers
         self.freeze_patterns, self.lr_rules = list(freeze_patterns), list(lr_rules)
-        self.task = task or ClassificationTask()
+        self.task = task
         self.hooks = list(hooks)
         self.state = LoopState()
         self.sampler = EpochBatchSampler(len(train_data), solver.batch_size, seed=solver.seed)  # rebuilt per phase

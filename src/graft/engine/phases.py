@@ -48,3 +48,8 @@ def phase_rows(cfg: GraftConfig, model: Any, layers: list) -> list[dict[str, Any
             }
         )
     return phases
+
+
+def frozen_bn_fixed(cfg: GraftConfig) -> bool:
+    """Do frozen BatchNorm layers stay in inference mode (so a frozen part is a fixed function)?"""
+    return cfg.model.frozen_bn_eval or cfg.model.bn_inference

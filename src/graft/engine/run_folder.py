@@ -14,17 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
 from graft.configuration import GraftConfig
 from graft.errors import ConfigError
-from graft.io import read_json, write_json
-from graft.tasks.classify.class_stats import FILE_NAME as CLASS_STATS_FILE
+from graft.io import atomic_write, read_json, write_json
+
 from graft.engine.loop import Phase, phase_param_groups
 
 RUN_MARKERS = ("model.json", "snapshots", "history.csv")
 RUN_FILES = RUN_MARKERS + (
     "model.safetensors", "metrics.json", "config.yaml", "splits.json", "weights_report.json",
-    "learning_curves.png", "confusion_matrix.png", "predictions.png", CLASS_STATS_FILE, "expand_metrics.json",
+    "learning_curves.png", "confusion_matrix.png", "predictions.png", "class_stats.safetensors", "expand_metrics.json",
     "detections.png", "per_class_ap.png", "pr_curves.png", "report.html", "export", "tensorboard",
 )
 
@@ -106,3 +108,10 @@ def inherit_weights_report(source_dir: Path | None, source_name: str, run_dir: P
     report = read_json(source_dir / "weights_report.json")
     report["inherited_from"] = f"{source_name}: graft expand loaded every tensor of that run and added the new classes; this is how that run's weights were loaded"
     write_json(run_dir / "weights_report.json", report)
+
+
+def save_model(run_dir: Path, model: nn.Module, info: dict[str, Any]) -> None:
+    """``model.safetensors`` (CPU tensors, atomically) and ``model.json``, the run's self-description."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "graft-run/1"}))
+    write_json(run_dir / "model.json", info)

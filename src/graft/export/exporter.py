@@ -41,7 +41,7 @@ from graft.data.images import ImageError, load_image
 from graft.errors import ConfigError, ExportError
 from graft.export.exported import ExportedModel, classifier_input, load_export, detector_input, resize_shorter_to, sidecar_path
 from graft.io import read_json, write_json
-from graft.tasks.classify.embeddings import file_digest
+from graft.io import file_digest
 
 FORMATS = {"onnx": "onnx", "torchscript": "pt"}
 DEFAULT_OPSET = 17

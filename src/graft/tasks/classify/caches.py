@@ -27,6 +27,7 @@ from graft.models.classifier import GraftClassifier
 from graft.tasks.classify.class_stats import ClassStats
 from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir
 from graft.engine.loop import Phase, PhaseData
+from graft.engine.phases import frozen_bn_fixed
 
 if TYPE_CHECKING:
     from graft.tasks.classify.prefix import PrefixActivations
@@ -127,11 +128,6 @@ def decoded_images(cfg: GraftConfig, phases: list[Phase], cached: CachedEmbeddin
     parts = [f"train {train.describe()}" if train_decodable else "train: decoded per epoch (random-resized crops need the full image)"] + ([f"val {val.describe()}"] if val else [])
     say(f"decoded images once ({time.perf_counter() - started:.1f}s): " + "; ".join(parts))
     return (train if train_decodable else None), val
-
-
-def frozen_bn_fixed(cfg: GraftConfig) -> bool:
-    """Do frozen BatchNorm layers stay in inference mode (so a frozen part is a fixed function)?"""
-    return cfg.model.frozen_bn_eval or cfg.model.bn_inference
 
 
 def embedding_cache(cfg: GraftConfig, model: GraftClassifier, pre: Preprocessing, device: torch.device, workers: int, *, stored: bool = True) -> EmbeddingCache:

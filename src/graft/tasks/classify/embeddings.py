@@ -28,8 +28,9 @@ from torch.utils.data import Dataset
 
 from graft.data.dataset import ImageDataset, _mix, eval_loader
 from graft.data.folder import Sample
-from graft.tasks.classify.evaluate import in_chunks
+from graft.engine.inference import in_chunks
 from graft.io import atomic_write
+from graft.io import file_digest
 
 FORMAT = "graft-embeddings/1"
 
@@ -50,23 +51,6 @@ def backbone_fingerprint(backbone: nn.Module) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-_DIGESTS: dict[tuple, str] = {}
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (memoised per path, size and modification time)."""
-    st = os.stat(path)
-    # ctime and inode too: copying tools restore mtime, but a rewrite always moves ctime.
-    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-    if memo_key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _DIGESTS[memo_key] = h.hexdigest()
-    return _DIGESTS[memo_key]
 
 
 def _checksum(key: str, digests: list[str], t: torch.Tensor) -> str:

@@ -12,6 +12,7 @@ from graft.data.transforms import augmentation_from_config, preprocessing_for
 from graft.models import surgery
 from graft.models.backbones import build_model
 from graft.engine.phases import phase_rows, plan_phases
+from graft.engine.decision import Decision, wants_decision
 
 
 def _count_class_folders(data_dir: str) -> int:
@@ -49,7 +50,6 @@ def decide_now(cfg: GraftConfig) -> dict[str, Any]:
 def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: bool = False) -> dict[str, Any]:
     """Phases with their trainable layers, parameter counts and optimizer groups (JSON-able).
     ``decide``: decide what is ``auto`` on the data now (costs the embeddings), as training would."""
-    from graft.tasks.classify import autotune
     from graft.tasks.classify.train import resolve_task
 
     if resolve_task(cfg) == "detect":
@@ -58,9 +58,9 @@ def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: b
         return describe_detection_plan(cfg, num_classes, decide=decide)
 
     decided = None
-    if decide and autotune.wants_decision(cfg):
+    if decide and wants_decision(cfg):
         decided = decide_now(cfg)
-        cfg = autotune.Decision(augment=decided["augment"], head_lr=decided["head_lr"]).apply(cfg)
+        cfg = Decision(augment=decided["augment"], head_lr=decided["head_lr"]).apply(cfg)
     if num_classes is None and cfg.data.dir:
         num_classes = _count_class_folders(cfg.data.dir)
     if num_classes is not None and num_classes < 2:
@@ -134,7 +134,7 @@ def _auto(cfg: GraftConfig, decided: dict[str, Any] | None) -> dict[str, Any]:
 def _format_auto(auto: dict[str, Any]) -> list[str]:
     decided = auto["decided"]
     if decided is not None:
-        from graft.tasks.classify.autotune import Decision, Trial
+        from graft.engine.decision import Decision, Trial
 
         d = Decision(augment=decided["augment"], head_lr=decided["head_lr"], trials=[Trial(**t) for t in decided["trials"]], note=decided["note"], seconds=decided["seconds"])
         return d.summary()

@@ -16,10 +16,11 @@ from graft.console import plural
 from graft.data.dataset import ImageDataset, eval_loader
 from graft.data.folder import DatasetSplits, Sample
 from graft.data.transforms import Preprocessing, eval_transform, flipped_transform
-from graft.tasks.classify.evaluate import Outputs, collect_outputs, in_chunks
+from graft.engine.inference import in_chunks
+from graft.tasks.classify.evaluate import Outputs, collect_outputs
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
-from graft.tasks.classify.caches import frozen_bn_fixed
+from graft.engine.phases import frozen_bn_fixed
 from graft.tasks.classify.embeddings import EmbeddingDataset
 from graft.engine.loop import Phase, PhaseData
 

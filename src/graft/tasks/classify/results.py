@@ -8,22 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from graft.data.dataset import ImageDataset, eval_loader
 from graft.data.folder import DatasetSplits, Sample
 from graft.data.images import ImageError, load_image
 from graft.data.transforms import Preprocessing, eval_transform
 from graft.tasks.classify.evaluate import Outputs, collect_outputs, metrics_from_outputs
-from graft.io import atomic_write, write_json
+from graft.io import write_json
 from graft.models.classifier import GraftClassifier
 from graft.report.figures import plot_confusion_matrix, plot_learning_curves, plot_predictions, write_history_csv
-
-
-def save_model(run_dir: Path, model: GraftClassifier, info: dict[str, Any]) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(run_dir / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "graft-run/1"}))
-    write_json(run_dir / "model.json", info)
+from graft.engine.run_folder import save_model
 
 
 def evaluate_samples(model: GraftClassifier, samples: list[Sample], pre: Preprocessing, *, device: torch.device, amp: bool, workers: int, batch_size: int = 64) -> Outputs:

@@ -28,7 +28,7 @@ from graft.models.classifier import GraftClassifier
 from graft.engine import checkpoint
 from graft.tasks.classify import autotune
 from graft.engine.hooks import EarlyStoppingHook, run_hooks
-from graft.tasks.classify.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, frozen_bn_fixed, phase_sources
+from graft.tasks.classify.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, phase_sources
 from graft.tasks.classify.prefix import prefix_data
 from graft.tasks.classify.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.engine.loop import Phase, Trainer
@@ -36,8 +36,10 @@ from graft.engine.phases import plan_phases
 from graft.tasks.classify.run_info import check_classifier_monitor, check_files_exist, run_info, use_channels_last
 from graft.engine.run_folder import TrainResult, check_batch_size, holds_run, keeping_replaced_run, stash_run
 from graft.engine.device import seed_everything, select_device
-from graft.engine.task import ClassificationTask
+from graft.tasks.classify.task import ClassificationTask
 from graft.tasks.classify.results import write_results
+from graft.engine.decision import fallback, wants_decision
+from graft.engine.phases import frozen_bn_fixed
 
 
 
@@ -143,12 +145,12 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     cache = embedding_cache(cfg, model, pre, device, workers, stored=cfg.train.embedding_cache)
     decoded_train, decision = None, None
-    if autotune.wants_decision(cfg):  # a resumed run's config was resolved when it started
+    if wants_decision(cfg):  # a resumed run's config was resolved when it started
         decoded_train = decoded_for_search(cfg, splits, pre)
         if frozen_bn_fixed(cfg):
             decision = autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=any(p.backbone_frozen for p in phases), decoded=decoded_train, say=say)
         else:
-            decision = autotune.fallback(cfg, "model.frozen_bn_eval and model.bn_inference are off, so a frozen backbone is no fixed function to decide on: augmentation none, head lr = solver.base_lr")
+            decision = fallback(cfg, "model.frozen_bn_eval and model.bn_inference are off, so a frozen backbone is no fixed function to decide on: augmentation none, head lr = solver.base_lr")
             say(decision.summary()[0])
         cfg = decision.apply(cfg)
         aug = augmentation_from_config(cfg.data)

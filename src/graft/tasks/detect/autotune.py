@@ -26,7 +26,7 @@ from graft.console import plural
 from graft.tasks.detect.cache import FeatureCache
 from graft.tasks.detect.model import GraftDetector
 from graft.tasks.detect.task import DetectionTask
-from graft.tasks.classify.autotune import Decision
+from graft.engine.decision import Decision
 from graft.engine.loop import Hook, Phase, PhaseData, Trainer
 
 # Growing strength. flip-scale and strong are opt-in: on validation images flip-scale lost to flip on

@@ -24,7 +24,7 @@ from graft.configuration import GraftConfig
 from graft.data.dataset import _mix
 from graft.tasks.detect.dataset import BoxDataset, collate_boxes
 from graft.tasks.detect.model import GraftDetector
-from graft.tasks.classify.evaluate import autocast, in_chunks
+from graft.engine.inference import autocast, in_chunks
 
 
 class FeatureCache(Dataset):
@@ -141,7 +141,7 @@ def _collate_keyed(batch):
 
 def features_cacheable(cfg: GraftConfig) -> bool:
     """Backbone features are computed once only when asked and the frozen backbone is a fixed function."""
-    from graft.tasks.classify.caches import frozen_bn_fixed
+    from graft.engine.phases import frozen_bn_fixed
 
     return cfg.train.embedding_cache and frozen_bn_fixed(cfg)
 

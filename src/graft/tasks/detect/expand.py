@@ -49,7 +49,7 @@ from graft.report.html import write_report_after_run
 from graft.io import read_json, write_json
 from graft.models import surgery
 from graft.engine import checkpoint
-from graft.tasks.classify.embeddings import file_digest
+from graft.io import file_digest
 from graft.engine.loop import Phase
 
 EXPAND_SNAPSHOT = 10  # numbered snapshots every 10 epochs: a detector is large, only its new block changes

@@ -38,9 +38,9 @@ from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.report.figures import plot_learning_curves, write_history_csv
 from graft.engine.hooks import EarlyStoppingHook, SnapshotHook, run_hooks
-from graft.tasks.classify.autotune import Decision
+from graft.engine.decision import Decision
 from graft.engine.loop import Phase, PhaseData, Trainer
-from graft.tasks.classify.results import save_model
+from graft.engine.run_folder import save_model
 
 DETECTION_FILES = ("detections.png", "per_class_ap.png", "pr_curves.png")
 

@@ -18,7 +18,7 @@ from graft.tasks.detect.boxes import BoxSample
 from graft.tasks.detect.dataset import collate_boxes
 from graft.tasks.detect.metrics import Prediction, detection_metrics
 from graft.tasks.detect.model import GraftDetector
-from graft.tasks.classify.evaluate import autocast, in_chunks
+from graft.engine.inference import autocast, in_chunks
 from graft.engine.task import Task
 
 if TYPE_CHECKING:

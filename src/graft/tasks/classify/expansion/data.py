@@ -16,7 +16,8 @@ from graft.data.class_names import plan_classes
 from graft.tasks.classify.expansion.source import Source
 from graft.tasks.classify.class_stats import FILE_NAME as STATS_FILE
 from graft.tasks.classify.class_stats import herding
-from graft.tasks.classify.embeddings import EmbeddingCache, file_digest
+from graft.io import file_digest
+from graft.tasks.classify.embeddings import EmbeddingCache
 
 
 def gather_data(cfg: GraftConfig, source: Source, cache: EmbeddingCache, say: Any) -> tuple[DatasetSplits, dict[str, Any]]:

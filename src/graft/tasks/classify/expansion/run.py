@@ -42,6 +42,7 @@ from graft.tasks.classify.class_stats import ClassStats
 from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir
 from graft.engine.hooks import run_hooks
 from graft.engine.loop import Phase, PhaseData, Trainer
+from graft.tasks.classify.task import ClassificationTask
 from graft.tasks.classify.results import write_results
 from graft.engine.device import seed_everything, select_device
 from graft.engine.run_folder import ExpandResult, holds_run, inherit_weights_report, keeping_replaced_run, stash_run
@@ -126,6 +127,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
         workers=workers,
         freeze_patterns=cfg.model.freeze,
         lr_rules=cfg.model.lr_mult,
+        task=ClassificationTask(),
         hooks=run_hooks(run_dir, cfg, static, quiet=quiet, extra=hooks),
         data_for_phase=PhaseSources(cfg, model, teacher, splits, pre, source_cache, stats, say).phase_data,
         channels_last=use_channels_last(cfg, device),

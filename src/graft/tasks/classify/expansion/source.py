@@ -16,7 +16,8 @@ from graft.io import read_json
 from graft.models.classifier import GraftClassifier
 from graft.tasks.classify.class_stats import FILE_NAME as STATS_FILE
 from graft.tasks.classify.class_stats import ClassStats
-from graft.tasks.classify.embeddings import backbone_fingerprint, file_digest
+from graft.io import file_digest
+from graft.tasks.classify.embeddings import backbone_fingerprint
 
 if TYPE_CHECKING:
     from graft.tasks.detect.expand import DetectionSource
