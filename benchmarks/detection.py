@@ -128,7 +128,7 @@ def graft_curve(data: Path, out: Path, size: int, budget: str, seed: int, report
     from graft.configuration import resolve_config
     from graft.tasks.detect.data import scan_detection
     from graft.engine.loop import Hook
-    from graft.tasks.classify.train import train
+    from graft.pipeline.train import train
 
     flags = {"task": "detect", "data.dir": str(data), "data.img_size": size, "solver.seed": seed, "train.device": "cpu"}
     if budget != "default":

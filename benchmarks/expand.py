@@ -123,7 +123,7 @@ def main() -> None:
     from graft.data.folder import scan_class_folders
     from graft.data.images import load_image
     from graft.data.transforms import eval_transform
-    from graft.tasks.classify.predict import load_run
+    from graft.pipeline.predict import load_run
     from graft.tasks.classify.embeddings import EmbeddingCache, backbone_fingerprint
 
     original = load_run(work / "runs/original", device="cpu")

@@ -227,7 +227,7 @@ def main() -> None:
 
     from graft.configuration import parse_config
     from graft.tasks.detect.runner import scan
-    from graft.tasks.classify.predict import load_run
+    from graft.pipeline.predict import load_run
 
     original = load_run(work / "runs/original", device="cpu")
     report_splits = scan(parse_config({"task": "detect", "data": {"dir": str(full)}}))

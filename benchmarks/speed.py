@@ -117,7 +117,7 @@ def case_fe_plain(data: Path, epochs: int) -> dict:
 
 def graft_train(data: Path, out: Path, strategy: str, augment: str, epochs: int, cache_dir: Path, **train_opts) -> dict:
     from graft.configuration import parse_config
-    from graft.tasks.classify.train import train
+    from graft.pipeline.train import train
 
     cfg = parse_config(
         {
@@ -205,7 +205,7 @@ def main() -> None:
         print(json.dumps(run_case(args.case, Path(args.data), args.epochs, Path(args.work))), flush=True)
         return
 
-    from graft.demo import make_texture_dataset
+    from graft.tasks.classify.demo import make_texture_dataset
 
     work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
     per_class = (40, 10) if args.quick else (168, 42)

@@ -67,3 +67,31 @@ def test_the_cycle_finder_finds_cycles(tmp_path, monkeypatch) -> None:
     (package / "c.py").write_text("from looped import a\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert import_cycles("looped") == [{"looped.a", "looped.b"}]
+
+
+def test_the_contracts_keep_the_layers_and_every_task_apart() -> None:
+    """The layers of the README's picture, and an independence contract over every registered task
+    package: a task added to the registry but not to the contract would fail here."""
+    import tomllib
+
+    from graft.pipeline.registry import TASKS
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in contracts if c["type"] == "layers")
+    assert [layer.split(" ")[0] for layer in layers["layers"]] == ["cli", "pipeline", "tasks", "engine", "configuration"]
+    apart = next(c for c in contracts if c["type"] == "independence")
+    assert sorted(apart["modules"]) == sorted(f"graft.tasks.{name}" for name in TASKS)
+
+
+def test_only_task_packages_name_a_task_in_a_comparison() -> None:
+    """Dispatch goes through the registry: no module outside ``graft/tasks/`` compares a task's
+    name (``task == "detect"``), nor asks whether a model is a detector or a classifier."""
+    import re
+
+    from graft.pipeline.registry import TASKS
+
+    names = "|".join(TASKS)
+    compares = re.compile(rf"""[=!]=\s*["']({names})["']|["']({names})["']\s*[=!]=|isinstance\([^)]*Graft(Detector|Classifier)""")
+    offenders = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((ROOT / "src" / "graft").rglob("*.py")) if "tasks" not in path.relative_to(ROOT / "src" / "graft").parts
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if compares.search(line)]
+    assert offenders == []

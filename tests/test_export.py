@@ -157,7 +157,7 @@ def test_bad_requests_get_clear_errors_and_leave_nothing_behind(runs, tmp_path, 
 def test_an_export_that_disagrees_with_the_run_is_not_kept(runs, tmp_path, capsys, monkeypatch) -> None:
     """A mutation of the exported path (its preprocessing off by a little) must fail parity, and
     neither the model file nor its sidecar may be left, nor an earlier good export replaced."""
-    import graft.export.exporter as export
+    import graft.tasks.classify.export as export
 
     target = tmp_path / "out" / "model.onnx"
     assert run_cli(capsys, "export", runs["classifier"], "--out", target)[0] == 0
@@ -174,7 +174,7 @@ def test_an_export_that_disagrees_with_the_run_is_not_kept(runs, tmp_path, capsy
 def test_a_detector_export_that_disagrees_is_not_kept(runs, tmp_path, capsys, monkeypatch) -> None:
     """Images fed to the export one pixel off (a wrong padding or resize in the sidecar would do
     this): its boxes move a little everywhere, which must fail, not pass as NMS edge cases."""
-    import graft.export.exporter as export
+    import graft.tasks.detect.export as export
 
     real = export.detector_input
     monkeypatch.setattr(export, "detector_input", lambda image, pre: (lambda x, s: (np.roll(x, 1, axis=2), s))(*real(image, pre)))
@@ -187,7 +187,7 @@ def test_a_detector_export_that_disagrees_is_not_kept(runs, tmp_path, capsys, mo
 def test_a_failed_onnx_export_is_one_message_not_the_exporters_graph_dump(runs, tmp_path, capfd, monkeypatch) -> None:
     """torch's ONNX exporter prints the whole IR graph to the process's stdout (from C++) when an
     op cannot be exported; the user gets graft's one-line error, and the dump only with --debug."""
-    import graft.export.exporter as export
+    import graft.tasks.detect.export as export
 
     monkeypatch.setattr(export._Boxes, "forward", lambda self, image: (torch.argsort(image.flatten(), stable=True),) * 3)  # no ONNX symbolic
     code, out, err = run_cli(capfd, "export", runs["detector"], "--out", tmp_path / "det.onnx")

@@ -17,6 +17,7 @@ import pytest
 from box_data import three_splits, write_yolo
 from graft.cli import main
 from graft.report.html import write_report_after_run
+from graft.tasks.classify.report import REPORT
 from helpers import make_class_folders
 
 ODD = "a<b&c"  # a class name (folder name) that HTML must escape
@@ -97,7 +98,7 @@ def test_missing_inputs_leave_sections_out_and_a_damaged_file_is_named(runs, tmp
     assert main(["report", str(run)]) == 2
     assert f"{run / 'metrics.json'} cannot be read" in capsys.readouterr().err
     # at the end of a run the same failure is a warning, and the run's files stay as they are
-    assert write_report_after_run(run) is None
+    assert write_report_after_run(run, REPORT) is None
     assert "warning:" in capsys.readouterr().err and (run / "report.html").read_text(encoding="utf-8") == page
 
 

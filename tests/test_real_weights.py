@@ -9,7 +9,8 @@ import torch
 
 from graft.data.images import load_image
 from graft.data.transforms import eval_transform, preprocessing_for
-from graft.demo import run_demo, skimage_photo
+from graft.demo import run_demo
+from graft.tasks.classify.demo import skimage_photo
 from graft.models.backbones import build_model, imagenet_model
 from graft.configuration import ModelConfig
 

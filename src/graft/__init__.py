@@ -37,7 +37,7 @@ def config(file: str | None = None, overrides: list[str] = (), **sections: dict[
 
 def fit(cfg: Any, out: str, *, resume: str | None = None, overwrite: bool = False, quiet: bool = False):
     """Train into the run folder ``out`` (or continue the snapshot ``resume``); returns a ``TrainResult``."""
-    from graft.tasks.classify.train import train
+    from graft.pipeline.train import train
 
     return train(cfg, out, resume=resume, overwrite=overwrite, quiet=quiet)
 
@@ -58,8 +58,8 @@ def expand(
     """Add the classes in ``data`` (folders not named like one of ``run``'s classes) to the finished
     run ``run``, writing the expanded run to ``out``; returns an ``ExpandResult`` whose
     ``expand_metrics`` says how the old classes fared. ``sections`` override config keys as in ``config``."""
-    from graft.tasks.classify.expansion import expand as _expand
-    from graft.tasks.classify.expansion.source import expand_config, load_source
+    from graft.pipeline.expand import expand as _expand
+    from graft.pipeline.expand import expand_config, load_source
 
     flags = {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
     flags.update({"expand.mode": mode, "expand.exemplars": exemplars})
@@ -70,7 +70,7 @@ def expand(
 
 def load_run(run_dir: str, device: str = "auto"):
     """A finished run as a ``TrainedModel`` with ``predict`` and ``evaluate``."""
-    from graft.tasks.classify.predict import load_run as _load
+    from graft.pipeline.predict import load_run as _load
 
     return _load(run_dir, device)
 
@@ -78,7 +78,7 @@ def load_run(run_dir: str, device: str = "auto"):
 def export(run_dir: str, fmt: str = "onnx", *, out: str | None = None, half: bool = False, images: str | None = None):
     """Export the finished run to ONNX or TorchScript, kept only if it predicts as the run does;
     returns an ``ExportResult`` (path, sidecar, parity figures)."""
-    from graft.export.exporter import export_run
+    from graft.pipeline.export import export_run
 
     return export_run(run_dir, fmt, out=out, half=half, images=images)
 
@@ -86,7 +86,7 @@ def export(run_dir: str, fmt: str = "onnx", *, out: str | None = None, half: boo
 def load_export(path: str):
     """An exported model with its sidecar; ``predict`` as the run's model (classes, or boxes),
     without PyTorch for ONNX."""
-    from graft.export.exported import load_export as _load_export
+    from graft.pipeline.export import load_export as _load_export
 
     return _load_export(path)
 

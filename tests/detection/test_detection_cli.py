@@ -315,7 +315,7 @@ def test_ctrl_c_mid_epoch_saves_a_snapshot_that_resumes_bit_exactly(trained, dat
     chosen = json.loads((trained / "metrics.json").read_text())["decided"]["augment"]
     args = ["train", "--data", str(data["yolo"]), "--out", str(out), "--model", "fcos", "--epochs", "2", "--fine-tune-epochs", "2", "--augment", chosen, *TINY]
     from graft.cli import main as cli_main
-    from graft.tasks.classify import train as runner
+    from graft.pipeline import train as runner
 
     real_train = runner.train
     with pytest.MonkeyPatch.context() as mp:  # the CLI's train, with the interrupting hook added

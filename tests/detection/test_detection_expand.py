@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from box_data import ring_scenes, three_splits, write_coco, write_yolo
 from graft.cli import main
-from graft.tasks.classify.predict import load_run
+from graft.pipeline.predict import load_run
 from graft.engine import checkpoint
 from helpers import run_cli
 

@@ -19,7 +19,7 @@ import graft
 from graft.cli import main
 from graft.configuration import parse_config
 from graft.tasks.classify.class_stats import ClassStats
-from graft.tasks.classify.train import train
+from graft.pipeline.train import train
 from helpers import COLOURS, make_class_folders, tiny_config
 
 OLD = ["blue", "green", "red"]  # the original run's classes (sorted folder names)
@@ -488,8 +488,8 @@ class _FailAfterFirstEpoch:
 
 
 def test_a_failed_overwrite_keeps_the_replaced_run(original, expanded, tmp_path, capsys):
-    from graft.tasks.classify.expansion import expand
-    from graft.tasks.classify.expansion.source import expand_config, load_source
+    from graft.pipeline.expand import expand
+    from graft.pipeline.expand import expand_config, load_source
 
     out = tmp_path / "target"
     shutil.copytree(expanded, out)
@@ -578,7 +578,7 @@ def test_new_rows_learn_on_unaugmented_views_whatever_the_source_was_trained_wit
     """The old classes' statistics describe un-augmented images; the new rows' training views must
     too. The source's augmentation (its flips, rotations and overrides) is not inherited; an
     explicit one is respected."""
-    from graft.tasks.classify.expansion.source import expand_config, load_source
+    from graft.pipeline.expand import expand_config, load_source
 
     source = load_source(original["run"])
     source.info["config"]["data"].update(augment="flip-rotate", vflip=True, rotation=30.0)

@@ -653,7 +653,7 @@ def test_a_widened_model_saves_and_loads_as_a_finished_run(tmp_path):
     from graft.io import write_json
     from graft.models.backbones import build_model
     from graft.models.surgery import widen_head
-    from graft.tasks.classify.predict import load_run
+    from graft.pipeline.predict import load_run
 
     cfg = GraftConfig.model_validate({"model": {"name": "test_resnet", "weights": "none"}})
     model, _ = build_model(cfg.model, 3)

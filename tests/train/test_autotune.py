@@ -13,7 +13,7 @@ from PIL import Image
 from graft.cli import main
 from graft.configuration import parse_config
 from graft.tasks.classify.autotune import AUTO_AUGMENTS, HEAD_LRS
-from graft.tasks.classify.train import train
+from graft.pipeline.train import train
 from helpers import make_class_folders, tiny_config
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from graft.configuration import parse_config
 from graft.engine import checkpoint
 from graft.engine.hooks import EarlyStoppingHook
-from graft.tasks.classify.train import train
+from graft.pipeline.train import train
 from helpers import make_class_folders, tiny_config
 
 EPOCHS = 8
@@ -118,7 +118,7 @@ def test_without_validation_images_nothing_stops():
 def test_the_report_and_the_console_say_what_early_stopping_did(stopped, capsys):
     """The report's phase table gives the epochs run ("5 of 8"), and its settings say which epoch
     was restored; a run that prints says so too."""
-    from graft.report.html import write_report
+    from graft.pipeline.report import write_report
     from graft.engine.hooks import ProgressHook
 
     tmp, _, result = stopped

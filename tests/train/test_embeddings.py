@@ -13,7 +13,7 @@ from graft.data.folder import scan_folder
 from graft.data.transforms import Preprocessing, eval_transform
 from graft.models.backbones import build_model
 from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, EmbeddingStore
-from graft.tasks.classify.train import train
+from graft.pipeline.train import train
 from helpers import make_class_folders, tiny_config
 
 

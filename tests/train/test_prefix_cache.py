@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from graft.configuration import ModelConfig, parse_config
 from graft.models.backbones import build_model
 from graft.tasks.classify.prefix import backbone_units, chain_matches
-from graft.tasks.classify.train import train
+from graft.pipeline.train import train
 from helpers import make_class_folders, tiny_config
 
 
@@ -119,7 +119,7 @@ def test_class_statistics_after_fine_tuning_come_from_the_prefix_and_match_a_ful
     """With the prefix cached, the class statistics of the fine-tuned model run only its top; they
     must describe the same embeddings a full inference pass of the final model gives."""
     from graft.data.transforms import eval_transform
-    from graft.tasks.classify.predict import load_run
+    from graft.pipeline.predict import load_run
     from graft.tasks.classify.class_stats import FILE_NAME, ClassStats
     from graft.tasks.classify.embeddings import EmbeddingCache
 

@@ -7,7 +7,7 @@ import re
 
 from graft.configuration import parse_config
 from graft.engine.hooks import ProgressHook
-from graft.tasks.classify.train import train
+from graft.pipeline.train import train
 from helpers import make_class_folders, tiny_config
 
 

@@ -13,7 +13,7 @@ from graft.configuration import parse_config
 from graft.errors import ConfigError, SnapshotError
 from graft.engine import checkpoint
 from graft.engine.loop import Hook, Interrupted
-from graft.tasks.classify.train import train
+from graft.pipeline.train import train
 from helpers import tiny_config
 
 

@@ -50,13 +50,6 @@ def decide_now(cfg: GraftConfig) -> dict[str, Any]:
 def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: bool = False) -> dict[str, Any]:
     """Phases with their trainable layers, parameter counts and optimizer groups (JSON-able).
     ``decide``: decide what is ``auto`` on the data now (costs the embeddings), as training would."""
-    from graft.tasks.classify.train import resolve_task
-
-    if resolve_task(cfg) == "detect":
-        from graft.tasks.detect.plan import describe_detection_plan
-
-        return describe_detection_plan(cfg, num_classes, decide=decide)
-
     decided = None
     if decide and wants_decision(cfg):
         decided = decide_now(cfg)
@@ -88,41 +81,6 @@ def describe_plan(cfg: GraftConfig, num_classes: int | None = None, *, decide: b
     }
 
 
-def format_plan(plan: dict[str, Any], *, layers: bool = False) -> str:
-    if plan.get("task") == "detect":
-        from graft.tasks.detect.plan import format_detection_header
-
-        lines = format_detection_header(plan)
-        return "\n".join(lines + format_phases(plan, layers=layers))
-    lines = [
-        f"backbone {plan['backbone']} (weights: {plan['weights']}), {plan['num_classes']} class{'es' if plan['num_classes'] != 1 else ''}, strategy {plan['strategy']}",
-        f"preprocessing: {plan['preprocessing']['input_size']}px, mean {plan['preprocessing']['mean']}, std {plan['preprocessing']['std']}, {plan['preprocessing']['interpolation']}",
-        f"solver: {', '.join(f'{k}={v}' for k, v in plan['solver'].items())}",
-        f"backbone layers: {len(plan['layers'])} (indices 0..{len(plan['layers']) - 1}; --layers lists them)",
-    ]
-    lines += _format_auto(plan["auto"])
-    return "\n".join(lines + format_phases(plan, layers=layers))
-
-
-def format_phases(plan: dict[str, Any], *, layers: bool = False) -> list[str]:
-    lines = []
-    if plan["reinit"]:
-        lines.append(f"re-initialised after loading: {', '.join(plan['reinit'])}")
-    for i, ph in enumerate(plan["phases"], 1):
-        c = ph["parameters"]
-        above = plan.get("above_backbone", "the head")
-        where = f"{above} only (backbone frozen)" if ph["trainable_from_layer"] is None else f"from layer {ph['trainable_from_layer']} ({ph['first_trainable_layer']}) on, plus {above}"
-        lines.append(f"\nphase {i}: {ph['name']}, {plural(ph['epochs'], 'epoch')}, lr {ph['lr']:.2e}")
-        lines.append(f"  learns: {where}; {ph['backbone_layers_learning']} backbone layers")
-        lines.append(f"  parameters: {c['trainable']:,} trainable / {c['frozen']:,} frozen / {c['total']:,} total")
-        for g in ph["groups"]:
-            lines.append(f"  group lr {g['lr']:.2e} (x{g['lr_mult']:g}) decay {g['weight_decay']:g} (x{g['decay_mult']:g}): {g['tensors']} tensors, {g['parameters']:,} params [{g['first']} .. {g['last']}]")
-    if layers:
-        lines.append("\nlayers:")
-        lines += [f"  {l['index']:>4}  {l['name']:<45} {l['type']:<20} {l['parameters']:>10,}" for l in plan["layers"]]
-    return lines
-
-
 def _auto(cfg: GraftConfig, decided: dict[str, Any] | None) -> dict[str, Any]:
     """What is decided from the data, and how (or, after ``--decide``, what it became)."""
     from graft.tasks.classify.autotune import AUTO_AUGMENTS, HEAD_LRS
@@ -144,4 +102,16 @@ def _format_auto(auto: dict[str, Any]) -> list[str]:
     if "head_lr" in auto["pending"]:
         rates = ", ".join(f"{r:.0e}" for r in auto["pending"]["head_lr"])
         lines.append(f"head lr: auto, decided when training starts by a range test over {rates} on cached embeddings, scored on the validation split; the phase 1 rate below is a placeholder")
+    return lines
+
+
+def plan_header(plan: dict[str, Any]) -> list[str]:
+    """The lines above the phases in ``graft plan``: backbone, preprocessing, solver, ``auto``."""
+    lines = [
+        f"backbone {plan['backbone']} (weights: {plan['weights']}), {plan['num_classes']} class{'es' if plan['num_classes'] != 1 else ''}, strategy {plan['strategy']}",
+        f"preprocessing: {plan['preprocessing']['input_size']}px, mean {plan['preprocessing']['mean']}, std {plan['preprocessing']['std']}, {plan['preprocessing']['interpolation']}",
+        f"solver: {', '.join(f'{k}={v}' for k, v in plan['solver'].items())}",
+        f"backbone layers: {len(plan['layers'])} (indices 0..{len(plan['layers']) - 1}; --layers lists them)",
+    ]
+    lines += _format_auto(plan["auto"])
     return lines

@@ -7,15 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from graft.configuration import parse_config
 from graft.data.dataset import ImageDataset, default_workers, eval_loader
 from graft.data.folder import Sample, scan_class_folders
 from graft.data.transforms import Preprocessing, eval_transform
-from graft.errors import DataError, SnapshotError
 from graft.tasks.classify.evaluate import collect_outputs, metrics_from_outputs
-from graft.io import read_json
 from graft.models.backbones import build_model
 from graft.models.classifier import GraftClassifier
 from graft.prediction import Prediction, classify_files, expand_inputs
@@ -35,28 +32,15 @@ class TrainedModel:
         self.model.to(self.device)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, device: str = "auto") -> TrainedModel:
-        from graft.engine.device import select_device
+    def load(cls, run_dir: Path, info: dict[str, Any], weights: dict[str, torch.Tensor], device: torch.device) -> TrainedModel:
+        cfg = parse_config(info["config"], str(run_dir / "model.json"))
+        model, _ = build_model(cfg.model, int(info["num_classes"]), load_weights=False, head_blocks=info.get("head", {}).get("blocks"))
+        model.load_state_dict(weights)
+        return cls(model, info, run_dir, device)
 
-        run_dir = Path(run_dir)
-        info_path, weights_path = run_dir / "model.json", run_dir / "model.safetensors"
-        if not info_path.is_file() or not weights_path.is_file():
-            hint = " (training has not finished; its snapshots are in snapshots/)" if (run_dir / "snapshots").is_dir() else ""
-            raise SnapshotError(f"{run_dir} is not a finished graft run: model.json and model.safetensors are needed{hint}")
-        try:
-            info = read_json(info_path)
-            if info.get("task") == "detect":
-                from graft.tasks.detect.predict import TrainedDetector
-
-                return TrainedDetector.load(run_dir, info, load_file(str(weights_path)), select_device(device))
-            cfg = parse_config(info["config"], str(info_path))
-            model, _ = build_model(cfg.model, int(info["num_classes"]), load_weights=False, head_blocks=info.get("head", {}).get("blocks"))
-            model.load_state_dict(load_file(str(weights_path)))
-        except SnapshotError:
-            raise
-        except Exception as err:
-            raise SnapshotError(f"cannot load the model in {run_dir}: {type(err).__name__}: {str(err)[:200]}") from None
-        return cls(model, info, run_dir, select_device(device))
+    @staticmethod
+    def refuse_data(data_dir: str | os.PathLike) -> None:
+        """Set by ``graft.pipeline.predict.load_run``: refuses another task's labelled data."""
 
     # ------------------------------------------------------------------ prediction
 
@@ -75,10 +59,7 @@ class TrainedModel:
 
     def evaluate(self, data_dir: str | os.PathLike, *, batch_size: int = 64, strict: bool = False) -> dict[str, Any]:
         """Metrics on a folder of class folders whose names are among this model's classes."""
-        from graft.tasks.detect.data import is_detection_data
-
-        if Path(data_dir).exists() and is_detection_data(data_dir):
-            raise DataError(f"{data_dir} holds box annotations, but {self.run_dir or 'this model'} is a classifier: evaluate it on a folder with a subfolder of images per class (boxes are for detection runs)")
+        self.refuse_data(data_dir)
         _, samples, skipped, warnings = scan_class_folders(data_dir, classes=self.classes, strict=strict)
         ds = ImageDataset(samples, self.transform)
         out = collect_outputs(self.model, eval_loader(ds, batch_size=batch_size, workers=min(2, default_workers())), self.device)
@@ -89,10 +70,6 @@ class TrainedModel:
         return metrics
 
 
-def load_run(run_dir: str | os.PathLike, device: str = "auto") -> Any:
-    """The finished run in ``run_dir``: a ``TrainedModel`` (classifier) or a
-    ``graft.tasks.detect.predict.TrainedDetector``, as its ``model.json`` says."""
-    return TrainedModel.load(run_dir, device)
+__all__ = ["Prediction", "Sample", "TrainedModel", "expand_inputs"]
 
 
-__all__ = ["Prediction", "Sample", "TrainedModel", "expand_inputs", "load_run"]

@@ -1,9 +1,5 @@
-"""From a config to a finished run folder: scan data, build the model, train, write results.
-
-``RUNDIR`` holds ``model.safetensors`` + ``model.json`` (the trained model, self-describing),
-``snapshots/``, ``history.csv``, ``metrics.json``, ``config.yaml`` (resolved), ``splits.json``,
-``weights_report.json`` and the plots.
-"""
+"""A classifier's run: class folders scanned, the model built, the frozen phase on cached
+embeddings where it can be, then results, class statistics and plots in the run folder."""
 
 from __future__ import annotations
 
@@ -14,18 +10,17 @@ from typing import Any
 
 import torch
 
-from graft.configuration import GraftConfig, dump_yaml, parse_config
+from graft.configuration import GraftConfig, dump_yaml
 from graft.console import progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, scan_folder
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
-from graft.errors import ConfigError
 from graft.report.html import write_report_after_run
+from graft.tasks.classify.report import REPORT
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.backbones import build_model
 from graft.models.classifier import GraftClassifier
-from graft.engine import checkpoint
 from graft.tasks.classify import autotune
 from graft.engine.hooks import EarlyStoppingHook, run_hooks
 from graft.tasks.classify.caches import class_statistics, decoded_for_search, decoded_images, embedding_cache, embedding_data, phase_sources
@@ -34,8 +29,8 @@ from graft.tasks.classify.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.engine.loop import Phase, Trainer
 from graft.engine.phases import plan_phases
 from graft.tasks.classify.run_info import check_classifier_monitor, check_files_exist, run_info, use_channels_last
-from graft.engine.run_folder import TrainResult, check_batch_size, holds_run, keeping_replaced_run, stash_run
-from graft.engine.device import seed_everything, select_device
+from graft.engine.run_folder import TrainResult, check_batch_size, keeping_replaced_run, stash_run
+from graft.engine.device import seed_everything
 from graft.tasks.classify.task import ClassificationTask
 from graft.tasks.classify.results import write_results
 from graft.engine.decision import fallback, wants_decision
@@ -43,70 +38,13 @@ from graft.engine.phases import frozen_bn_fixed
 
 
 
-def resolve_task(cfg: GraftConfig) -> str:
-    """``classify`` or ``detect``; ``auto`` becomes one of them (in ``cfg`` too) by the data:
-    box annotations (COCO, YOLO, Pascal VOC) mean detection."""
-    if cfg.task == "auto":
-        from graft.tasks.detect.data import is_detection_data
-        from graft.tasks.detect.torchvision_models import is_torchvision_detector
-
-        cfg.task = "detect" if (cfg.data.dir and is_detection_data(cfg.data.dir)) or is_torchvision_detector(cfg.model.name) else "classify"
-    return cfg.task
-
-
-def train(
-    cfg: GraftConfig | None = None,
-    out: str | Path | None = None,
-    *,
-    resume: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    hooks: list[Any] = (),
-) -> TrainResult:
-    """Train a run into ``out``, or continue one from the snapshot ``resume``.
-
-    A resumed run keeps the snapshot's config and data split (``data_dir`` may point to the data's
-    new location); passing ``cfg`` with ``resume`` is an error, as in Caffe, where a solver state
-    only continues the solver that made it."""
-    started = time.perf_counter()
-    payload = None
-    if resume is not None:
-        if cfg is not None:
-            raise ConfigError("--resume continues the snapshot's run with its saved config; to change the solver, start from its weights with --weights SNAPSHOT instead")
-        payload = checkpoint.load_snapshot(resume)
-        if "expand" in payload:  # an expansion's snapshot continues as an expansion
-            from graft.tasks.classify.expansion import expand
-
-            return expand(None, out, resume=resume, data_dir=data_dir, overwrite=overwrite, quiet=quiet, hooks=hooks)
-        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
-        if payload.get("task") != "detect":
-            splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
-            check_files_exist(splits)
-        source_run = checkpoint.snapshot_run_dir(payload["path"])
-        run_dir = Path(out) if out else source_run
-        replace = run_dir.resolve() != source_run.resolve() and holds_run(run_dir)
-        device = select_device(cfg.train.device)
-    else:
-        if cfg is None:
-            raise ConfigError("train needs a config (or --resume SNAPSHOT)")
-        if data_dir is not None:
-            cfg.data.dir = str(data_dir)
-        if not cfg.data.dir:
-            raise ConfigError("no data: pass --data DIR (a folder of class folders) or set data.dir in the config")
-        if out is None:
-            raise ConfigError("no output folder: pass --out RUNDIR")
-        run_dir = Path(out)
-        replace = holds_run(run_dir)
-        source_run = None
-        device = select_device(cfg.train.device)
-    if replace and not overwrite:
-        hint = f", continue it with --resume {run_dir}/snapshots/last," if payload is None else ""
-        raise ConfigError(f"{run_dir} already holds a run; choose another --out{hint} or pass --overwrite to replace it")
-    if resolve_task(cfg) == "detect":
-        from graft.tasks.detect.runner import train_detection
-
-        return train_detection(cfg, run_dir, payload, replace=replace, device=device, source_run=source_run, data_dir=data_dir, started=started, quiet=quiet, hooks=hooks)
+def train_classifier(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, *, replace: bool, device: torch.device, source_run: Path | None,
+                     data_dir: str | Path | None, started: float, quiet: bool, hooks: list[Any]) -> TrainResult:
+    """Train a classifier into ``run_dir`` (``TaskPackage.train``): scan the class folders (or take
+    the snapshot's split), build the model, validate, then train and write the results."""
+    if payload is not None:
+        splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
+        check_files_exist(splits)
     if payload is None:
         d = cfg.data
         splits = scan_folder(d.dir, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.solver.seed, strict=d.strict, max_pixels=d.max_pixels)
@@ -207,7 +145,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         stats.save(run_dir / CLASS_STATS_FILE)
         info["class_stats"] = {"file": CLASS_STATS_FILE, "embeddings": int(stats.counts.sum()), "backbone": stats.backbone}
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs, batch_size=cfg.solver.batch_size)
-    write_report_after_run(run_dir)
+    write_report_after_run(run_dir, REPORT)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
     return TrainResult(run_dir, metrics, state.history)
 

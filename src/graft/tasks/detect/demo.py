@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from graft.configuration import parse_config
-from graft.demo import demo_folder
-from graft.tasks.detect.deepforest import write_tree_tiles
 
 
 
@@ -30,13 +28,3 @@ def detection_demo_config(data_dir: Path, epochs: int | None = None, fine_tune_e
         },
         "detection demo",
     )
-
-
-def run_detection_demo(out: Path, *, epochs: int | None = None, fine_tune_epochs: int | None = None, quiet: bool = False):
-    from graft.tasks.classify.train import train
-
-    out = Path(out)
-    cfg = detection_demo_config(out / "data", epochs, fine_tune_epochs)
-    data_dir = demo_folder(out)
-    write_tree_tiles(data_dir)
-    return train(cfg, out, overwrite=True, quiet=quiet)

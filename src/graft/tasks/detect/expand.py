@@ -46,11 +46,12 @@ from graft.tasks.detect.widen import SIGMOID_HEADS, add_block, block_kinds, bran
 from graft.errors import ConfigError, DataError, SnapshotError
 from graft.data.class_names import refuse_near_twins
 from graft.report.html import write_report_after_run
+from graft.tasks.detect.report import REPORT
 from graft.io import read_json, write_json
 from graft.models import surgery
-from graft.engine import checkpoint
 from graft.io import file_digest
 from graft.engine.loop import Phase
+from graft.tasks.interface import ExpansionJob
 
 EXPAND_SNAPSHOT = 10  # numbered snapshots every 10 epochs: a detector is large, only its new block changes
 
@@ -107,21 +108,6 @@ def coco_source(spec: str) -> DetectionSource:
         "detector": {"head": model.head_kind, "level_sizes": model.level_sizes, "frozen_bn": model.frozen_bn, "class_blocks": [len(classes)]},
     }
     return DetectionSource(spec, None, info, model.eval(), file_digest(coco_weights_file(name)), None)
-
-
-def detection_source(name: str) -> DetectionSource:
-    """The detector ``expand.source`` names: torchvision's COCO model (``coco:MODEL``) or a finished
-    detection run (its path is made absolute: snapshots record it, and must work from any folder)."""
-    from graft.tasks.detect.predict import TrainedDetector
-    from graft.tasks.classify.predict import load_run
-
-    if name.startswith("coco:"):
-        return coco_source(name)
-    run_dir = Path(name).resolve()
-    trained = load_run(run_dir, device="cpu")
-    if not isinstance(trained, TrainedDetector):
-        raise ConfigError(f"{name} is a classifier run: a detector expansion needs a detection run")
-    return load_detection_source(run_dir, trained.model, trained.info)
 
 
 def with_input_size(source: DetectionSource, size: int) -> None:
@@ -223,48 +209,23 @@ def old_parameters(model: GraftDetector) -> tuple[str, ...]:
     return tuple(n for n, _ in model.named_parameters() if not n.startswith(learns))
 
 
-def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, resume: str | Path | None = None, data_dir: str | Path | None = None, overwrite: bool = False, quiet: bool = False, hooks: list[Any] = ()) -> Any:
-    """Expand the detection run ``cfg.expand.source`` with the new classes' boxes in
-    ``cfg.data.dir`` into ``out`` (``cfg`` from ``detection_expand_config``), or continue an
-    expansion from its snapshot ``resume``."""
+def expand_detector(job: ExpansionJob, *, data_dir: str | Path | None, quiet: bool, hooks: list[Any]) -> Any:
+    """Expand the detector ``job.source`` with the new classes' boxes in ``job.cfg.data.dir`` (or
+    continue the snapshot ``job.payload``, its data now under ``data_dir`` if given)."""
     from graft.tasks.detect.runner import augmentation, train_and_report
     from graft.engine.device import select_device
-    from graft.engine.run_folder import ExpandResult, holds_run, inherit_weights_report, keeping_replaced_run, stash_run
+    from graft.engine.run_folder import ExpandResult, inherit_weights_report, keeping_replaced_run, stash_run
 
-    started = time.perf_counter()
+    cfg, source, run_dir, payload, replace, started = job.cfg, job.source, job.run_dir, job.payload, job.replace, job.started
     say = progress(quiet)
-    payload = None
-    if resume is not None:
-        if cfg is not None:
-            raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")
-        payload = checkpoint.load_snapshot(resume)
-        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
-        source = detection_source(cfg.expand.source)
-        if source.digest != payload["expand"]["source_sha256"]:
-            raise SnapshotError(f"the model in {cfg.expand.source} changed since this expansion started; it cannot be continued (start it again from the run)")
-        snapshot_run = checkpoint.snapshot_run_dir(payload["path"])
-        run_dir = Path(out) if out else snapshot_run
+    if payload is not None:
         splits = DetectionSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
         missing = [s.path for s in splits.train + splits.val + splits.test if not Path(s.path).is_file()]
         if missing:
             raise SnapshotError(f"{plural(len(missing), 'image')} of the snapshot's data split {'is' if len(missing) == 1 else 'are'} gone (e.g. {missing[0]}); if the data moved, pass its new location with --data")
         spec = payload["expand"]
-        replace = run_dir.resolve() != snapshot_run.resolve() and holds_run(run_dir)
-    else:
-        if cfg is None or cfg.expand.source is None:
-            raise ConfigError("expand needs a config made by graft.tasks.classify.expansion.source.expand_config (or --resume SNAPSHOT)")
-        if out is None:
-            raise ConfigError("no output folder: pass --out RUNDIR")
-        source = detection_source(cfg.expand.source)
-        run_dir = Path(out)
-        replace = holds_run(run_dir)
     if source.dir is None and cfg.data.img_size and cfg.data.img_size != source.model.size:
         with_input_size(source, cfg.data.img_size)  # a COCO model at the size the expansion chose
-    inside = run_dir.resolve()
-    if source.dir is not None and (inside == source.dir.resolve() or source.dir.resolve() in inside.parents):
-        raise ConfigError(f"--out {run_dir} is (inside) the run being expanded, {source.dir}; write the expanded run to a new folder")
-    if replace and not overwrite:
-        raise ConfigError(f"{run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
     if payload is None:
         splits, spec = gather_boxes(cfg, source)
     old, new = spec["old_classes"], spec["new_classes"]
@@ -311,7 +272,7 @@ def expand_detector(cfg: GraftConfig | None, out: str | Path | None = None, *, r
         metrics = expansion_metrics(source, model, splits, k, cfg, device)
         metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, pseudo_labels=spec.get("pseudo_labels"), parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
         write_json(run_dir / "expand_metrics.json", metrics)
-        write_report_after_run(run_dir)
+        write_report_after_run(run_dir, REPORT)
     say(f"done: old classes mAP {_fmt(metrics['old_map_before'])} -> {_fmt(metrics['old_map_after'])} ({metrics['old_split']}), "
         f"new classes mAP {_fmt(metrics['new_map'])} ({metrics['new_split']}; {_fmt(metrics['new_map_new_images'])} on the new images alone), overall {_fmt(metrics['overall_map'])}; results in {run_dir}")
     return ExpandResult(run_dir, result.metrics, result.history, metrics)

@@ -42,6 +42,10 @@ class TrainedDetector:
         model.load_state_dict(weights)
         return cls(model, info, run_dir, device)
 
+    @staticmethod
+    def refuse_data(data_dir: str | os.PathLike) -> None:
+        """Set by ``graft.pipeline.predict.load_run``: refuses another task's labelled data."""
+
     def _set_thresholds(self, conf: float, iou: float | None) -> None:
         for d in [self.model.detector, *self.model.branches]:
             holder = d.roi_heads if hasattr(d, "roi_heads") else d
@@ -90,6 +94,7 @@ class TrainedDetector:
         """COCO metrics on DIR's test split, else its val split, else all of it."""
         from graft.tasks.detect.runner import evaluate_detector
 
+        self.refuse_data(data_dir)
         split, samples, splits = scan_evaluation(data_dir, strict=strict)
         unknown = [c for c in splits.classes if c not in self.classes]
         if unknown:
@@ -100,3 +105,5 @@ class TrainedDetector:
         _, result = evaluate_detector(self.model, samples, self.classes, device=self.device, amp=False, workers=min(2, default_workers()), batch_size=batch_size, conf=float(self.info["config"]["detect"]["conf"]))
         return {**result.metrics, "split": split, "data": str(data_dir), "data_format": splits.format,
                 "skipped_files": [{"path": str(s.path), "reason": s.reason} for s in splits.skipped], "annotation_problems": splits.problems, "warnings": splits.warnings}
+
+

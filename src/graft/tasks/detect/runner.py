@@ -34,6 +34,7 @@ from graft.tasks.detect.task import DetectionTask, collect_detections
 from graft.tasks.detect.widen import block_kinds, class_blocks
 from graft.errors import ConfigError, SnapshotError
 from graft.report.html import write_report_after_run
+from graft.tasks.detect.report import REPORT
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.report.figures import plot_learning_curves, write_history_csv
@@ -164,7 +165,7 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
         elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
             shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
-        write_report_after_run(run_dir)
+        write_report_after_run(run_dir, REPORT)
         return result
 
 

@@ -7,7 +7,3 @@ class statistics the original run stored, plus any rehearsal images), and are th
 against the old rows on held-out data. ``fine-tune`` mode then also adapts the backbone, keeping
 the old classes with distillation from the original model.
 """
-
-from graft.tasks.classify.expansion.run import ExpandResult, expand
-
-__all__ = ["ExpandResult", "expand"]

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from graft.configuration import GraftConfig, dump_yaml, parse_config
+from graft.configuration import GraftConfig, dump_yaml
 from graft.console import plural, progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import DatasetSplits, Sample
@@ -25,17 +24,16 @@ from graft.data.transforms import (
     eval_transform,
     train_transform,
 )
-from graft.errors import ConfigError, SnapshotError
 from graft.tasks.classify.evaluate import Outputs, collect_outputs
 from graft.report.html import write_report_after_run
+from graft.tasks.classify.report import REPORT
 from graft.tasks.classify.expansion.calibrate import Calibration, fit_calibration, norm_ratio
 from graft.tasks.classify.expansion.negatives import ExpandEmbeddings, balanced_weights
 from graft.tasks.classify.expansion.data import evaluation_split, gather_data
-from graft.tasks.classify.expansion.source import Source, load_source
+from graft.tasks.interface import ExpansionJob
 from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.classifier import GraftClassifier
-from graft.engine import checkpoint
 from graft.tasks.classify.caches import training_views
 from graft.tasks.classify.class_stats import FILE_NAME as STATS_FILE
 from graft.tasks.classify.class_stats import ClassStats
@@ -45,39 +43,27 @@ from graft.engine.loop import Phase, PhaseData, Trainer
 from graft.tasks.classify.task import ClassificationTask
 from graft.tasks.classify.results import write_results
 from graft.engine.device import seed_everything, select_device
-from graft.engine.run_folder import ExpandResult, holds_run, inherit_weights_report, keeping_replaced_run, stash_run
+from graft.engine.run_folder import ExpandResult, inherit_weights_report, keeping_replaced_run, stash_run
 from graft.tasks.classify.run_info import check_classifier_monitor, check_files_exist, run_info, use_channels_last
 
 CALIBRATION_DRAWS = 256  # old-class samples drawn per class from the statistics for calibration
 
 
-def expand(
-    cfg: GraftConfig | None,
-    out: str | Path | None = None,
-    *,
-    resume: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    overwrite: bool = False,
-    quiet: bool = False,
-    hooks: list[Any] = (),
-) -> ExpandResult:
-    """Expand the run ``cfg.expand.source`` with the new classes in ``cfg.data.dir`` into ``out``
-    (make ``cfg`` with ``graft.tasks.classify.expansion.source.expand_config``), or continue an expansion from its
-    snapshot ``resume`` (``data_dir``: where its new data is now, if it moved). With
-    ``overwrite``, a run already in ``out`` is kept in ``out/.replaced`` until this one finishes."""
-    if (cfg is not None and cfg.task == "detect") or (resume is not None and checkpoint.load_snapshot(resume).get("task") == "detect"):
-        from graft.tasks.detect.expand import expand_detector
-
-        return expand_detector(cfg, out, resume=resume, data_dir=data_dir, overwrite=overwrite, quiet=quiet, hooks=hooks)
-    started = time.perf_counter()
+def expand_classifier(job: ExpansionJob, *, data_dir: str | Path | None, quiet: bool, hooks: list[Any]) -> ExpandResult:
+    """Expand the classifier ``job.source`` with the new class folders in ``job.cfg.data.dir`` (or
+    continue the snapshot ``job.payload``, its data now under ``data_dir`` if given)."""
     say = progress(quiet)
-    job = open_expansion(cfg, out, resume, overwrite, data_dir)
+    splits = spec = None
+    if job.payload is not None:
+        splits = DatasetSplits.from_json(job.payload["splits"], root=Path(data_dir) if data_dir else None)
+        check_files_exist(splits)
+        spec = job.payload["expand"]
     with keeping_replaced_run(job.run_dir):
-        return _expand(job, started, say, quiet, hooks)
+        return _expand(job, splits, spec, say, quiet, hooks)
 
 
-def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) -> ExpandResult:
-    cfg, source, run_dir, payload = job.cfg, job.source, job.run_dir, job.payload
+def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any] | None, say: Any, quiet: bool, hooks: list[Any]) -> ExpandResult:
+    cfg, source, run_dir, payload, started = job.cfg, job.source, job.run_dir, job.payload, job.started
     device = select_device(cfg.train.device)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     pre, aug = source.preprocessing, augmentation_from_config(cfg.data)
@@ -91,8 +77,7 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
 
     source_cache = embedding_cache(teacher.backbone)
     if payload is None:
-        job.splits, job.spec = gather_data(cfg, source, source_cache, say)
-    splits, spec = job.splits, job.spec
+        splits, spec = gather_data(cfg, source, source_cache, say)
     old, new = spec["old_classes"], spec["new_classes"]
     k = len(old)
 
@@ -201,53 +186,10 @@ def _expand(job: _Job, started: float, say: Any, quiet: bool, hooks: list[Any]) 
         seconds=round(time.perf_counter() - started, 2),
     )
     write_json(run_dir / "expand_metrics.json", result)
-    write_report_after_run(run_dir)
+    write_report_after_run(run_dir, REPORT)
     say(f"done: old classes {_pct(result['old_accuracy_before'])} -> {_pct(result['old_accuracy_after'])}, new classes {_pct(result['new_accuracy'])}, "
         f"overall {_pct(result['overall_accuracy'])} ({split_name} images); results in {run_dir}")
     return ExpandResult(run_dir, metrics, state.history, result)
-
-
-@dataclass
-class _Job:
-    cfg: GraftConfig
-    source: Source
-    run_dir: Path
-    replace: bool  # run_dir holds another run that --overwrite replaces
-    payload: dict[str, Any] | None = None  # the snapshot being resumed
-    splits: DatasetSplits | None = None
-    spec: dict[str, Any] | None = None  # where the data came from (stored in every snapshot)
-
-
-def open_expansion(cfg: GraftConfig | None, out: str | Path | None, resume: str | Path | None, overwrite: bool, data_dir: str | Path | None = None) -> _Job:
-    """Check what was asked before anything is written: the source run, the output folder, and
-    for a resumed expansion its snapshot and the unchanged source model."""
-    if resume is not None:
-        if cfg is not None:
-            raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")
-        payload = checkpoint.load_snapshot(resume)
-        if "expand" not in payload:
-            raise SnapshotError(f"{payload['path']} is a training snapshot, not an expansion's: continue it with graft train --resume")
-        cfg = parse_config(payload["config"], f"snapshot {payload['path']}")
-        source = load_source(cfg.expand.source)
-        if source.digest != payload["expand"]["source_sha256"]:
-            raise SnapshotError(f"the model in {source.dir} changed since this expansion started; it cannot be continued (start it again from the run)")
-        snapshot_run = checkpoint.snapshot_run_dir(payload["path"])
-        run_dir = Path(out) if out else snapshot_run
-        splits = DatasetSplits.from_json(payload["splits"], root=Path(data_dir) if data_dir else None)
-        check_files_exist(splits)
-        job = _Job(cfg, source, run_dir, run_dir.resolve() != snapshot_run.resolve() and holds_run(run_dir), payload, splits, payload["expand"])
-    else:
-        if cfg is None or cfg.expand.source is None:
-            raise ConfigError("expand needs a config made by graft.tasks.classify.expansion.source.expand_config (or --resume SNAPSHOT)")
-        if out is None:
-            raise ConfigError("no output folder: pass --out RUNDIR")
-        job = _Job(cfg, load_source(cfg.expand.source), Path(out), holds_run(Path(out)))
-    inside = job.run_dir.resolve()
-    if inside == job.source.dir or job.source.dir in inside.parents:
-        raise ConfigError(f"--out {job.run_dir} is (inside) the run being expanded, {job.source.dir}; write the expanded run to a new folder")
-    if job.replace and not overwrite:
-        raise ConfigError(f"{job.run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
-    return job
 
 
 def _pct(x: float | None) -> str:

@@ -6,7 +6,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from graft.configuration import GraftConfig, resolve_config
 from graft.data.folder import DatasetSplits
@@ -18,9 +18,6 @@ from graft.tasks.classify.class_stats import FILE_NAME as STATS_FILE
 from graft.tasks.classify.class_stats import ClassStats
 from graft.io import file_digest
 from graft.tasks.classify.embeddings import backbone_fingerprint
-
-if TYPE_CHECKING:
-    from graft.tasks.detect.expand import DetectionSource
 
 EXPAND_EPOCHS = 100  # epochs of the new rows on cached embeddings: seconds, even on a CPU
 EXPAND_FINE_TUNE_EPOCHS = 5
@@ -41,24 +38,17 @@ class Source:
         return list(self.info["classes"])
 
     @property
+    def name(self) -> str:
+        return str(self.dir)
+
+    @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing.from_dict(self.info["preprocessing"])
 
 
-def load_source(run_dir: str | os.PathLike) -> Source | DetectionSource:
-    """The finished run at ``run_dir``: a ``Source`` for a classifier, a ``DetectionSource`` for a detector."""
-    from graft.tasks.classify.predict import TrainedModel
-
-    if str(run_dir).startswith("coco:"):  # torchvision's COCO detector, with its COCO classes
-        from graft.tasks.detect.expand import coco_source
-
-        return coco_source(str(run_dir))
-    run_dir = Path(run_dir).resolve()  # recorded in the expansion's snapshots: must work from any folder
-    trained = TrainedModel.load(run_dir, device="cpu")
-    if not isinstance(trained, TrainedModel):
-        from graft.tasks.detect.expand import load_detection_source
-
-        return load_detection_source(run_dir, trained.model, trained.info)
+def source_from_run(run_dir: Path, trained: Any) -> Source:
+    """The finished classifier run ``trained`` (``graft.pipeline.predict.load_run``) at the absolute
+    ``run_dir``, with its data split and class statistics, as the source of an expansion."""
     digest = file_digest(run_dir / "model.safetensors")
     splits = None
     if (run_dir / "splits.json").is_file():
@@ -82,7 +72,7 @@ _FIXED_DATA_KEYS = ("img_size", "mean", "std", "interpolation", "crop_pct")
 
 
 def expand_config(
-    source: Source | DetectionSource,
+    source: Source,
     data_dir: str | os.PathLike | None,
     *,
     config_file: str | os.PathLike | None = None,
@@ -91,18 +81,6 @@ def expand_config(
 ) -> GraftConfig:
     """The expansion's config: the source run's, with expansion defaults, then the user's file,
     ``--set`` overrides and flags. The backbone and preprocessing cannot change."""
-    if source.info.get("task") == "detect":
-        from graft.tasks.detect.expand import detection_expand_config
-
-        return detection_expand_config(source, data_dir, config_file=config_file, overrides=overrides, flags=flags)
-    if data_dir is not None and Path(data_dir).is_dir():
-        from graft.tasks.detect.data import is_detection_data
-
-        if is_detection_data(data_dir):
-            raise ConfigError(f"{data_dir} holds box annotations, but {source.dir} is a classifier: give it a folder with a subfolder of images per new class "
-                              "(boxes are for expanding a detection run)")
-    if (flags or {}).get("task") == "detect":
-        raise ConfigError(f"{source.dir} is a classifier; --task detect expands detection runs")
     base = copy.deepcopy(source.info["config"])
     base["data"]["dir"] = str(data_dir) if data_dir is not None else None
     # The new rows learn against the old classes' statistics, which describe un-augmented images
