@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from graft.console import data_notices, plural, progress
-from graft.data.folder import Skipped
+from graft.data.samples import Skipped
 
 
 def test_plural_counts_one_and_many() -> None:

@@ -12,12 +12,12 @@ from graft.report import figures as report
 from graft.report.figures import (
     HISTORY_COLUMNS,
     phase_changes,
-    plot_confusion_matrix,
     plot_learning_curves,
-    plot_predictions,
     read_history_csv,
     write_history_csv,
 )
+from graft.tasks.classify import plots
+from graft.tasks.classify.plots import plot_confusion_matrix, plot_predictions
 
 
 def _rows(phases):
@@ -217,7 +217,7 @@ def test_predictions_grid(tmp_path, spy):
 
 
 def test_predictions_caps_items(tmp_path, spy, monkeypatch):
-    monkeypatch.setattr(report, "MAX_PREDICTIONS", 3)
+    monkeypatch.setattr(plots, "MAX_PREDICTIONS", 3)
     titles = spy(matplotlib.axes.Axes, "set_title")
     suptitles = spy(matplotlib.figure.Figure, "suptitle")
     items = [{"image": Image.new("RGB", (16, 16)), "true": "a", "pred": "a", "prob": 1.0}] * 5

@@ -223,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from graft.data.folder import Skipped
+    from graft.data.samples import Skipped
     from graft.io import write_json
     from graft.pipeline.predict import load_run
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from graft.configuration import DataConfig
 from graft.data.dataset import EpochBatchSampler, ImageDataset
-from graft.data.folder import Sample
+from graft.data.samples import Sample
 from graft.data.transforms import (
     PRESETS,
     Augmentation,

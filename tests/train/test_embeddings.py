@@ -75,7 +75,7 @@ def test_a_changed_file_is_recomputed_alone_and_a_copy_is_reused(setup):
     make_image(samples[0].path, (10, 10, 10), np.random.default_rng(99))  # new content, same path
     copy = tmp / "copy.png"
     copy.write_bytes(samples[1].path.read_bytes())  # same content, new path
-    from graft.data.folder import Sample
+    from graft.data.samples import Sample
 
     cache = make_cache(model, tmp / "c", pre)
     cache.embed([*samples, Sample(copy, 0)], eval_transform(pre))

@@ -126,7 +126,7 @@ def test_class_statistics_after_fine_tuning_come_from_the_prefix_and_match_a_ful
     fast = fine_tune(data, tmp_path, "fast")
     stats = ClassStats.load(fast.run_dir / FILE_NAME)
     run = load_run(fast.run_dir, device="cpu")
-    from graft.data.folder import DatasetSplits
+    from graft.data.samples import DatasetSplits
     import json
 
     splits = DatasetSplits.from_json(json.loads((fast.run_dir / "splits.json").read_text()))

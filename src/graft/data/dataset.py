@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from graft.data.folder import Sample
+from graft.data.samples import Sample
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from graft.errors import DataError
 

@@ -21,7 +21,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 
 from graft.console import plural
-from graft.data.folder import Sample
+from graft.data.samples import Sample
 from graft.data.images import load_image
 from graft.data.transforms import _INTERPOLATION, Preprocessing
 from graft.io import atomic_write

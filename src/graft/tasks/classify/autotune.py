@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from graft.configuration import GraftConfig
 from graft.console import plural
-from graft.data.folder import DatasetSplits
+from graft.data.samples import DatasetSplits
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform
 from graft.errors import GraftError
 from graft.models.classifier import GraftClassifier

@@ -20,7 +20,7 @@ from torch import nn
 
 from graft.configuration import GraftConfig
 from graft.data.dataset import eval_loader
-from graft.data.folder import DatasetSplits, Sample
+from graft.data.samples import DatasetSplits, Sample
 from graft.data.transforms import Preprocessing, eval_transform, flipped_transform, train_transform
 from graft.tasks.classify.evaluate import Outputs, collect_outputs
 from graft.models.classifier import GraftClassifier

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from graft.data.dataset import ImageDataset, _mix, eval_loader
-from graft.data.folder import Sample
+from graft.data.samples import Sample
 from graft.engine.inference import in_chunks
 from graft.io import atomic_write
 from graft.io import file_digest

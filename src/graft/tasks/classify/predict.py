@@ -10,7 +10,8 @@ import torch
 
 from graft.configuration import parse_config
 from graft.data.dataset import ImageDataset, default_workers, eval_loader
-from graft.data.folder import Sample, scan_class_folders
+from graft.data.folder import scan_class_folders
+from graft.data.samples import Sample
 from graft.data.transforms import Preprocessing, eval_transform
 from graft.tasks.classify.evaluate import collect_outputs, metrics_from_outputs
 from graft.models.backbones import build_model

@@ -14,7 +14,7 @@ from torch import nn
 from graft.configuration import GraftConfig
 from graft.console import plural
 from graft.data.dataset import ImageDataset, eval_loader
-from graft.data.folder import DatasetSplits, Sample
+from graft.data.samples import DatasetSplits, Sample
 from graft.data.transforms import Preprocessing, eval_transform, flipped_transform
 from graft.engine.inference import in_chunks
 from graft.tasks.classify.evaluate import Outputs, collect_outputs

@@ -10,13 +10,14 @@ from typing import Any
 import torch
 
 from graft.data.dataset import ImageDataset, eval_loader
-from graft.data.folder import DatasetSplits, Sample
+from graft.data.samples import DatasetSplits, Sample
 from graft.data.images import ImageError, load_image
 from graft.data.transforms import Preprocessing, eval_transform
 from graft.tasks.classify.evaluate import Outputs, collect_outputs, metrics_from_outputs
 from graft.io import write_json
 from graft.models.classifier import GraftClassifier
-from graft.report.figures import plot_confusion_matrix, plot_learning_curves, plot_predictions, write_history_csv
+from graft.report.figures import plot_learning_curves, write_history_csv
+from graft.tasks.classify.plots import plot_confusion_matrix, plot_predictions
 from graft.engine.run_folder import save_model
 
 

@@ -10,7 +10,7 @@ import torch
 
 from graft.configuration import GraftConfig
 from graft.console import plural
-from graft.data.folder import DatasetSplits
+from graft.data.samples import DatasetSplits
 from graft.data.transforms import Preprocessing
 from graft.errors import ConfigError, SnapshotError
 from graft.models.classifier import HEAD_LAYER, GraftClassifier

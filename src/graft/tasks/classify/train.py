@@ -13,7 +13,8 @@ import torch
 from graft.configuration import GraftConfig, dump_yaml
 from graft.console import progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
-from graft.data.folder import DatasetSplits, scan_folder
+from graft.data.folder import scan_folder
+from graft.data.samples import DatasetSplits
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
 from graft.report.html import write_report_after_run
 from graft.tasks.classify.report import REPORT

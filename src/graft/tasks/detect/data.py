@@ -20,10 +20,13 @@ import numpy as np
 from PIL import Image
 
 from graft.console import plural
-from graft.data.folder import Skipped
+from graft.data.samples import Skipped
 from graft.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from graft.tasks.detect.boxes import BoxReport, BoxSample, RawImage, check_convention, clean_boxes, exif_boxes, to_xyxy
-from graft.tasks.detect.formats import Found, Source, detect_format, read
+from graft.tasks.detect.coco import read_coco
+from graft.tasks.detect.formats import Found, Source, detect_format
+from graft.tasks.detect.voc import read_voc
+from graft.tasks.detect.yolo import read_yolo
 from graft.errors import DataError
 
 STRICT_LIST = 5  # problems a --strict error spells out
@@ -251,3 +254,7 @@ def describe(splits: DetectionSplits) -> str:
     parts = [f"{name} {plural(len(getattr(splits, name)), 'image')} / {plural(boxes[name], 'box', 'boxes')}" for name in ("train", "val", "test") if getattr(splits, name)]
     return f"{splits.description}: {plural(len(splits.classes), 'class', 'classes')}; " + ", ".join(parts)
 
+
+def read(root: Path, fmt: str) -> Found:
+    """The folder's boxes, by the reader of its format (``formats.detect_format``)."""
+    return {"coco": read_coco, "yolo": read_yolo, "voc": read_voc}[fmt](root)

@@ -18,7 +18,7 @@ from graft.console import plural  # noqa: E402
 from graft.data.images import ImageError, load_image  # noqa: E402
 from graft.tasks.detect.boxes import BoxSample  # noqa: E402
 from graft.tasks.detect.metrics import Prediction  # noqa: E402
-from graft.report.figures import _save  # noqa: E402
+from graft.report.figures import save_figure  # noqa: E402
 
 HIT, MISS, FALSE = "#2f9e44", "#e8590c", "#c62828"
 TRUE = "#1971c2"
@@ -98,7 +98,7 @@ def plot_detections(samples: Sequence[BoxSample], preds: Sequence[Prediction], c
     except BaseException:
         plt.close(fig)
         raise
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class_ap(per_class: dict[str, dict], path: str | os.PathLike, *, title: str) -> os.PathLike:
@@ -121,7 +121,7 @@ def plot_per_class_ap(per_class: dict[str, dict], path: str | os.PathLike, *, ti
     except BaseException:
         plt.close(fig)
         raise
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pr_curves(curves: dict[str, list[float]], recall: Sequence[float], path: str | os.PathLike, *, title: str) -> os.PathLike:
@@ -141,4 +141,4 @@ def plot_pr_curves(curves: dict[str, list[float]], recall: Sequence[float], path
     except BaseException:
         plt.close(fig)
         raise
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -9,7 +9,8 @@ from typing import Any
 
 from graft.configuration import GraftConfig
 from graft.console import plural
-from graft.data.folder import DatasetSplits, Sample, scan_folder
+from graft.data.folder import scan_folder
+from graft.data.samples import DatasetSplits, Sample
 from graft.data.transforms import eval_transform
 from graft.errors import DataError
 from graft.data.class_names import plan_classes

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from graft.configuration import GraftConfig, dump_yaml
 from graft.console import plural, progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
-from graft.data.folder import DatasetSplits, Sample
+from graft.data.samples import DatasetSplits, Sample
 from graft.data.transforms import (
     augmentation_from_config,
     eval_transform,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.configuration import GraftConfig, resolve_config
-from graft.data.folder import DatasetSplits
+from graft.data.samples import DatasetSplits
 from graft.data.transforms import Preprocessing, preprocessing_for
 from graft.errors import ConfigError, DataError, SnapshotError
 from graft.io import read_json

@@ -1,0 +1,153 @@
+"""COCO JSON boxes: one or more annotation files (per split, or one for all), categories sorted by
+id, ``[x, y, width, height]`` boxes; images found beside the files or under their split's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graft.errors import DataError
+from graft.tasks.detect.boxes import RawImage
+from graft.tasks.detect.formats import Found, Source, is_coco_json, split_of
+
+
+def read_coco(root: Path) -> Found:
+    if root.is_file():
+        files, base = [root], root.parent
+    elif (root / "annotations").is_dir():
+        files, base = sorted(p for p in (root / "annotations").glob("*.json") if is_coco_json(p)), root
+    else:
+        files, base = sorted(p for p in root.glob("*.json") if is_coco_json(p)), root
+    if not files:
+        raise DataError(f"{root}: no COCO annotation file (annotations/instances_<split>.json or one *.json)")
+    loaded = [(f, _load_json(f)) for f in files]
+    splits = [split_of(f.stem.removeprefix("instances_")) for f, _ in loaded]
+    if len(files) > 1 and (None in splits or len(set(splits)) < len(splits)):
+        named = ", ".join(f.name for f in files)
+        raise DataError(f"{root}: several COCO annotation files ({named}); name them instances_train*.json, instances_val*.json and instances_test*.json, one each")
+    if len(files) == 1 and splits[0] is None:
+        splits = [None]
+    classes = _coco_classes(loaded)
+    sources = [_coco_source(f, d, split, base, classes) for (f, d), split in zip(loaded, splits)]
+    described = ", ".join(str(f.relative_to(base) if f.is_relative_to(base) else f) for f, _ in loaded)
+    return Found("coco", f"COCO JSON ({described})", [name for _, name in classes], sources)
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("images"), list) or not isinstance(d.get("categories"), list):
+        raise DataError(f"{path}: not a COCO annotation file (it needs 'images', 'annotations' and 'categories' lists)")
+    return d
+
+
+def _coco_classes(loaded: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, str]]:
+    """(category id, name) sorted by id; every file must agree."""
+    first: list[tuple[int, str]] | None = None
+    for path, d in loaded:
+        cats: dict[int, str] = {}
+        for c in d["categories"]:
+            if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+                raise DataError(f"{path}: category {c!r} needs an integer 'id' and a 'name'")
+            if c["id"] in cats:
+                raise DataError(f"{path}: category id {c['id']} is defined twice ({cats[c['id']]!r} and {c['name']!r})")
+            cats[c["id"]] = c["name"]
+        names = list(cats.values())
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise DataError(f"{path}: category name {dup[0]!r} is used by two category ids; names must be unique")
+        pairs = sorted(cats.items())
+        if not pairs:
+            raise DataError(f"{path}: no categories")
+        if first is None:
+            first, first_path = pairs, path
+        elif pairs != first:
+            raise DataError(f"{path}: its categories differ from those of {first_path}; every split must define the same ones")
+    return first
+
+
+def _coco_source(path: Path, d: dict[str, Any], split: str | None, base: Path, classes: list[tuple[int, str]]) -> Source:
+    label_of = {cid: i for i, (cid, _) in enumerate(classes)}
+    src = Source(split, [], "xywh", str(path))
+    folders = _coco_image_folders(path, split, base)
+    by_id: dict[Any, RawImage] = {}
+    missing: list[RawImage] = []
+    homes: Counter[Path] = Counter()  # the folders the found images are in
+    for img in d["images"]:
+        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
+            src.problems.append(f"{path}: image entry {str(img)[:80]} needs an 'id' and a 'file_name'; left out")
+            continue
+        if img["id"] in by_id:
+            src.problems.append(f"{path}: image id {img['id']} appears twice ({by_id[img['id']].path.name} and {img['file_name']}); the second is left out")
+            continue
+        file = _resolve(img["file_name"], folders, homes)
+        size = (int(img["width"]), int(img["height"])) if isinstance(img.get("width"), int) and isinstance(img.get("height"), int) else None
+        by_id[img["id"]] = RawImage(file or Path(img["file_name"]), str(img["id"]), np.zeros((0, 4)), [], [], size=size)
+        if file is None:
+            missing.append(by_id[img["id"]])
+    _place_missing(missing, homes, folders)
+    boxes: dict[Any, list[tuple[list[float], int, str, bool]]] = {k: [] for k in by_id}
+    for a in d.get("annotations", []):
+        aid = a.get("id", "?") if isinstance(a, dict) else "?"
+        where = f"annotation id {aid}"
+        if not isinstance(a, dict):
+            src.problems.append(f"{path}: {where}: not an object; left out")
+            continue
+        if a.get("image_id") not in by_id:
+            src.problems.append(f"{path}: {where}: image id {a.get('image_id')!r} is not among the images; left out")
+            continue
+        if a.get("category_id") not in label_of:
+            src.problems.append(f"{path}: {where}: unknown category id {a.get('category_id')!r}; left out")
+            continue
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) or v is None for v in bbox)):
+            src.problems.append(f"{path}: {where}: 'bbox' must be [x, y, width, height], not {bbox!r}; left out")
+            continue
+        values = [math.nan if v is None else float(v) for v in bbox]
+        boxes[a["image_id"]].append((values, label_of[a["category_id"]], where, bool(a.get("iscrowd", 0))))
+    for key, r in by_id.items():
+        got = boxes[key]
+        r.boxes = np.array([b for b, _, _, _ in got], dtype=np.float64).reshape(-1, 4)
+        r.labels = [label for _, label, _, _ in got]
+        r.where = [w for _, _, w, _ in got]
+        r.crowd = np.array([c for _, _, _, c in got], dtype=bool)
+        src.images.append(r)
+    return src
+
+
+def _coco_image_folders(path: Path, split: str | None, base: Path) -> list[Path]:
+    """Where a COCO file's ``file_name`` may be relative to: the split's image folder as COCO 2017
+    ships it (``train2017/`` beside ``annotations/``), an ``images/`` folder, or the JSON's folder."""
+    stem = path.stem.removeprefix("instances_")
+    out = [base / stem, base / "images" / stem, base / "images", base, path.parent]
+    if split is not None:
+        out += [p for p in sorted(base.iterdir()) if p.is_dir() and split_of(p.name) == split and p not in out]
+    return list(dict.fromkeys(out))
+
+
+def _resolve(name: str, folders: list[Path], homes: Counter[Path]) -> Path | None:
+    for folder in folders:
+        candidate = folder / name
+        if candidate.exists():
+            homes[folder] += 1
+            return candidate.resolve()
+    return None
+
+
+def _place_missing(missing: list[RawImage], homes: Counter[Path], folders: list[Path]) -> None:
+    """A missing image is reported where it belongs: in the folder that holds the JSON's other
+    images (or the first candidate folder that exists), not in the first folder graft looked in."""
+    home = homes.most_common(1)[0][0] if homes else next((f for f in folders if f.is_dir()), folders[0])
+    for r in missing:
+        r.path = (home / r.path).absolute()
