@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from graft.configuration import GraftConfig
+from graft.configuration import GraftConfig, dump_yaml
 from graft.errors import ConfigError
-from graft.io import atomic_write, read_json, write_json
+from graft.io import atomic_write, read_json, write_json, write_text
 
 from graft.engine.loop import Phase, phase_param_groups
 
@@ -75,6 +75,38 @@ def keeping_replaced_run(path: Path) -> Iterator[None]:
             print(f"note: the run that was in {path} before --overwrite is kept in {path / REPLACED}", file=sys.stderr)
         raise
     drop_stash(path)
+
+
+@contextmanager
+def opened_run(run_dir: Path, replace: bool) -> Iterator[None]:
+    """The run folder, once everything is validated: an earlier run in it set aside (``replace``),
+    and kept, with a note saying where, if this one does not finish."""
+    if replace:
+        stash_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with keeping_replaced_run(run_dir):
+        yield
+
+
+def write_weights_report(run_dir: Path, payload: dict[str, Any] | None, report: Any, source_run: Path | None, say: Any) -> None:
+    """``weights_report.json``: what the weights loaded at the start matched; a resumed run written
+    to another folder copies its run's."""
+    if payload is None:
+        write_json(run_dir / "weights_report.json", report.to_dict())
+        say(report.summary())
+    elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
+        shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
+
+
+def record_start(run_dir: Path, cfg: GraftConfig, static: dict[str, Any], payload: dict[str, Any] | None, decision: Any) -> None:
+    """What a run's snapshots and folder hold from its start: ``static['decided']`` (what ``auto``
+    became, now or when the resumed run started), ``config.yaml`` (resolved) and ``splits.json``."""
+    if decision is not None:
+        static["decided"] = decision.to_dict()
+    elif payload is not None and "decided" in payload:
+        static["decided"] = payload["decided"]
+    write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    write_json(run_dir / "splits.json", static["splits"])
 
 
 def check_batch_size(cfg: GraftConfig, model: torch.nn.Module, phases: list[Phase]) -> None:

@@ -3,14 +3,13 @@ embeddings where it can be, then results, class statistics and plots in the run 
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from graft.configuration import GraftConfig, dump_yaml
+from graft.configuration import GraftConfig
 from graft.console import progress, tell_data, warn
 from graft.data.dataset import ImageDataset, default_workers
 from graft.data.folder import scan_folder
@@ -18,7 +17,6 @@ from graft.data.samples import DatasetSplits
 from graft.data.transforms import Preprocessing, augmentation_from_config, eval_transform, preprocessing_for, train_transform
 from graft.report.html import write_report_after_run
 from graft.tasks.classify.report import REPORT
-from graft.io import write_json, write_text
 from graft.models import surgery
 from graft.models.backbones import build_model
 from graft.models.classifier import GraftClassifier
@@ -30,7 +28,7 @@ from graft.tasks.classify.class_stats import FILE_NAME as CLASS_STATS_FILE
 from graft.engine.loop import Phase, Trainer
 from graft.engine.phases import plan_phases
 from graft.tasks.classify.run_info import check_classifier_monitor, check_files_exist, run_info, use_channels_last
-from graft.engine.run_folder import TrainResult, check_batch_size, keeping_replaced_run, stash_run
+from graft.engine.run_folder import opened_run, record_start, write_weights_report, TrainResult, check_batch_size
 from graft.engine.device import seed_everything
 from graft.tasks.classify.task import ClassificationTask
 from graft.tasks.classify.results import write_results
@@ -64,20 +62,13 @@ def train_classifier(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     tell_data(warnings=splits.warnings, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
     if not splits.val:
         warn("warning: no validation images (data.val_fraction is 0 or the classes are too small to split): no validation metrics" + ("; lr_policy plateau will never lower the rate" if cfg.solver.lr_policy == "plateau" else ""))
-    if replace:
-        stash_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with keeping_replaced_run(run_dir):
+    with opened_run(run_dir, replace):
         return _train(cfg, run_dir, payload, splits, model, report, pre, aug, phases, device, source_run, started, say, quiet, hooks)
 
 
 def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, splits: DatasetSplits, model: GraftClassifier, report: Any, pre: Preprocessing, aug: Any, phases: list[Phase], device: torch.device, source_run: Path | None, started: float, say: Any, quiet: bool, hooks: list[Any]) -> TrainResult:
     """The run itself, once everything is validated and ``run_dir`` is ready."""
-    if payload is None:
-        write_json(run_dir / "weights_report.json", report.to_dict())
-        say(report.summary())
-    elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
-        shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
+    write_weights_report(run_dir, payload, report, source_run, say)
     channels_last = use_channels_last(cfg, device)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)  # before the embedding cache's pass
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
@@ -103,13 +94,8 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
     val_ds = ImageDataset(splits.val, eval_transform(pre), max_pixels=cfg.data.max_pixels, decoded=decoded_val)
     weights_source = report.source if payload is None else payload.get("weights_source", "snapshot")
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": weights_source}
-    if decision is not None:
-        static["decided"] = decision.to_dict()
-    elif payload is not None and "decided" in payload:
-        static["decided"] = payload["decided"]
+    record_start(run_dir, cfg, static, payload, decision)
     stopping = EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor) if cfg.train.early_stopping else None
-    write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    write_json(run_dir / "splits.json", static["splits"])
     say(f"data: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images; device {device}")
     trainer = Trainer(
         model,

@@ -214,7 +214,7 @@ def expand_detector(job: ExpansionJob, *, data_dir: str | Path | None, quiet: bo
     continue the snapshot ``job.payload``, its data now under ``data_dir`` if given)."""
     from graft.tasks.detect.runner import augmentation, train_and_report
     from graft.engine.device import select_device
-    from graft.engine.run_folder import ExpandResult, inherit_weights_report, keeping_replaced_run, stash_run
+    from graft.engine.run_folder import ExpandResult, inherit_weights_report, opened_run
 
     cfg, source, run_dir, payload, replace, started = job.cfg, job.source, job.run_dir, job.payload, job.replace, job.started
     say = progress(quiet)
@@ -253,10 +253,7 @@ def expand_detector(job: ExpansionJob, *, data_dir: str | Path | None, quiet: bo
         phases.append(Phase("fine-tune", cfg.train.fine_tune_epochs, at, cfg.solver.base_lr * cfg.train.fine_tune_lr_mult, freeze=tuple(n for n in frozen if not n.startswith("backbone."))))
         task = DistillingDetectionTask(splits.val, splits.classes, cfg.detect.conf, teacher=source.model, weight=cfg.expand.distill_weight)
     lineage = list(source.info.get("expanded_from", [])) + [{"run": source.name, "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode, "block": cfg.expand.detector_block}]
-    if replace:
-        stash_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with keeping_replaced_run(run_dir):
+    with opened_run(run_dir, replace):
         inherit_weights_report(source.dir, source.name, run_dir)
         tell_data(warnings=splits.warnings, problems=splits.problems, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
         rehearsal = spec["rehearsal"]

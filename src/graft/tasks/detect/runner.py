@@ -10,7 +10,6 @@ hooks, run-folder safety (``--overwrite`` keeps the old run until the new one fi
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from graft.version import __version__
-from graft.configuration import GraftConfig, dump_yaml
+from graft.configuration import GraftConfig
 from graft.console import plural, progress, tell_data, warn
 from graft.data.dataset import default_workers, eval_loader
 from graft.tasks.detect.build import build_detection_model, input_size
@@ -35,13 +34,13 @@ from graft.tasks.detect.widen import block_kinds, class_blocks
 from graft.errors import ConfigError, SnapshotError
 from graft.report.html import write_report_after_run
 from graft.tasks.detect.report import REPORT
-from graft.io import write_json, write_text
+from graft.io import write_json
 from graft.models import surgery
 from graft.report.figures import plot_learning_curves, write_history_csv
 from graft.engine.hooks import EarlyStoppingHook, SnapshotHook, run_hooks
 from graft.engine.decision import Decision
 from graft.engine.loop import Phase, PhaseData, Trainer
-from graft.engine.run_folder import save_model
+from graft.engine.run_folder import record_start, save_model
 
 DETECTION_FILES = ("detections.png", "per_class_ap.png", "pr_curves.png")
 
@@ -126,7 +125,7 @@ def run_info(cfg: GraftConfig, splits: DetectionSplits, model: GraftDetector, ph
 
 def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, *, replace: bool, device: torch.device, source_run: Path | None, data_dir: str | Path | None, started: float, quiet: bool, hooks: list[Any]):
     from graft.engine.phases import plan_phases
-    from graft.engine.run_folder import check_batch_size, keeping_replaced_run, stash_run
+    from graft.engine.run_folder import check_batch_size, opened_run, write_weights_report
 
     say = progress(quiet)
     if payload is None:
@@ -155,15 +154,8 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
     tell_data(warnings=splits.warnings, problems=splits.problems, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
     if not splits.val:
         warn("warning: no validation images: no validation mAP")
-    if replace:
-        stash_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with keeping_replaced_run(run_dir):
-        if payload is None:
-            write_json(run_dir / "weights_report.json", report.to_dict())
-            say(report.summary())
-        elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
-            shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
+    with opened_run(run_dir, replace):
+        write_weights_report(run_dir, payload, report, source_run, say)
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
         write_report_after_run(run_dir, REPORT)
         return result
@@ -249,13 +241,8 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
         return PhaseData(caches["train"], caches["val"], forward=model, workers=0)
 
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "task": "detect", "detector": {"level_sizes": model.level_sizes, "frozen_bn": getattr(model, "frozen_bn", None), "class_blocks": class_blocks(model), "block_kinds": block_kinds(model)}, "weights_source": payload.get("weights_source") if payload else cfg.model.weights, **(extra or {})}
-    if decision is not None:
-        static["decided"] = decision.to_dict()
-    elif payload is not None and "decided" in payload:
-        static["decided"] = payload["decided"]
+    record_start(run_dir, cfg, static, payload, decision)
     stopping = EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor) if cfg.train.early_stopping else None
-    write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    write_json(run_dir / "splits.json", static["splits"])
     trainer = Trainer(
         model, phases, solver=cfg.solver, train_data=train_ds, val_data=val_ds, device=device, amp=amp, workers=workers,
         freeze_patterns=cfg.model.freeze, lr_rules=cfg.model.lr_mult, task=task,
