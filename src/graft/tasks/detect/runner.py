@@ -1,8 +1,8 @@
 """A detection run, from a validated config to a finished run folder.
 
-It shares everything but the data, the model and the results with ``graft.tasks.classify.train``: the
-loop (with ``DetectionTask``), phases, solver, snapshots, early stopping, progress and history
-hooks, run-folder safety (``--overwrite`` keeps the old run until the new one finishes).
+It shares with a classifier run what the engine gives every task: the loop (with
+``DetectionTask``), phases, solver, snapshots, early stopping, progress and history hooks, and the
+run folder's safety (``opened_run``: ``--overwrite`` keeps the old run until the new one finishes).
 ``RUNDIR`` holds what a classifier run holds (``model.safetensors`` + ``model.json``,
 ``snapshots/``, ``history.csv``, ``metrics.json``, ``config.yaml``, ``splits.json``,
 ``weights_report.json``) and the detection plots.
