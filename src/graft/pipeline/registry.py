@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from graft.configuration import GraftConfig
 from graft.errors import ConfigError
 from graft.tasks.classify import CLASSIFY
 from graft.tasks.detect import DETECT
 from graft.tasks.interface import TaskPackage
+
+if TYPE_CHECKING:
+    from graft.configuration import GraftConfig
 
 TASKS: dict[str, TaskPackage] = {task.name: task for task in (CLASSIFY, DETECT)}
 DEFAULT_TASK = "classify"  # what ``auto`` becomes when no other task claims the data
