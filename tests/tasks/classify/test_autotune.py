@@ -205,7 +205,7 @@ def test_a_tie_goes_to_the_earlier_weaker_candidate():
     """Equal validation figures are no evidence that more augmentation helps: the earlier candidate
     wins, so the search stops there (classifiers and detectors alike)."""
     from graft.tasks.detect.autotune import DetectionTrial, best_trial
-    from graft.engine.decision import Trial, _best
+    from graft.tasks.classify.autotune import Trial, _best
 
     none, flip = Trial("none", 1e-3, 0.9, 0.3, 5), Trial("flip", 1e-3, 0.9, 0.3, 5)
     assert _best([none, flip]) is none and _best([none, Trial("flip", 1e-3, 0.9, 0.2, 5)]).augment == "flip"

@@ -16,6 +16,7 @@ second an epoch. A value the user set is never searched.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ from graft.models.classifier import GraftClassifier
 from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset
 from graft.engine.loop import Phase, phase_param_groups
 from graft.engine.solver import LRSchedule, make_optimizer
-from graft.engine.decision import Decision, Trial, _best, fallback
+from graft.engine.decision import Decision
 
 AUTO_AUGMENTS = ("none", "flip")  # a flip has 2 outcomes: one extra backbone pass, none if it wins. flip-rotate (a view per epoch) and strong: opt in
 HEAD_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
@@ -47,7 +48,7 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
 
     if not splits.val:
         decision = fallback(cfg, "no validation images to decide on: augmentation none, head lr = solver.base_lr")
-        say(decision.summary()[0])
+        say(summary(decision)[0])
         return decision
     started = time.perf_counter()
     augments = AUTO_AUGMENTS if cfg.data.augment == "auto" else (cfg.data.augment,)
@@ -76,7 +77,7 @@ def decide(cfg: GraftConfig, model: GraftClassifier, splits: DatasetSplits, pre:
         note=f"{plural(len(splits.val), 'validation image')}, head trained {plural(epochs, 'epoch')} on frozen embeddings",
         seconds=time.perf_counter() - started,
     )
-    for line in decision.summary():
+    for line in summary(decision):
         say(line)
     return decision
 
@@ -150,3 +151,46 @@ def _train_heads(cfg: GraftConfig, model: GraftClassifier, initial_head: dict[st
         if step >= total:
             break
     return [Trial(aug, lr, row["val_accuracy"], row["val_loss"], row["epoch"]) for lr, row in zip(rates, scored)]
+
+
+@dataclass
+class Trial:
+    augment: str
+    lr: float
+    val_accuracy: float
+    val_loss: float
+    epoch: int  # the epoch scored (the last, or the best one under early stopping)
+
+
+def wants_decision(cfg: GraftConfig) -> bool:
+    return cfg.data.augment == "auto" or cfg.train.head_lr == "auto"
+
+
+def _best(trials: list[Trial]) -> Trial:
+    """Highest validation accuracy; equal accuracy goes to the lower validation loss, then to the
+    earlier candidate (less augmentation, lower rate)."""
+    return max(trials, key=lambda t: (round(t.val_accuracy, 9), -t.val_loss))  # max keeps the first of equals
+
+
+def fallback(cfg: GraftConfig, note: str) -> Decision:
+    """Without validation images nothing can be compared: no augmentation (it never turns one
+    class into another) and ``solver.base_lr``."""
+    return Decision(
+        augment="none" if cfg.data.augment == "auto" else None,
+        head_lr=cfg.solver.base_lr if cfg.train.head_lr == "auto" else None,
+        note=note,
+    )
+
+
+def summary(decision: Decision) -> list[str]:
+    """Lines for the console: the choice, then each candidate's best validation accuracy."""
+    if not decision.trials:
+        return [f"auto: {decision.note}"]
+    chosen = [f"augmentation {decision.augment}" if decision.augment else None, f"head lr {decision.head_lr:.0e}" if decision.head_lr else None]
+    lines = [f"auto: {', '.join(c for c in chosen if c)}, chosen on {decision.note} ({decision.seconds:.1f}s)"]
+    for aug in dict.fromkeys(t.augment for t in decision.trials):
+        row = [t for t in decision.trials if t.augment == aug]
+        best = _best(row)
+        rates = "  ".join(f"{t.lr:.0e}: {100 * t.val_accuracy:.1f}%" for t in row)
+        lines.append(f"  augment {aug:<11} best val accuracy {100 * best.val_accuracy:5.1f}% (loss {best.val_loss:.3f})" + (f"   [lr {rates}]" if len(row) > 1 else ""))
+    return lines

@@ -12,7 +12,8 @@ from graft.data.transforms import augmentation_from_config, preprocessing_for
 from graft.models import surgery
 from graft.models.backbones import build_model
 from graft.engine.phases import phase_rows, plan_phases
-from graft.engine.decision import Decision, wants_decision
+from graft.engine.decision import Decision
+from graft.tasks.classify.autotune import wants_decision
 
 
 def _count_class_folders(data_dir: str) -> int:
@@ -92,10 +93,10 @@ def _auto(cfg: GraftConfig, decided: dict[str, Any] | None) -> dict[str, Any]:
 def _format_auto(auto: dict[str, Any]) -> list[str]:
     decided = auto["decided"]
     if decided is not None:
-        from graft.engine.decision import Decision, Trial
+        from graft.tasks.classify.autotune import Trial, summary
 
         d = Decision(augment=decided["augment"], head_lr=decided["head_lr"], trials=[Trial(**t) for t in decided["trials"]], note=decided["note"], seconds=decided["seconds"])
-        return d.summary()
+        return summary(d)
     lines = []
     if "augment" in auto["pending"]:
         lines.append(f"augmentation: auto, decided when training starts: the best of {', '.join(auto['pending']['augment'])} on the validation split (graft plan --decide --data DIR decides now)")

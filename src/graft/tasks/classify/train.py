@@ -32,7 +32,7 @@ from graft.engine.run_folder import opened_run, record_start, write_weights_repo
 from graft.engine.device import seed_everything
 from graft.tasks.classify.task import ClassificationTask
 from graft.tasks.classify.results import write_results
-from graft.engine.decision import fallback, wants_decision
+from graft.tasks.classify.autotune import fallback, summary, wants_decision
 from graft.engine.phases import frozen_bn_fixed
 
 
@@ -81,7 +81,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
             decision = autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=any(p.backbone_frozen for p in phases), decoded=decoded_train, say=say)
         else:
             decision = fallback(cfg, "model.frozen_bn_eval and model.bn_inference are off, so a frozen backbone is no fixed function to decide on: augmentation none, head lr = solver.base_lr")
-            say(decision.summary()[0])
+            say(summary(decision)[0])
         cfg = decision.apply(cfg)
         aug = augmentation_from_config(cfg.data)
         phases = plan_phases(cfg, model)
