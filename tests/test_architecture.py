@@ -95,3 +95,23 @@ def test_only_task_packages_name_a_task_in_a_comparison() -> None:
     offenders = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((ROOT / "src" / "graft").rglob("*.py")) if "tasks" not in path.relative_to(ROOT / "src" / "graft").parts
                  for n, line in enumerate(path.read_text().splitlines(), 1) if compares.search(line)]
     assert offenders == []
+
+
+def test_every_task_implements_the_whole_interface() -> None:
+    """Each registered task has every attribute and method of ``TaskPackage``, with the same
+    parameters (a contract test over all tasks, as timm's over all models)."""
+    import inspect
+
+    from graft.pipeline.registry import TASKS
+    from graft.tasks.interface import TaskPackage
+
+    attributes = [name for name in TaskPackage.__annotations__]
+    methods = {name: inspect.signature(f) for name, f in vars(TaskPackage).items() if inspect.isfunction(f) and not name.startswith("_")}
+    assert {"train", "expand", "load_run", "export_spec", "report_spec", "claims"} <= methods.keys()
+    for name, task in TASKS.items():
+        assert task.name == name
+        assert all(isinstance(getattr(task, a, None), str) for a in attributes), [a for a in attributes if not isinstance(getattr(task, a, None), str)]
+        for method, wanted in methods.items():
+            got = inspect.signature(getattr(task, method))
+            positional = [p for p in list(wanted.parameters)[1:] if wanted.parameters[p].kind is not inspect.Parameter.KEYWORD_ONLY]
+            assert list(got.parameters)[: len(positional)] == positional, (name, method, got)
