@@ -63,10 +63,6 @@ def feature_shapes(model: GraftDetector, size: int, device: torch.device) -> lis
     return [tuple(m.shape[1:]) for m in maps]
 
 
-def cache_bytes(model: GraftDetector, size: int, items: int, device: torch.device) -> int:
-    return 2 * items * sum(c * h * w for c, h, w in feature_shapes(model, size, device))
-
-
 def build_feature_cache(
     model: GraftDetector, dataset: BoxDataset, *, views: int, seed: int, device: torch.device, amp: bool, budget_mb: float, cache_dir: str | os.PathLike, batch_size: int = 16, say=None,
 ) -> FeatureCache:
