@@ -17,14 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")
+from graft.io import atomic_write
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from graft.io import atomic_write  # noqa: E402
+def pyplot():  # noqa: ANN201 (matplotlib.pyplot)
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use: a process that
+    draws nothing (another rank of a distributed run, a command that only predicts) never loads it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 __all__ = [
     "HISTORY_COLUMNS",
@@ -135,6 +140,7 @@ def _num(value: Any) -> float:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
+    plt = pyplot()
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
     finally:
@@ -209,6 +215,9 @@ def plot_learning_curves(rows: list[dict], path: str | os.PathLike, *, title: st
     (kind, title, [(column, label), ...]) per panel, "accuracy" kinds bounded to 0..1; default
     the classifier's accuracy and loss.
     """
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     epochs = _epochs(rows)
     changes = _phase_segments(rows)
     panels = panels or CLASSIFIER_PANELS

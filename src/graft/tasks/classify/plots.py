@@ -7,11 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from graft.report.figures import plain, save_figure, short_name  # first: it selects matplotlib's Agg backend
+from graft.report.figures import plain, pyplot, save_figure, short_name
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+import numpy as np
 
 MAX_PREDICTIONS = 32
 CELL_TEXT_MAX_CLASSES = 30  # above this, confusion-matrix cells carry no text
@@ -46,6 +44,9 @@ def plot_confusion_matrix(
     ``blocks`` — ``[(label, start, stop), ...]`` index ranges (stop exclusive) — are outlined as
     diagonal blocks with their label, e.g. ``[("old", 0, 5), ("new", 5, 7)]``.
     """
+    from matplotlib.patches import Rectangle
+
+    plt = pyplot()
     m = np.asarray(cm, dtype=np.float64)
     k = len(classes)
     if k == 0:
@@ -142,6 +143,7 @@ def plot_predictions(items: list[dict], path: str | os.PathLike, *, columns: int
     true class is unknown (None). At most ``MAX_PREDICTIONS`` items are drawn (the title says so
     when some are left out); an unreadable image is drawn as a grey "unreadable image" tile.
     """
+    plt = pyplot()
     total = len(items)
     items = list(items)[:MAX_PREDICTIONS]
     columns = max(1, min(int(columns), max(len(items), 1)))

@@ -6,19 +6,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+from torchvision.ops import box_iou
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from torchvision.ops import box_iou  # noqa: E402
-
-from graft.console import plural  # noqa: E402
-from graft.data.images import ImageError, load_image  # noqa: E402
-from graft.tasks.detect.boxes import BoxSample  # noqa: E402
-from graft.tasks.detect.metrics import Prediction  # noqa: E402
-from graft.report.figures import save_figure  # noqa: E402
+from graft.console import plural
+from graft.data.images import ImageError, load_image
+from graft.tasks.detect.boxes import BoxSample
+from graft.tasks.detect.metrics import Prediction
+from graft.report.figures import pyplot, save_figure
 
 HIT, MISS, FALSE = "#2f9e44", "#e8590c", "#c62828"
 TRUE = "#1971c2"
@@ -62,6 +57,9 @@ def plot_detections(samples: Sequence[BoxSample], preds: Sequence[Prediction], c
     """The images with the most mistakes first: true boxes blue (orange when missed), detections
     green when right, red when false, with class and score while few enough to read. ``conf``
     None: the threshold with the best F1 on these images."""
+    from matplotlib.patches import Rectangle
+
+    plt = pyplot()
     chosen = conf is None
     conf = best_f1_threshold(samples, preds) if conf is None else conf
     scored = []
@@ -102,6 +100,7 @@ def plot_detections(samples: Sequence[BoxSample], preds: Sequence[Prediction], c
 
 
 def plot_per_class_ap(per_class: dict[str, dict], path: str | os.PathLike, *, title: str) -> os.PathLike:
+    plt = pyplot()
     names = list(per_class)
     ap = [per_class[n]["ap"] or 0.0 for n in names]
     ap50 = [per_class[n]["ap50"] or 0.0 for n in names]
@@ -125,6 +124,7 @@ def plot_per_class_ap(per_class: dict[str, dict], path: str | os.PathLike, *, ti
 
 
 def plot_pr_curves(curves: dict[str, list[float]], recall: Sequence[float], path: str | os.PathLike, *, title: str) -> os.PathLike:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.6))
     try:
         for name, precision in sorted(curves.items()):
