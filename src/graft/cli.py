@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--augment", choices=["auto", "none", "flip", "flip-rotate", "flip-scale", "strong"], help="default auto: the best of none, flip and flip-rotate on the validation split (detectors: of none and flip, by validation mAP after the frozen phase's first 2 epochs, the winner's kept as the run's; flip-scale and strong also jitter the scale)")
     t.add_argument("--early-stopping", type=_positive, metavar="PATIENCE", help="end a phase after PATIENCE epochs without a better validation figure (train.early_stopping_monitor: val_loss by default; detectors val_map); keep the best epoch's weights")
     t.add_argument("--device", metavar="DEV", help="auto, cpu, cuda, cuda:N or mps")
+    t.add_argument("--devices", type=_positive, metavar="N", help="train in N processes on this machine (DistributedDataParallel through torchrun; one per GPU, or N CPU processes); --batch-size stays the global batch")
     t.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in RUNDIR")
     t.add_argument("--quiet", action="store_true", help="no progress output")
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=_count, metavar="K")
     x.add_argument("--augment", choices=["none", "flip", "flip-rotate", "flip-scale", "strong"], help="classifiers: default none (the class statistics describe un-augmented images); detectors: default what the run used (flip-scale: detectors only)")
     x.add_argument("--device", metavar="DEV")
+    x.add_argument("--devices", type=_positive, metavar="N", help="expand in N processes on this machine (as graft train --devices)")
     x.add_argument("--strict", action="store_true")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--quiet", action="store_true")
@@ -349,15 +351,57 @@ def one_line(err: Exception) -> str:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "expand": cmd_expand, "export": cmd_export, "report": cmd_report, "demo": cmd_demo}
 
 
+def _launched() -> bool:
+    """One of several processes torchrun started (read from the environment: no torch import)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _say_failure(message: str) -> None:
+    """An error, printed once for the whole run: by the first rank that fails (see
+    ``graft.engine.distributed.first_error_here``), on the process's real stderr."""
+    if _launched():
+        from graft.engine.distributed import first_error_here
+
+        if not first_error_here():
+            return
+    print(message, file=sys.__stderr__ if _launched() else sys.stderr, flush=True)
+
+
+def _without_devices(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--devices":
+            skip = True
+        elif not item.startswith("--devices="):
+            out.append(item)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
     debug = getattr(args, "debug", False) or os.environ.get("GRAFT_DEBUG") == "1"
+    devices = getattr(args, "devices", None)
+    if devices is not None and _launched():
+        print("error: --devices starts the processes itself; under torchrun leave it out (torchrun's --nproc-per-node says how many)", file=sys.stderr)
+        return 2
+    if devices is not None and devices > 1:
+        from graft.engine.distributed import launch_here
+
+        return launch_here(devices, _without_devices(argv))
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        if _launched():  # every rank done with every collective before any closes its connections
+            from graft.engine.distributed import leave
+
+            leave()
+        return code
     except Interrupted as stop:
         if stop.snapshot is None:  # e.g. while auto was still being decided: nothing to resume yet
             print("interrupted before the first snapshot: nothing to resume; start the run again", file=sys.stderr)
@@ -370,12 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     except GraftError as err:
         if debug:
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        _say_failure(f"error: {one_line(err)}")
         return 2
     except Exception as err:  # a bug, or a failure graft did not anticipate
         if debug:
             raise
-        print(f"error: unexpected {type(err).__name__}: {str(err)[:300]} (rerun with --debug for the traceback)", file=sys.stderr)
+        _say_failure(f"error: unexpected {type(err).__name__}: {str(err)[:300]} (rerun with --debug for the traceback)")
         return 1
 
 

@@ -101,6 +101,7 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: bool | Literal["auto"] = Field("auto", description="Mixed precision; auto = on for CUDA.")
     channels_last: bool | Literal["auto"] = Field("auto", description="Channels-last memory format for convolutions; auto = on for classifiers (faster on CPUs too: Lite0 1.3x at 96 px, 2.4x at 224 px), on CUDA only for detectors.")
+    sync_bn: bool = Field(False, description="With several processes (torchrun, --devices): BatchNorm layers that train normalise over the whole global batch (SyncBatchNorm; GPUs only) instead of each process's part of it.")
     tensorboard: bool = Field(False, description="Also log every history column per epoch to RUNDIR/tensorboard/ (needs the tensorboard package: pip install 'graft[tensorboard]').")
 
 

@@ -68,15 +68,21 @@ class ImageDataset(Dataset):
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(index, epoch)`` keys over a permutation seeded by (seed, epoch).
 
-    A final batch of one sample is dropped (BatchNorm cannot train on it); ``start_batch`` skips
-    the batches an interrupted epoch already did."""
+    ``batch_size`` is the *global* batch: with ``world`` processes, rank ``rank`` takes its
+    contiguous part of each global batch (parts differ by at most one image), so the ranks together
+    see exactly what one process would, in the same order, and every rank takes the same number
+    of steps. A final global batch with fewer than 2 images per process is dropped (BatchNorm
+    cannot train on one image); ``start_batch`` skips the batches an interrupted epoch already did,
+    whatever the number of processes."""
 
-    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world = rank, world
         self.epoch = 0
         self.start_batch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Set before the loader's iterator is built, so its workers see it."""
         self.epoch, self.start_batch = epoch, start_batch
 
     def order(self) -> list[int]:
@@ -86,18 +92,25 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         return torch.randperm(self.n, generator=g).tolist()
 
     def batches(self) -> list[list[int]]:
+        """The global batches of the epoch (every rank's images)."""
         order = self.order()
         out = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        if len(out) > 1 and len(out[-1]) == 1:
+        if len(out) > 1 and len(out[-1]) < 2 * self.world:
             out.pop()
         return out
+
+    def part(self, batch: list[int]) -> list[int]:
+        """This rank's contiguous part of a global batch."""
+        base, extra = divmod(len(batch), self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return batch[start : start + base + (1 if self.rank < extra else 0)]
 
     def __len__(self) -> int:
         return len(self.batches())
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.batches()[self.start_batch :]:
-            yield [(i, self.epoch) for i in batch]
+            yield [(i, self.epoch) for i in self.part(batch)]
 
 
 def default_workers() -> int:
@@ -120,12 +133,13 @@ def train_loader(dataset: ImageDataset, sampler: EpochBatchSampler, *, workers: 
     )
 
 
-def eval_loader(dataset: ImageDataset, *, batch_size: int, workers: int, pin_memory: bool = False, collate_fn: Callable | None = None) -> DataLoader:
+def eval_loader(dataset: ImageDataset, *, batch_size: int, workers: int, pin_memory: bool = False, collate_fn: Callable | None = None, part: range | None = None) -> DataLoader:
+    """In order, every sample once; ``part``: only those indices (a rank's shard of an evaluation)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         collate_fn=collate_fn,
-        shuffle=False,
+        sampler=part,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,

@@ -11,6 +11,14 @@ from graft.errors import ConfigError
 
 
 def select_device(name: str = "auto") -> torch.device:
+    """The device ``name`` asks for; under torchrun, this rank's (``cuda:LOCAL_RANK`` on GPUs), with
+    the process group joined (``graft.engine.distributed.join``)."""
+    from graft.engine import distributed
+
+    return distributed.join(_named_device(name))
+
+
+def _named_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -27,7 +35,12 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed every global RNG a run draws from (dropout, drop-path; data order has its own)."""
+    """Seed every global RNG a run draws from (dropout, drop-path; data order has its own). With
+    several processes each rank gets its own stream (seed + rank): dropout masks differ between
+    the ranks' images as they do between one process's batches."""
+    from graft.engine import distributed
+
+    seed += distributed.rank()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

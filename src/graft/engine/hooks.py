@@ -10,7 +10,7 @@ from typing import Any
 from graft.console import plural
 from graft.errors import ConfigError
 from graft.report.figures import write_history_csv
-from graft.engine import checkpoint
+from graft.engine import checkpoint, distributed
 from graft.engine.loop import Hook, Trainer
 
 
@@ -25,11 +25,13 @@ class SnapshotHook(Hook):
         self.static = static
 
     def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        self.save(trainer.snapshot_payload())
+        self.save(trainer.snapshot_payload())  # every rank gathers the payload; rank 0 writes it
 
     def save(self, payload: dict[str, Any]) -> None:
         """Snapshot a loop state (``Trainer.snapshot_payload()``) after its epoch: also one the run
-        continues from without having trained it itself (auto's winning trial)."""
+        continues from without having trained it itself (auto's winning trial). Rank 0 writes."""
+        if not distributed.is_main():
+            return
         payload = {**payload, **self.static}
         epoch = payload["loop"]["epoch"]
         last = self.dir / "last"
@@ -39,7 +41,11 @@ class SnapshotHook(Hook):
             checkpoint.save_snapshot(last, payload)
 
     def on_interrupt(self, trainer: Trainer) -> str:
-        return str(checkpoint.save_snapshot(self.dir / "last", {**trainer.snapshot_payload(), **self.static}))
+        payload = trainer.snapshot_payload()
+        if distributed.is_main():
+            checkpoint.save_snapshot(self.dir / "last", {**payload, **self.static})
+        distributed.barrier()  # no rank exits (and has torchrun stop the others) before it is written
+        return str(self.dir / "last")
 
 
 class HistoryHook(Hook):
@@ -90,9 +96,12 @@ class TensorBoardHook(Hook):
 def run_hooks(run_dir: Path, cfg: Any, static: dict[str, Any], *, quiet: bool, stopping: Hook | None = None, extra: list[Hook] = ()) -> list[Hook]:
     """The hooks every run gets, in order: early stopping (restores the best weights before the
     snapshot sees them), snapshots, history, TensorBoard (``train.tensorboard``), progress, then
-    the caller's."""
-    return [*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), HistoryHook(run_dir),
-            *([TensorBoardHook(run_dir)] if cfg.train.tensorboard else []), *([] if quiet else [ProgressHook()]), *extra]
+    the caller's. With several processes every rank keeps the hooks with state (early stopping,
+    snapshots: they take part in collectives); only rank 0 writes the history, the TensorBoard
+    log and the progress."""
+    main = distributed.is_main()
+    return [*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), *([HistoryHook(run_dir)] if main else []),
+            *([TensorBoardHook(run_dir)] if cfg.train.tensorboard and main else []), *([] if quiet or not main else [ProgressHook()]), *extra]
 
 
 class ProgressHook(Hook):

@@ -22,7 +22,7 @@ from graft.data.dataset import EpochBatchSampler, ImageDataset, eval_loader, tra
 from graft.errors import GraftError, Interrupted  # Interrupted lives there so the CLI can catch it without importing torch
 from graft.engine.inference import autocast
 from graft.models import surgery
-from graft.engine import checkpoint
+from graft.engine import checkpoint, distributed
 from graft.engine.solver import LRSchedule, make_optimizer
 from graft.engine.task import Task
 
@@ -116,6 +116,7 @@ class Trainer:
         hooks: list[Hook] = (),
         data_for_phase: Any = None,
         channels_last: bool = False,
+        sync_bn: bool = False,
     ) -> None:
         self.model, self.phases, self.solver = model, phases, solver
         self.train_data, self.val_data = train_data, val_data
@@ -124,17 +125,21 @@ class Trainer:
         self.task = task
         self.hooks = list(hooks)
         self.state = LoopState()
-        self.sampler = EpochBatchSampler(len(train_data), solver.batch_size, seed=solver.seed)  # rebuilt per phase
+        self.sampler = self._sampler(len(train_data))  # rebuilt per phase
+        self.wrapped: dict[int, nn.Module] = {}  # what learns, under DistributedDataParallel, this phase
         self.data_for_phase = data_for_phase or (lambda phase: None)
         self.data: PhaseData | None = None
         self.loader = self.val_loader = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: LRSchedule | None = None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not torch.cuda.is_bf16_supported()) if self.amp else None
-        self.stop_requested = False
+        self.stop_requested = False  # set by Ctrl-C (or torchrun's SIGTERM)
+        self.stop_agreed = False  # with several processes: some rank had a stop request at the last step
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if sync_bn and distributed.active():
+            distributed.synchronise_batchnorm(self.model, device)
 
     # ------------------------------------------------------------------ phase set-up
 
@@ -142,24 +147,43 @@ class Trainer:
     def phase(self) -> Phase:
         return self.phases[self.state.phase]
 
+    def _sampler(self, n: int) -> EpochBatchSampler:
+        if n < distributed.world():
+            raise GraftError(f"{n} training samples cannot be shared by {distributed.world()} processes: start fewer processes (--devices / --nproc-per-node) or add images")
+        return EpochBatchSampler(n, self.solver.batch_size, seed=self.solver.seed, rank=distributed.rank(), world=distributed.world())
+
     def configure_phase(self, phase: Phase) -> None:
         """Set what learns for ``phase`` and build its optimizer and schedule."""
         groups = phase_param_groups(self.model, phase, self.solver, self.freeze_patterns, self.lr_rules)
+        self.wrapped = {}  # a phase change re-wraps what learns (DDP sees requires_grad when it wraps)
         self.data = self.data_for_phase(phase) or PhaseData(self.train_data, self.val_data)
         # A phase may train on more samples than there are images (e.g. sampled negatives).
-        self.sampler = EpochBatchSampler(len(self.data.train), self.solver.batch_size, seed=self.solver.seed)
+        self.sampler = self._sampler(len(self.data.train))
         workers = self.workers if self.data.workers is None else self.data.workers
         pin = self.device.type == "cuda"
         collate = self.task.collate
         self.loader = train_loader(self.data.train, self.sampler, workers=workers, pin_memory=pin, collate_fn=collate)
         val = self.data.val
-        self.val_loader = eval_loader(val, batch_size=self.solver.batch_size, workers=workers, pin_memory=pin, collate_fn=collate) if val is not None and len(val) else None
+        # Each rank validates its shard; the task gathers the outputs (every image counted once).
+        self.val_loader = eval_loader(val, batch_size=self.solver.batch_size, workers=workers, pin_memory=pin, collate_fn=collate, part=distributed.shard(len(val))) if val is not None and len(val) else None
         self.optimizer = make_optimizer(groups, self.solver)
         per_epoch = len(self.sampler)
         total = phase.epochs * per_epoch
         if self.solver.max_iter:
             total = min(total, self.solver.max_iter)
         self.schedule = LRSchedule(self.optimizer, self.solver, total_iters=total, iters_per_epoch=per_epoch)
+
+    def parallel(self, module: nn.Module) -> nn.Module:
+        """``module`` as this phase trains it. With several processes it runs under
+        DistributedDataParallel: a task passes only what learns (the head on a frozen backbone's
+        features, the suffix above cached activations, the whole model when fine-tuning), so a
+        frozen backbone stays outside, and the wrapper is rebuilt each phase. One process: ``module``.
+        Ask for it before any forward of the step: wrapping syncs the weights in place."""
+        if not distributed.active():
+            return module
+        if id(module) not in self.wrapped:
+            self.wrapped[id(module)] = distributed.wrap(module, self.device)
+        return self.wrapped[id(module)]
 
     def phase_done(self) -> bool:
         cap = self.solver.max_iter
@@ -177,6 +201,8 @@ class Trainer:
         ``snapshot_payload()`` then continues the run exactly, as a snapshot would."""
         if resume is not None:
             self.state = LoopState(**resume["loop"])
+            if not distributed.is_main():  # rank 0 carries the ranks' sums of an interrupted epoch
+                self.state.running = {k: (v if k in ("lr", "seconds") else 0.0) for k, v in self.state.running.items()}
             for hook in self.hooks:
                 key = getattr(hook, "key", None)
                 if key and key in resume.get("hooks", {}):
@@ -184,8 +210,11 @@ class Trainer:
         self._fit_started = time.perf_counter()
         self._elapsed_before = self.state.elapsed
         previous = signal.getsignal(signal.SIGINT)
+        previous_term = signal.getsignal(signal.SIGTERM)
         if previous is signal.default_int_handler:  # only where Python handles Ctrl-C itself (main thread)
             signal.signal(signal.SIGINT, self._request_stop)
+            if distributed.launched():  # torchrun passes Ctrl-C on to its workers as SIGTERM
+                signal.signal(signal.SIGTERM, self._request_stop)
         try:
             while self.state.phase < len(self.phases):
                 self.configure_phase(self.phase)
@@ -196,7 +225,7 @@ class Trainer:
                     if until_epoch is not None and self.state.epoch >= until_epoch:
                         return self.state
                     self.run_epoch()
-                    if self.stop_requested:
+                    if self.stopping:
                         raise Interrupted(self._on_interrupt())
                 for hook in self.hooks:
                     if hasattr(hook, "after_phase"):
@@ -207,6 +236,8 @@ class Trainer:
         finally:
             if signal.getsignal(signal.SIGINT) == self._request_stop:
                 signal.signal(signal.SIGINT, previous)
+            if signal.getsignal(signal.SIGTERM) == self._request_stop:
+                signal.signal(signal.SIGTERM, previous_term)
         for hook in self.hooks:
             hook.after_train(self)
         return self.state
@@ -221,8 +252,15 @@ class Trainer:
         """Seconds spent in ``fit`` by every session of this run."""
         return getattr(self, "_elapsed_before", self.state.elapsed) + self.session_seconds
 
+    @property
+    def stopping(self) -> bool:
+        """Stop after this step? Every rank answers alike: they agree on it at each step."""
+        return self.stop_agreed if distributed.active() else self.stop_requested
+
     def _request_stop(self, signum: int, frame: Any) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop now
+        # A second Ctrl-C stops now. Under torchrun a Ctrl-C arrives twice (from the terminal and,
+        # as SIGTERM, from the launcher): the ranks finish the step and write ``last`` together.
+        if self.stop_requested and not distributed.launched():
             raise KeyboardInterrupt
         self.stop_requested = True
 
@@ -253,10 +291,10 @@ class Trainer:
                 st.running[key] = st.running.get(key, 0.0) + value
             for hook in self.hooks:
                 hook.after_step(self, loss)
-            if self.stop_requested or (self.solver.max_iter and st.phase_iteration >= self.solver.max_iter):
+            if self.stopping or (self.solver.max_iter and st.phase_iteration >= self.solver.max_iter):
                 break
         st.running["seconds"] += time.perf_counter() - started
-        if self.stop_requested:
+        if self.stopping:
             return
         self.finish_epoch()
 
@@ -268,18 +306,30 @@ class Trainer:
         if not torch.isfinite(loss):
             raise GraftError(f"training diverged: the loss became {loss.item()} at iteration {self.state.iteration}; lower solver.base_lr (snapshots of earlier epochs are kept)")
         self.optimizer.zero_grad(set_to_none=True)
+        loss_for_grad = loss
+        if distributed.active():
+            # DDP averages gradients over the ranks; weighting each rank's mean by its share of the
+            # global batch makes that average the gradient of the global batch's mean loss, as one
+            # process computes it (also when the last batch splits unevenly). The same reduction
+            # agrees on a stop request (Ctrl-C reaches the ranks at different steps).
+            n = self.task.batch_size(targets)
+            total, stops = distributed.all_sum([n, float(self.stop_requested)])
+            loss_for_grad = loss * (n * distributed.world() / total)
+            self.stop_agreed = stops > 0
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss_for_grad).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
+            loss_for_grad.backward()
             self.optimizer.step()
         self.schedule.step()
         return loss.item(), sums
 
     def finish_epoch(self) -> None:
         st = self.state
+        st.running = self._global_running()
+        distributed.same_buffers(self.model)
         val = self.task.validate(self)
         row = {
             "epoch": st.epoch + 1,
@@ -289,7 +339,8 @@ class Trainer:
             **val,
             "seconds": round(st.running["seconds"], 3),
         }
-        val_loss = val.get("val_loss")
+        row = distributed.broadcast(row)  # rank 0's row: what follows from it is decided alike everywhere
+        val_loss = row.get("val_loss")
         self.schedule.epoch_end(val_loss)
         st.history.append(row)
         st.epoch += 1
@@ -301,15 +352,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ snapshots
 
+    def _global_running(self) -> dict[str, float]:
+        """The epoch's sums so far over every rank (the lr and the seconds are each rank's own)."""
+        running = self.state.running
+        if not distributed.active():
+            return running
+        keys = [k for k in running if k not in ("lr", "seconds")]
+        return {**running, **dict(zip(keys, distributed.all_sum([running[k] for k in keys])))}
+
     def snapshot_payload(self) -> dict[str, Any]:
+        """Everything to continue the run; with several processes a collective (every rank calls
+        it): the epoch's sums are the ranks' total and each rank's RNG state is kept."""
         self.state.elapsed = self.elapsed()
+        rngs = distributed.all_gather(checkpoint.capture_rng())
+        loop = asdict(self.state)
+        loop["running"] = self._global_running()
         return {
-            "loop": asdict(self.state),
+            "loop": loop,
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": checkpoint.optimizer_state(self.optimizer),
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": checkpoint.capture_rng(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
+            "world": distributed.world(),
             "hooks": {hook.key: hook.state_dict() for hook in self.hooks if getattr(hook, "key", None)},
         }
 
@@ -318,5 +384,6 @@ class Trainer:
         self.schedule.load_state_dict(payload["schedule"])
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
-        checkpoint.restore_rng(payload["rng"])
+        same_world = payload.get("world", 1) == distributed.world() and len(payload.get("rng_ranks") or []) == distributed.world()
+        checkpoint.restore_rng(payload["rng_ranks"][distributed.rank()] if same_world else payload["rng"])
 

@@ -21,6 +21,7 @@ from graft.configuration import GraftConfig, dump_yaml
 from graft.errors import ConfigError
 from graft.io import atomic_write, read_json, write_json, write_text
 
+from graft.engine import distributed
 from graft.engine.loop import Phase, phase_param_groups
 
 RUN_MARKERS = ("model.json", "snapshots", "history.csv")
@@ -29,6 +30,15 @@ RUN_FILES = RUN_MARKERS + (
     "learning_curves.png", "confusion_matrix.png", "predictions.png", "class_stats.safetensors", "expand_metrics.json",
     "detections.png", "per_class_ap.png", "pr_curves.png", "report.html", "export", "tensorboard",
 )
+
+
+def restart_snapshot(out: str | os.PathLike | None) -> Path | None:
+    """After torchrun restarted a failed launch (``--max-restarts``), the newest complete snapshot
+    of the run in ``out`` (``snapshots/last``, written atomically), to continue from; else None."""
+    if out is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return None
+    last = Path(out) / "snapshots" / "last"
+    return last if last.is_file() else None
 
 
 def holds_run(path: Path) -> bool:
@@ -67,7 +77,10 @@ def drop_stash(path: Path) -> None:
 
 @contextmanager
 def keeping_replaced_run(path: Path) -> Iterator[None]:
-    """Tell the user where the replaced run is when the new one does not finish."""
+    """Tell the user where the replaced run is when the new one does not finish (rank 0's concern)."""
+    if not distributed.is_main():
+        yield
+        return
     try:
         yield
     except BaseException:
@@ -80,7 +93,11 @@ def keeping_replaced_run(path: Path) -> Iterator[None]:
 @contextmanager
 def opened_run(run_dir: Path, replace: bool) -> Iterator[None]:
     """The run folder, once everything is validated: an earlier run in it set aside (``replace``),
-    and kept, with a note saying where, if this one does not finish."""
+    and kept, with a note saying where, if this one does not finish. Rank 0's alone: the other
+    ranks of a run never write to its folder."""
+    if not distributed.is_main():
+        yield
+        return
     if replace:
         stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +108,8 @@ def opened_run(run_dir: Path, replace: bool) -> Iterator[None]:
 def write_weights_report(run_dir: Path, payload: dict[str, Any] | None, report: Any, source_run: Path | None, say: Any) -> None:
     """``weights_report.json``: what the weights loaded at the start matched; a resumed run written
     to another folder copies its run's."""
+    if not distributed.is_main():
+        return
     if payload is None:
         write_json(run_dir / "weights_report.json", report.to_dict())
         say(report.summary())
@@ -105,6 +124,8 @@ def record_start(run_dir: Path, cfg: GraftConfig, static: dict[str, Any], payloa
         static["decided"] = decision.to_dict()
     elif payload is not None and "decided" in payload:
         static["decided"] = payload["decided"]
+    if not distributed.is_main():
+        return
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
     write_json(run_dir / "splits.json", static["splits"])
 
@@ -135,7 +156,7 @@ class ExpandResult(TrainResult):
 def inherit_weights_report(source_dir: Path | None, source_name: str, run_dir: Path) -> None:
     """An expansion's weights are its source's, every tensor, plus the new classes: its weights
     report is the source's (which says where the pretrained weights came from), marked as such."""
-    if source_dir is None or not (source_dir / "weights_report.json").is_file() or (run_dir / "weights_report.json").exists():
+    if not distributed.is_main() or source_dir is None or not (source_dir / "weights_report.json").is_file() or (run_dir / "weights_report.json").exists():
         return
     report = read_json(source_dir / "weights_report.json")
     report["inherited_from"] = f"{source_name}: graft expand loaded every tensor of that run and added the new classes; this is how that run's weights were loaded"

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from graft.configuration import GraftConfig, parse_config
-from graft.engine import checkpoint
-from graft.engine.run_folder import ExpandResult, holds_run
+from graft.console import warn
+from graft.engine import checkpoint, distributed
+from graft.engine.device import select_device
+from graft.engine.run_folder import ExpandResult, holds_run, restart_snapshot
 from graft.errors import ConfigError, SnapshotError
 from graft.pipeline.predict import load_run
 from graft.pipeline.registry import TASKS, refuse_other_data, resolve_task, task_of
@@ -67,6 +69,11 @@ def expand(
     ``out`` is kept in ``out/.replaced`` until this one finishes."""
     started = time.perf_counter()
     payload = None
+    restarted = restart_snapshot(out) if resume is None else None
+    if restarted is not None:  # torchrun restarted this launch: continue it
+        resume, cfg, overwrite = restarted, None, True
+    elif resume is None and out is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        overwrite = True
     if resume is not None:
         if cfg is not None:
             raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")
@@ -95,5 +102,9 @@ def expand(
             raise ConfigError(f"--out {run_dir} is (inside) the run being expanded, {source.dir}; write the expanded run to a new folder")
     if replace and not overwrite:
         raise ConfigError(f"{run_dir} already holds a run; choose another --out or pass --overwrite to replace it")
+    if payload is not None:
+        select_device(cfg.train.device)  # under torchrun: joins the process group whose size the note compares
+        if note := distributed.resume_note(payload):
+            warn(note)
     job = ExpansionJob(cfg, source, run_dir, replace, payload, started)
     return task.expand(job, data_dir=data_dir, quiet=quiet, hooks=list(hooks))

@@ -25,6 +25,10 @@ def format_plan(plan: dict[str, Any], *, layers: bool = False) -> str:
 
 def format_phases(plan: dict[str, Any], *, layers: bool = False) -> list[str]:
     lines = []
+    batch = plan.get("solver", {}).get("batch_size")
+    if batch:
+        lines.append(f"batch: {batch} images per step in all; solver.batch_size is the global batch: with P processes (torchrun, --devices) "
+                     f"each takes about {batch}/P of every batch, and the learning rates below hold for any P")
     if plan["reinit"]:
         lines.append(f"re-initialised after loading: {', '.join(plan['reinit'])}")
     for i, ph in enumerate(plan["phases"], 1):

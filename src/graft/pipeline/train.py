@@ -8,6 +8,7 @@ here, then the task trains.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 from graft.configuration import GraftConfig, parse_config
 from graft.engine import checkpoint
 from graft.engine.device import select_device
-from graft.engine.run_folder import TrainResult, holds_run
+from graft.console import progress, warn
+from graft.engine import distributed
+from graft.engine.run_folder import TrainResult, holds_run, restart_snapshot
 from graft.errors import ConfigError
 from graft.pipeline.registry import resolve_task
 
@@ -37,6 +40,13 @@ def train(
     only continues the solver that made it."""
     started = time.perf_counter()
     payload = None
+    restarted = restart_snapshot(out) if resume is None else None
+    if restarted is not None:  # torchrun restarted this launch: continue it, whatever cfg says
+        resume, cfg, overwrite = restarted, None, True
+        say = progress(quiet)
+        say(f"torchrun restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: continuing from {restarted}")
+    elif resume is None and out is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        overwrite = True  # the failed attempt of this launch wrote no snapshot: start it again
     if resume is not None:
         if cfg is not None:
             raise ConfigError("--resume continues the snapshot's run with its saved config; to change the solver, start from its weights with --weights SNAPSHOT instead")
@@ -63,6 +73,8 @@ def train(
         source_run = None
     task = resolve_task(cfg)  # a resumed run's config says which: it was resolved when the run started
     device = select_device(cfg.train.device)
+    if payload is not None and (note := distributed.resume_note(payload)):
+        warn(note)
     if replace and not overwrite:
         hint = f", continue it with --resume {run_dir}/snapshots/last," if payload is None else ""
         raise ConfigError(f"{run_dir} already holds a run; choose another --out{hint} or pass --overwrite to replace it")

@@ -26,6 +26,7 @@ from graft.tasks.classify.evaluate import Outputs, collect_outputs
 from graft.models.classifier import GraftClassifier
 from graft.tasks.classify.class_stats import ClassStats
 from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir
+from graft.engine import distributed
 from graft.engine.loop import Phase, PhaseData
 from graft.engine.phases import frozen_bn_fixed
 
@@ -69,8 +70,12 @@ class CachedEmbeddings:
         cfg, splits, pre, aug = self.cfg, self.splits, self.pre, self.aug
         before = self.cache.computed
         started = time.perf_counter()
-        train_emb = training_views(self.cache, splits.train, pre, aug, cfg, phase.epochs, decoded=self.decoded)
-        val_emb = self.cache.embed(splits.val, eval_transform(pre))
+        # Computed once, on rank 0 with several processes (which alone writes the store), and
+        # handed to every rank.
+        train_emb, val_emb = distributed.on_main(lambda: (
+            training_views(self.cache, splits.train, pre, aug, cfg, phase.epochs, decoded=self.decoded),
+            self.cache.embed(splits.val, eval_transform(pre)),
+        ))
         computed = self.cache.computed - before
         where = self.cache.store.root if self.cache.store else "memory"
         self.say(f"embedding cache: {computed} image views through the backbone ({time.perf_counter() - started:.1f}s), {train_emb.shape[0] * train_emb.shape[1] + len(val_emb) - computed} reused; stored in {where}")
@@ -88,7 +93,9 @@ def _decoded(samples: list[Sample], cfg: GraftConfig, pre: Preprocessing, share:
     from graft.data.decoded import DecodedImages
 
     root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
-    return DecodedImages(samples, pre, budget_mb=cfg.data.decode_cache_mb * share, disk_dir=root, max_pixels=cfg.data.max_pixels).fill()
+    # With several processes each rank decodes for itself; only rank 0 spills to the shared disk cache.
+    disk = root if distributed.is_main() else None
+    return DecodedImages(samples, pre, budget_mb=cfg.data.decode_cache_mb * share, disk_dir=disk, max_pixels=cfg.data.max_pixels).fill()
 
 
 def _shares(splits: DatasetSplits) -> tuple[float, float]:

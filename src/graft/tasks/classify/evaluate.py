@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from graft.tasks.classify.metrics import classification_metrics
+from graft.engine import distributed
 from graft.engine.inference import autocast, in_chunks
 
 
@@ -50,6 +51,17 @@ def collect_outputs(model: nn.Module, batches: Iterable, device: torch.device, *
     if not probs:
         return Outputs(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
     return Outputs(torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(losses).numpy())
+
+
+def gathered(out: Outputs) -> Outputs:
+    """Every rank's ``Outputs`` over its shard (``distributed.shard``), joined in order: the
+    outputs of the whole split, each sample once, on every rank. One process: ``out``."""
+    if not distributed.active():
+        return out
+    parts = [p for p in distributed.all_gather((out.probs, out.labels, out.losses)) if len(p[1])]
+    if not parts:
+        return out
+    return Outputs(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
 
 
 def metrics_from_outputs(out: Outputs, classes: list[str]) -> dict:

@@ -22,6 +22,7 @@ from graft.models import surgery
 from graft.models.classifier import GraftClassifier
 from graft.engine.phases import frozen_bn_fixed
 from graft.tasks.classify.embeddings import EmbeddingDataset
+from graft.engine import distributed
 from graft.engine.loop import Phase, PhaseData
 
 
@@ -135,8 +136,11 @@ class PrefixActivations:
             self.say(f"prefix cache: {need / 2**20:.0f} MiB of activations exceed train.prefix_cache_mb={self.cfg.train.prefix_cache_mb:g}; running the whole network each epoch")
             return None
         started = time.perf_counter()
-        train = torch.stack([self._activations(prefix, self.splits.train, self.decoded[0], flipped_transform(self.pre, h, v) if h or v else eval_transform(self.pre)) for h, v in self.flips], 1)
-        val = self._activations(prefix, self.splits.val, self.decoded[1], eval_transform(self.pre))
+        # Computed once (rank 0, with several processes) and handed to every rank.
+        train, val = distributed.on_main(lambda: (
+            torch.stack([self._activations(prefix, self.splits.train, self.decoded[0], flipped_transform(self.pre, h, v) if h or v else eval_transform(self.pre)) for h, v in self.flips], 1),
+            self._activations(prefix, self.splits.val, self.decoded[1], eval_transform(self.pre)),
+        ))
         if not (torch.isfinite(train).all() and torch.isfinite(val).all()):
             self.say("prefix cache: activations overflow half precision; running the whole network each epoch")
             return None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from graft.engine.task import Task
-from graft.tasks.classify.evaluate import collect_outputs
+from graft.tasks.classify.evaluate import collect_outputs, gathered
 
 if TYPE_CHECKING:
     from graft.engine.loop import Trainer
@@ -42,14 +42,15 @@ class ClassificationTask(Task):
     @staticmethod
     def logits(trainer: Trainer, inputs: torch.Tensor) -> torch.Tensor:
         """With the backbone frozen it runs without autograd: only the head builds a graph; with
-        cached embeddings or activations the cached part does not run at all."""
+        cached embeddings or activations the cached part does not run at all. What learns runs
+        through ``trainer.parallel`` (DistributedDataParallel with several processes)."""
         if trainer.data.forward is not None:
-            return trainer.data.forward(inputs)
+            return trainer.parallel(trainer.data.forward)(inputs)
         if trainer.phase.backbone_frozen:
             with torch.no_grad():
                 features = trainer.model.backbone(inputs)
-            return trainer.model.head(features)
-        return trainer.model(inputs)
+            return trainer.parallel(trainer.model.head)(features)
+        return trainer.parallel(trainer.model)(inputs)
 
     def train_columns(self, running: dict[str, float]) -> dict[str, float]:
         seen = max(1.0, running["seen"])
@@ -66,5 +67,5 @@ class ClassificationTask(Task):
     def validate(self, trainer: Trainer) -> dict[str, float | None]:
         if trainer.val_loader is None:
             return {"val_loss": None, "val_accuracy": None}
-        out = collect_outputs(trainer.data.forward or trainer.model, trainer.val_loader, trainer.device, amp=trainer.amp)
+        out = gathered(collect_outputs(trainer.data.forward or trainer.model, trainer.val_loader, trainer.device, amp=trainer.amp))
         return {"val_loss": float(out.losses.mean()), "val_accuracy": float((out.preds == out.labels).mean())}

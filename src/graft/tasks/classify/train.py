@@ -29,6 +29,7 @@ from graft.engine.loop import Phase, Trainer
 from graft.engine.phases import plan_phases
 from graft.tasks.classify.run_info import check_classifier_monitor, check_files_exist, run_info, use_channels_last
 from graft.engine.run_folder import opened_run, record_start, write_weights_report, TrainResult, check_batch_size
+from graft.engine import distributed
 from graft.engine.device import seed_everything
 from graft.tasks.classify.task import ClassificationTask
 from graft.tasks.classify.results import write_results
@@ -77,8 +78,8 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
     decoded_train, decision = None, None
     if wants_decision(cfg):  # a resumed run's config was resolved when it started
         decoded_train = decoded_for_search(cfg, splits, pre)
-        if frozen_bn_fixed(cfg):
-            decision = autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=any(p.backbone_frozen for p in phases), decoded=decoded_train, say=say)
+        if frozen_bn_fixed(cfg):  # decided once (rank 0) and broadcast
+            decision = distributed.on_main(lambda: autotune.decide(cfg, model, splits, pre, cache, device=device, has_head_phase=any(p.backbone_frozen for p in phases), decoded=decoded_train, say=say))
         else:
             decision = fallback(cfg, "model.frozen_bn_eval and model.bn_inference are off, so a frozen backbone is no fixed function to decide on: augmentation none, head lr = solver.base_lr")
             say(summary(decision)[0])
@@ -96,7 +97,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": weights_source}
     record_start(run_dir, cfg, static, payload, decision)
     stopping = EarlyStoppingHook(cfg.train.early_stopping, cfg.train.early_stopping_monitor) if cfg.train.early_stopping else None
-    say(f"data: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images; device {device}")
+    say(f"data: {len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images; device {device}" + distributed.describe(cfg.solver.batch_size))
     trainer = Trainer(
         model,
         phases,
@@ -112,10 +113,19 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
         hooks=run_hooks(run_dir, cfg, static, quiet=quiet, stopping=stopping, extra=hooks),
         data_for_phase=phase_sources(cached, prefix),
         channels_last=channels_last,
+        sync_bn=cfg.train.sync_bn,
     )
     if payload is None:
         seed_everything(cfg.solver.seed)  # a resumed run restores the RNG states of its snapshot instead
     state = trainer.fit(resume=payload)
+    # The results: evaluated and written once, by rank 0; every rank returns them.
+    metrics = distributed.on_main(lambda: _write_run(cfg, run_dir, splits, model, pre, phases, weights_source, static, stopping, trainer, started, cached, prefix, device, amp, workers, state, say))
+    return TrainResult(run_dir, metrics, state.history)
+
+
+def _write_run(cfg: GraftConfig, run_dir: Path, splits: DatasetSplits, model: GraftClassifier, pre: Preprocessing, phases: list[Phase], weights_source: str, static: dict[str, Any],
+               stopping: Any, trainer: Trainer, started: float, cached: Any, prefix: Any, device: torch.device, amp: bool, workers: int, state: Any, say: Any) -> dict[str, Any]:
+    """``model.safetensors``, ``model.json``, metrics, class statistics, plots and the report."""
     info = run_info(cfg, splits.classes, pre, model, phases, weights_source)
     if "decided" in static:
         info["decided"] = static["decided"]
@@ -134,7 +144,7 @@ def _train(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | None, spli
     metrics = write_results(run_dir, model, info, splits, state.history, device=device, amp=amp, workers=workers, train_seconds=seconds, outputs_for=head_outputs, batch_size=cfg.solver.batch_size)
     write_report_after_run(run_dir, REPORT)
     say(f"done: val accuracy {_pct(metrics['val_accuracy'])}" + (f", test accuracy {_pct(metrics['test_accuracy'])}" if metrics["test_accuracy"] is not None else "") + f"; results in {run_dir}")
-    return TrainResult(run_dir, metrics, state.history)
+    return metrics
 
 
 def _pct(x: float | None) -> str:

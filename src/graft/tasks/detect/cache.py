@@ -24,6 +24,7 @@ from graft.configuration import GraftConfig
 from graft.data.dataset import _mix
 from graft.tasks.detect.dataset import BoxDataset, collate_boxes
 from graft.tasks.detect.model import GraftDetector
+from graft.engine import distributed
 from graft.engine.inference import autocast, in_chunks
 
 
@@ -91,7 +92,8 @@ def build_feature_cache(
     keys = [(i, v) for v in range(views) for i in range(len(dataset))] if views > 1 else list(range(len(dataset)))
     rows = {key: (key[0] * views + key[1]) if views > 1 else key for key in keys}
     targets: list[dict[str, torch.Tensor] | None] = [None] * n
-    loader = DataLoader(_Keyed(dataset, keys, flips), batch_size=batch_size, shuffle=False, collate_fn=_collate_keyed)
+    mine = [keys[i] for i in distributed.shard(len(keys))]  # with several processes, each rank's share, gathered below
+    loader = DataLoader(_Keyed(dataset, mine, flips), batch_size=batch_size, shuffle=False, collate_fn=_collate_keyed)
     was = model.training
     model.eval()
     try:
@@ -110,6 +112,10 @@ def build_feature_cache(
         raise
     finally:
         model.train(was)
+    if distributed.active():
+        for part in distributed.all_gather({rows[key]: (flat[rows[key]].clone(), targets[rows[key]]) for key in mine}):
+            for row, (features, target) in part.items():
+                flat[row], targets[row] = features, target
     return FeatureCache(flat, shapes, targets, views, seed, file)
 
 

@@ -52,8 +52,9 @@ class DistillingDetectionTask(DetectionTask):
         if not isinstance(inputs, torch.Tensor) or not any(p.requires_grad for p in model.backbone.parameters()):
             return super().training_loss(trainer, inputs, targets)
         self.teacher.to(inputs.device)
+        forward = trainer.parallel(model)  # wrapped before any forward: wrapping syncs the weights in place
         features = model.backbone_features(inputs)  # once, for the new classes' loss and the distillation
-        losses = run_detector(model, features, targets)
+        losses = run_detector(model, features, targets, forward=forward)
         with torch.no_grad():
             teacher_maps = neck_maps(self.teacher, self.teacher.backbone_features(inputs))
         losses["distill"] = self.weight * relative_l2(neck_maps(model, features), teacher_maps)

@@ -50,6 +50,7 @@ from graft.tasks.detect.report import REPORT
 from graft.io import read_json, write_json
 from graft.models import surgery
 from graft.io import file_digest
+from graft.engine import distributed
 from graft.engine.loop import Phase
 from graft.tasks.interface import ExpansionJob
 
@@ -262,17 +263,25 @@ def expand_detector(job: ExpansionJob, *, data_dir: str | Path | None, quiet: bo
         say(f"expanding {source.name} ({plural(k, 'class', 'classes')}, {source.model.head_kind}) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}: the old detector stays as it was, for the new classes {how}{then}"
             + (f"; {plural(rehearsal['boxes'], 'box', 'boxes')} of old classes ({', '.join(rehearsal['classes'])}) are negatives for it" if rehearsal["boxes"] else ""))
         if payload is None and cfg.expand.pseudo_labels:  # the probe trains the new block; the run continues from it
-            splits, spec["pseudo_labels"] = add_pseudo_labelled(cfg, model, splits, source.splits, k, phases[0], aug, device, say)
+            # Once (rank 0), its labels and the probe's weights handed to every rank.
+            splits, spec["pseudo_labels"], probed = distributed.on_main(lambda: (*add_pseudo_labelled(cfg, model, splits, source.splits, k, phases[0], aug, device, say), model.state_dict()))
+            model.load_state_dict(probed)
         if spec.get("pseudo_labels", {}).get("used"):
             phases[0] = dataclasses.replace(phases[0], epochs=cfg.expand.pseudo_label_epochs)
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, list(hooks), extra={"expand": spec, "expanded_from": lineage}, task=task)
-        metrics = expansion_metrics(source, model, splits, k, cfg, device)
-        metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, pseudo_labels=spec.get("pseudo_labels"), parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
-        write_json(run_dir / "expand_metrics.json", metrics)
-        write_report_after_run(run_dir, REPORT)
+        metrics = distributed.on_main(lambda: _write_expansion(source, model, splits, k, cfg, device, rehearsal, spec, added, started, run_dir))
     say(f"done: old classes mAP {_fmt(metrics['old_map_before'])} -> {_fmt(metrics['old_map_after'])} ({metrics['old_split']}), "
         f"new classes mAP {_fmt(metrics['new_map'])} ({metrics['new_split']}; {_fmt(metrics['new_map_new_images'])} on the new images alone), overall {_fmt(metrics['overall_map'])}; results in {run_dir}")
     return ExpandResult(run_dir, result.metrics, result.history, metrics)
+
+
+def _write_expansion(source: DetectionSource, model: GraftDetector, splits: DetectionSplits, k: int, cfg: GraftConfig, device: Any, rehearsal: dict[str, Any], spec: dict[str, Any], added: Any, started: float, run_dir: Path) -> dict[str, Any]:
+    """``expand_metrics.json`` (old classes before and after, new classes) and the report, once."""
+    metrics = expansion_metrics(source, model, splits, k, cfg, device)
+    metrics.update(mode=cfg.expand.mode, source=source.name, rehearsal=rehearsal, pseudo_labels=spec.get("pseudo_labels"), parameters=parameter_changes(source.model, model, added), seconds=round(time.perf_counter() - started, 2))
+    write_json(run_dir / "expand_metrics.json", metrics)
+    write_report_after_run(run_dir, REPORT)
+    return metrics
 
 
 def _fmt(x: float | None) -> str:

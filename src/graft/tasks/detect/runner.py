@@ -28,6 +28,7 @@ from graft.tasks.detect.data import DetectionSplits, describe, scan_detection
 from graft.tasks.detect.dataset import BoxAugment, BoxDataset, resized_size
 from graft.tasks.detect.metrics import detection_metrics
 from graft.tasks.detect.model import GraftDetector
+from graft.tasks.detect.normalisers import with_global_normalisers
 from graft.tasks.detect.plots import plot_detections, plot_per_class_ap, plot_pr_curves
 from graft.tasks.detect.task import DetectionTask, collect_detections
 from graft.tasks.detect.widen import block_kinds, class_blocks
@@ -38,6 +39,7 @@ from graft.io import write_json
 from graft.models import surgery
 from graft.report.figures import plot_learning_curves, write_history_csv
 from graft.engine.hooks import EarlyStoppingHook, SnapshotHook, run_hooks
+from graft.engine import distributed
 from graft.engine.decision import Decision
 from graft.engine.loop import Phase, PhaseData, Trainer
 from graft.engine.run_folder import record_start, save_model
@@ -157,7 +159,8 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
     with opened_run(run_dir, replace):
         write_weights_report(run_dir, payload, report, source_run, say)
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
-        write_report_after_run(run_dir, REPORT)
+        if distributed.is_main():
+            write_report_after_run(run_dir, REPORT)
         return result
 
 
@@ -203,7 +206,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     from graft.engine.device import seed_everything
     from graft.engine.run_folder import TrainResult
 
-    model.to(device)
+    with_global_normalisers(model).to(device)
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     size = model.size
@@ -225,7 +228,11 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
 
     task = task or DetectionTask(splits.val, splits.classes, cfg.detect.conf)
     decision = start = None
-    if cfg.data.augment == "auto":
+    if cfg.data.augment == "auto" and distributed.active():
+        decision, start = distributed.on_main(lambda: _decided_alone(cfg, model, splits, phases, task, device=device, amp=amp, say=say))
+        cfg.data.augment = decision.augment
+        aug = with_overrides(cfg, BoxAugment.preset(decision.augment))
+    elif cfg.data.augment == "auto":
         decision, train_cache, val_cache, start = decide_auto(cfg, model, splits, phases, task, device=device, amp=amp, say=say)
         if train_cache is not None:
             caches.update(train=train_cache, val=val_cache)
@@ -249,6 +256,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
         hooks=run_hooks(run_dir, cfg, static, quiet=quiet, stopping=stopping, extra=hooks),
         data_for_phase=data_for_phase,
         channels_last=cfg.train.channels_last if isinstance(cfg.train.channels_last, bool) else device.type == "cuda",
+        sync_bn=cfg.train.sync_bn,
     )
     if payload is None:
         seed_everything(cfg.solver.seed)
@@ -261,6 +269,21 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
         state = trainer.fit(resume=payload if payload is not None else start)
     finally:
         _close(caches)
+    metrics = distributed.on_main(lambda: _write_run(cfg, run_dir, splits, model, phases, static, extra, stopping, trainer, started, state, device, amp, workers, say))
+    return TrainResult(run_dir, metrics, state.history)
+
+
+def _decided_alone(cfg: GraftConfig, model: GraftDetector, splits: DetectionSplits, phases: list[Phase], task: DetectionTask, **common: Any) -> tuple[Decision, dict[str, Any] | None]:
+    """``auto`` decided by one rank for all: the decision and the winner's trial; its feature
+    caches are that rank's own (the run builds its shared ones)."""
+    decision, train_cache, val_cache, start = decide_auto(cfg, model, splits, phases, task, **common)
+    _close({"train": train_cache, "val": val_cache})
+    return decision, start
+
+
+def _write_run(cfg: GraftConfig, run_dir: Path, splits: DetectionSplits, model: GraftDetector, phases: list[Phase], static: dict[str, Any], extra: dict[str, Any] | None, stopping: Any,
+               trainer: Trainer, started: float, state: Any, device: torch.device, amp: bool, workers: int, say: Any) -> dict[str, Any]:
+    """The model, metrics and plots, written once (rank 0)."""
     info = {**run_info(cfg, splits, model, phases, static["weights_source"]), **(extra or {})}
     if stopping is not None:
         info["early_stopping"] = stopping.summary()
@@ -271,7 +294,7 @@ def train_and_report(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     test = f", test mAP {metrics['test_map']:.3f} (mAP@.5 {metrics['test_map50']:.3f})" if metrics["test_map"] is not None else ""
     val = "n/a" if metrics["val_map"] is None else f"{metrics['val_map']:.3f} (mAP@.5 {metrics['val_map50']:.3f})"
     say(f"done: val mAP {val}{test}; results in {run_dir}")
-    return TrainResult(run_dir, metrics, state.history)
+    return metrics
 
 
 def _close(caches: dict[str, Any]) -> None:

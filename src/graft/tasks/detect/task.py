@@ -18,6 +18,7 @@ from graft.tasks.detect.boxes import BoxSample
 from graft.tasks.detect.dataset import collate_boxes
 from graft.tasks.detect.metrics import Prediction, detection_metrics
 from graft.tasks.detect.model import GraftDetector
+from graft.engine import distributed
 from graft.engine.inference import autocast, in_chunks
 from graft.engine.task import Task
 
@@ -33,20 +34,24 @@ def _move_targets(targets: list[dict[str, torch.Tensor]], device: torch.device) 
     return [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
 
-def run_detector(model: GraftDetector, inputs: torch.Tensor | Sequence[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
-    """The detector on images, or on cached backbone features (a list, one tensor per level)."""
+def run_detector(model: GraftDetector, inputs: torch.Tensor | Sequence[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None, *, forward: Any = None) -> Any:
+    """The detector on images, or on cached backbone features (a list, one tensor per level).
+    ``forward``: what to call instead of ``model`` (its DistributedDataParallel wrapper)."""
+    forward = forward or model
     if isinstance(inputs, torch.Tensor):
-        return model(inputs, targets)
+        return forward(inputs, targets)
     model.cached_features = [f.float() for f in inputs]
     try:
         placeholder = torch.zeros(1, 3, model.size, model.size, device=inputs[0].device).expand(len(inputs[0]), -1, -1, -1)
-        return model(placeholder, targets)
+        return forward(placeholder, targets)
     finally:
         model.cached_features = None
 
 
-def collect_detections(model: GraftDetector, batches: Iterable, device: torch.device, samples: Sequence[BoxSample], *, amp: bool = False) -> list[Prediction]:
-    """Detections for every sample, in its original pixels (clipped to the image)."""
+def collect_detections(model: GraftDetector, batches: Iterable, device: torch.device, samples: Sequence[BoxSample], *, amp: bool = False, gather: bool = False) -> list[Prediction]:
+    """Detections for every sample, in its original pixels (clipped to the image). ``gather``:
+    ``batches`` cover this rank's shard; every rank's detections are joined by image index (each
+    image once) and every rank gets all of them."""
     was_training = model.training
     model.eval()
     out: list[Prediction | None] = [None] * len(samples)
@@ -65,6 +70,10 @@ def collect_detections(model: GraftDetector, batches: Iterable, device: torch.de
                     out[i] = Prediction(boxes, det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy().astype(np.int64))
     finally:
         model.train(was_training)
+    if gather and distributed.active():
+        for part in distributed.all_gather({i: p for i, p in enumerate(out) if p is not None}):
+            for i, p in part.items():
+                out[i] = p
     return [p if p is not None else Prediction(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)) for p in out]
 
 
@@ -82,7 +91,7 @@ class DetectionTask(Task):
         return inputs, _move_targets(targets, trainer.device)
 
     def training_loss(self, trainer: Trainer, inputs: Any, targets: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
-        losses = run_detector(trainer.model, inputs, targets)
+        losses = run_detector(trainer.model, inputs, targets, forward=trainer.parallel(trainer.model))
         loss = sum(v.float() for v in losses.values())
         n = len(targets)
         return loss, {_term(k): float(v.detach()) * n for k, v in losses.items()}
@@ -95,7 +104,7 @@ class DetectionTask(Task):
     def validate(self, trainer: Trainer) -> dict[str, float | None]:
         if trainer.val_loader is None:
             return {"val_map": None, "val_map50": None}
-        preds = collect_detections(trainer.model, trainer.val_loader, trainer.device, self.val_samples, amp=trainer.amp)
+        preds = collect_detections(trainer.model, trainer.val_loader, trainer.device, self.val_samples, amp=trainer.amp, gather=True)
         m = detection_metrics(self.val_samples, preds, self.classes, conf=self.conf).metrics
         return {"val_map": m["map"], "val_map50": m["map50"]}
 

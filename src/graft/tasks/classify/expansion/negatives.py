@@ -8,7 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
+import torch.nn.functional as F
+
 from graft.data.dataset import _mix
+from graft.engine import distributed
 from graft.tasks.classify.class_stats import ClassStats
 
 
@@ -35,24 +38,19 @@ class ExpandEmbeddings(Dataset):
             counts[label] += self.per_class
         return counts
 
+    def draws(self, epoch: int) -> torch.Tensor:
+        """The epoch's class-statistics draws, all at once from one generator seeded by (seed,
+        epoch): the same whatever the batches, their order or how processes split them, so a
+        resumed or distributed run draws the same ones."""
+        if getattr(self, "_drawn", (None,))[0] != epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch, 0x57A75))
+            per_class = [self.stats.sample(torch.full((self.per_class,), c), g) for c in range(len(self.stat_labels))]  # a class at a time: bounded memory
+            self._drawn = (epoch, torch.cat(per_class))
+        return self._drawn[1]
+
     def __getitems__(self, keys: list) -> list[tuple[torch.Tensor, int]]:
-        """A batch at once (the DataLoader calls this): the batch's draws come from one generator
-        seeded by (seed, epoch, the batch's indices), so a resumed run draws the same ones."""
-        indices = [k[0] if isinstance(k, tuple) else k for k in keys]
-        epoch = keys[0][1] if keys and isinstance(keys[0], tuple) else 0
-        synthetic = [i for i in indices if i >= len(self.real)]
-        drawn: dict[int, torch.Tensor] = {}
-        if synthetic:
-            g = torch.Generator().manual_seed(_mix(self.seed, epoch, len(synthetic), *synthetic[:8], 0x57A75))
-            classes = torch.tensor([(i - len(self.real)) // self.per_class for i in synthetic])
-            drawn = dict(zip(synthetic, self.stats.sample(classes, g)))
-        out = []
-        for key, i in zip(keys, indices):
-            if i in drawn:
-                out.append((drawn[i], self.stat_labels[(i - len(self.real)) // self.per_class]))
-            else:
-                out.append(self._real(i, epoch))
-        return out
+        """A batch at once (the DataLoader calls this)."""
+        return [self[key] for key in keys]
 
     def _real(self, index: int, epoch: int) -> tuple[torch.Tensor, int]:
         views = self.real.shape[1]
@@ -63,7 +61,8 @@ class ExpandEmbeddings(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         if index < len(self.real):
             return self._real(index, epoch)
-        return self.__getitems__([(index, epoch)])[0]  # one seeding rule for draws, alone or in a batch
+        drawn = index - len(self.real)
+        return self.draws(epoch)[drawn], self.stat_labels[drawn // self.per_class]
 
 
 def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -72,3 +71,12 @@ def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
     weights = torch.zeros_like(counts)
     weights[present] = counts[present].sum() / (present.sum() * counts[present])
     return weights
+
+
+def weighted_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits, y, weight=weights)``: the weighted mean over the batch, whose
+    divisor (the batch's total weight) is the global batch's when processes share it
+    (``distributed.share_of_total``), so the averaged gradient is one process's."""
+    weights = weights.to(logits.device)
+    total = F.cross_entropy(logits, y, weight=weights, reduction="sum")
+    return total / distributed.share_of_total(float(weights[y].sum()), len(y))

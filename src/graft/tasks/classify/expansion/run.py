@@ -28,7 +28,7 @@ from graft.tasks.classify.evaluate import Outputs, collect_outputs
 from graft.report.html import write_report_after_run
 from graft.tasks.classify.report import REPORT
 from graft.tasks.classify.expansion.calibrate import Calibration, fit_calibration, norm_ratio
-from graft.tasks.classify.expansion.negatives import ExpandEmbeddings, balanced_weights
+from graft.tasks.classify.expansion.negatives import ExpandEmbeddings, balanced_weights, weighted_cross_entropy
 from graft.tasks.classify.expansion.data import evaluation_split, gather_data
 from graft.tasks.interface import ExpansionJob
 from graft.io import write_json, write_text
@@ -42,6 +42,7 @@ from graft.engine.hooks import run_hooks
 from graft.engine.loop import Phase, PhaseData, Trainer
 from graft.tasks.classify.task import ClassificationTask
 from graft.tasks.classify.results import write_results
+from graft.engine import distributed
 from graft.engine.device import seed_everything, select_device
 from graft.engine.run_folder import ExpandResult, inherit_weights_report, keeping_replaced_run, stash_run
 from graft.tasks.classify.run_info import check_classifier_monitor, check_files_exist, run_info, use_channels_last
@@ -63,7 +64,7 @@ def expand_classifier(job: ExpansionJob, *, data_dir: str | Path | None, quiet: 
 
 
 def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any] | None, say: Any, quiet: bool, hooks: list[Any]) -> ExpandResult:
-    cfg, source, run_dir, payload, started = job.cfg, job.source, job.run_dir, job.payload, job.started
+    cfg, source, run_dir, payload = job.cfg, job.source, job.run_dir, job.payload
     device = select_device(cfg.train.device)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     pre, aug = source.preprocessing, augmentation_from_config(cfg.data)
@@ -77,7 +78,7 @@ def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any
 
     source_cache = embedding_cache(teacher.backbone)
     if payload is None:
-        splits, spec = gather_data(cfg, source, source_cache, say)
+        splits, spec = distributed.on_main(lambda: gather_data(cfg, source, source_cache, say))
     old, new = spec["old_classes"], spec["new_classes"]
     k = len(old)
 
@@ -88,10 +89,11 @@ def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any
     if payload is not None:
         model.load_state_dict(payload["model"])
     phases = plan_phases(cfg, model)
-    if job.replace:
+    if job.replace and distributed.is_main():
         stash_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    inherit_weights_report(source.dir, str(source.dir), run_dir)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        inherit_weights_report(source.dir, str(source.dir), run_dir)
     tell_data(warnings=splits.warnings, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
     say(f"expanding {source.dir} ({k} classes) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}; "
         f"{len(splits.train)} training images ({sum(s.label < k for s in splits.train)} of old classes), {len(splits.val)} held out; device {device}")
@@ -99,8 +101,9 @@ def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any
     amp = cfg.train.amp if isinstance(cfg.train.amp, bool) else device.type == "cuda"
     stats = source.stats.select([c for c in old if c in source.stats.classes]) if source.stats is not None else None
     static = {"config": cfg.to_dict(), "classes": splits.classes, "splits": splits.to_json(), "preprocessing": pre.to_dict(), "weights_source": str(source.dir), "expand": spec}
-    write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    write_json(run_dir / "splits.json", static["splits"])
+    if distributed.is_main():
+        write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        write_json(run_dir / "splits.json", static["splits"])
     trainer = Trainer(
         model,
         phases,
@@ -116,11 +119,21 @@ def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any
         hooks=run_hooks(run_dir, cfg, static, quiet=quiet, extra=hooks),
         data_for_phase=PhaseSources(cfg, model, teacher, splits, pre, source_cache, stats, say).phase_data,
         channels_last=use_channels_last(cfg, device),
+        sync_bn=cfg.train.sync_bn,
     )
     if payload is None:
         seed_everything(cfg.solver.seed)
     state = trainer.fit(resume=payload)
+    # Calibrated, evaluated and written once (rank 0); every rank returns the figures.
+    metrics, result = distributed.on_main(lambda: _finish(job, cfg, source, run_dir, splits, spec, model, teacher, source_cache, embedding_cache, stats, phases, added, trainer, state, device, amp, workers, pre, say))
+    return ExpandResult(run_dir, metrics, state.history, result)
 
+
+def _finish(job: ExpansionJob, cfg: GraftConfig, source: Any, run_dir: Path, splits: DatasetSplits, spec: dict[str, Any], model: GraftClassifier, teacher: GraftClassifier, source_cache: EmbeddingCache,
+            embedding_cache: Any, stats: ClassStats | None, phases: list[Phase], added: dict[str, int], trainer: Trainer, state: Any, device: torch.device, amp: bool, workers: int, pre: Any, say: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibrate the new rows, then write the model, metrics, expansion figures and report."""
+    started, old, new = job.started, spec["old_classes"], spec["new_classes"]
+    k = len(old)
     # ------------------------------------------------------------------ calibrate, then report
     # In frozen mode the backbone is the original's: its embeddings are the ones already computed.
     final_cache = source_cache if cfg.expand.mode == "frozen" else embedding_cache(model.backbone)
@@ -189,7 +202,7 @@ def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any
     write_report_after_run(run_dir, REPORT)
     say(f"done: old classes {_pct(result['old_accuracy_before'])} -> {_pct(result['old_accuracy_after'])}, new classes {_pct(result['new_accuracy'])}, "
         f"overall {_pct(result['overall_accuracy'])} ({split_name} images); results in {run_dir}")
-    return ExpandResult(run_dir, metrics, state.history, result)
+    return metrics, result
 
 
 def _pct(x: float | None) -> str:
@@ -226,8 +239,7 @@ class PhaseSources:
         cfg, splits = self.cfg, self.splits
         pre, aug = self.pre, augmentation_from_config(cfg.data)
         started, before = time.perf_counter(), self.cache.computed
-        real = training_views(self.cache, splits.train, pre, aug, cfg, phase.epochs)
-        val = self.cache.embed(splits.val, eval_transform(pre))
+        real, val = distributed.on_main(lambda: (training_views(self.cache, splits.train, pre, aug, cfg, phase.epochs), self.cache.embed(splits.val, eval_transform(pre))))
         labels = [s.label for s in splits.train]
         new_counts = torch.bincount(torch.tensor(labels), minlength=self.num_classes)[self.k :]
         anchors = 0
@@ -245,7 +257,7 @@ class PhaseSources:
                  f"{anchors} stored old-class embeddings, {per_class * len(stat_labels)} old-class samples drawn from class statistics per epoch")
 
         def loss(logits: torch.Tensor, y: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(logits, y, weight=weights.to(logits.device))
+            return weighted_cross_entropy(logits, y, weights)
 
         return PhaseData(train, EmbeddingDataset(val, [s.label for s in splits.val]), forward=self.model.head, workers=0, loss=loss)
 
@@ -258,7 +270,7 @@ class PhaseSources:
         t, lam, teacher = cfg.expand.distill_temperature, cfg.expand.distill_weight, self.teacher
 
         def loss(logits: torch.Tensor, y: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-            ce = F.cross_entropy(logits, y, weight=weights.to(logits.device))
+            ce = weighted_cross_entropy(logits, y, weights)
             if lam == 0:
                 return ce
             with torch.no_grad():
