@@ -142,7 +142,7 @@ def wrap(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     # Buffers are not broadcast before every forward: that would rewrite, in place, BatchNorm
     # statistics a frozen part outside the wrapper already used in this step's graph. The trainer
     # hands rank 0's buffers to every rank before each validation instead (``same_buffers``).
-    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None, forward_sync_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None, forward_sync_buffers=False, gradient_as_bucket_view=True)
 
 
 def same_buffers(module: torch.nn.Module) -> None:
