@@ -114,8 +114,11 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def default_workers() -> int:
-    """Leave one core to the model; a few workers are enough to keep decoding ahead of it."""
+    """Leave one core to the model; a few workers are enough to keep decoding ahead of it. Under
+    torchrun the machine's cores are shared by its processes (``LOCAL_WORLD_SIZE``): each counts
+    only its share, so N processes do not start N times the workers the cores can run."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(4, cpus - 1))
 
 
