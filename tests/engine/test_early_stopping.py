@@ -69,6 +69,8 @@ def test_the_best_weights_are_restored_at_the_end_of_each_phase(stopped):
 
 def test_a_run_resumed_before_the_stop_stops_at_the_same_epoch(stopped, tmp_path):
     tmp, _, result = stopped
+    saved = checkpoint.load_snapshot(tmp / "run" / "snapshots" / "epoch-0002")["hooks"]["early_stopping"]
+    assert saved["best"] is not None and saved["best_state"]  # the counters and best weights travel in the snapshot
     resumed = train(None, tmp_path / "r", resume=tmp / "run" / "snapshots" / "epoch-0002", quiet=True)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(result.history)

@@ -217,6 +217,12 @@ class EarlyStoppingHook(Hook):
         """One phase's record in words, for the console and the report."""
         return describe_stop(record, self.monitor, planned)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_state": self.best_state, "waited": self.waited, "phases": self.phases}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_state, self.waited, self.phases = state["best"], state["best_state"], state["waited"], state["phases"]
+
 
 def describe_stop(record: dict[str, Any], monitor: str, planned: int | None = None) -> str:
     ran = f"{record.get('epochs_run')} of {plural(planned, 'epoch')}" if planned else plural(record.get("epochs_run"), "epoch")
@@ -225,9 +231,3 @@ def describe_stop(record: dict[str, Any], monitor: str, planned: int | None = No
     how = "stopped early after" if record.get("stopped_early") else "ran"
     kept = f"restored epoch {record['best_epoch']}" if record.get("restored") else f"kept its last epoch ({record['best_epoch']}), the best"
     return f"early stopping, {record.get('phase')}: {how} {ran}; {kept} ({monitor} {record['best']:.4f})"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_state": self.best_state, "waited": self.waited, "phases": self.phases}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best, self.best_state, self.waited, self.phases = state["best"], state["best_state"], state["waited"], state["phases"]
