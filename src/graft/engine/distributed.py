@@ -30,7 +30,9 @@ from graft.errors import ConfigError
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 1800
+DEFAULT_TIMEOUT_S = 1800  # a collective of the training loop: every rank is in it within seconds
+DEFAULT_WAIT_S = 86400  # the other ranks waiting while rank 0 computes something once (a cache, auto)
+_patient: Any = None  # a gloo group with DEFAULT_WAIT_S, for those waits
 
 
 def launched() -> bool:
@@ -70,12 +72,12 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def timeout() -> timedelta:
-    raw = os.environ.get("GRAFT_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+def timeout(name: str = "GRAFT_DIST_TIMEOUT", default: float = DEFAULT_TIMEOUT_S) -> timedelta:
+    raw = os.environ.get(name, str(default))
     try:
         seconds = float(raw)
     except ValueError:
-        raise ConfigError(f"GRAFT_DIST_TIMEOUT must be a number of seconds, not '{raw}'") from None
+        raise ConfigError(f"{name} must be a number of seconds, not '{raw}'") from None
     return timedelta(seconds=seconds)
 
 
@@ -99,6 +101,8 @@ def join(device: torch.device) -> torch.device:
         store, rank_, size = next(dist.rendezvous("env://", timeout=timeout()))
         store = dist.PrefixStore(f"graft/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group(backend_for(device), store=store, rank=rank_, world_size=size, timeout=timeout(), **kwargs)
+        global _patient
+        _patient = dist.new_group(backend="gloo", timeout=timeout("GRAFT_DIST_WAIT", DEFAULT_WAIT_S))
         _quiet_other_ranks()
     return device
 
@@ -206,9 +210,25 @@ def on_main(compute: Callable[[], T]) -> T:
     if is_main():
         with alone():
             result = compute()
-    else:
-        result = None
-    return broadcast(result)
+        dist.broadcast_object_list([_on_cpu(result)], src=0, group=_patient)
+        return result
+    # Waiting for rank 0 may take long (a cache over a large dataset): on a group with a timeout
+    # of its own (GRAFT_DIST_WAIT, default a day); a rank 0 that dies still ends the wait at once.
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0, group=_patient)
+    return box[0]
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples moved to the CPU: what another
+    rank unpickles must not land on rank 0's GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
 
 
 def all_gather(obj: Any) -> list[Any]:
@@ -270,6 +290,8 @@ def first_error_here() -> bool:
     """Should this rank print the error it is about to exit with? Only the first rank to fail
     does, so a failure that every rank meets (a bad config) is told once, not once per rank.
     Decided through the rendezvous store, which needs no collective from the other ranks."""
+    if not dist.is_available() or not dist.is_initialized():  # before the group: every rank meets the same config errors
+        return os.environ.get("LOCAL_RANK", "0") == "0"
     if not active():
         return True
     try:

@@ -8,6 +8,7 @@ snapshot holds, so a run continues exactly from any epoch end or any interrupted
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -148,8 +149,11 @@ class Trainer:
         return self.phases[self.state.phase]
 
     def _sampler(self, n: int) -> EpochBatchSampler:
-        if n < distributed.world():
-            raise GraftError(f"{n} training samples cannot be shared by {distributed.world()} processes: start fewer processes (--devices / --nproc-per-node) or add images")
+        world = distributed.world()
+        if world > 1 and self.solver.batch_size < 2 * world:
+            raise GraftError(f"solver.batch_size {self.solver.batch_size} is the global batch: {world} processes need at least {2 * world} (2 images each); raise --batch-size or start fewer processes")
+        if world > 1 and n < 2 * world:
+            raise GraftError(f"{n} training samples cannot be shared by {world} processes (2 each at least): start fewer processes (--devices / --nproc-per-node) or add images")
         return EpochBatchSampler(n, self.solver.batch_size, seed=self.solver.seed, rank=distributed.rank(), world=distributed.world())
 
     def configure_phase(self, phase: Phase) -> None:
@@ -376,6 +380,7 @@ class Trainer:
             "rng": rngs[0],
             "rng_ranks": rngs,
             "world": distributed.world(),
+            "launch": os.environ.get("TORCHELASTIC_RUN_ID"),  # which torchrun launch made it (restarts continue only their own)
             "hooks": {hook.key: hook.state_dict() for hook in self.hooks if getattr(hook, "key", None)},
         }
 
@@ -386,4 +391,6 @@ class Trainer:
             self.scaler.load_state_dict(payload["scaler"])
         same_world = payload.get("world", 1) == distributed.world() and len(payload.get("rng_ranks") or []) == distributed.world()
         checkpoint.restore_rng(payload["rng_ranks"][distributed.rank()] if same_world else payload["rng"])
+        if not same_world and distributed.rank() > 0:  # rank 0 continues the saved stream; the others get streams of their own
+            torch.manual_seed(torch.initial_seed() + distributed.rank())
 

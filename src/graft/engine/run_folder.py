@@ -34,11 +34,17 @@ RUN_FILES = RUN_MARKERS + (
 
 def restart_snapshot(out: str | os.PathLike | None) -> Path | None:
     """After torchrun restarted a failed launch (``--max-restarts``), the newest complete snapshot
-    of the run in ``out`` (``snapshots/last``, written atomically), to continue from; else None."""
+    of the run in ``out`` (``snapshots/last``, written atomically) *if this launch wrote it* (its
+    ``launch`` is torchrun's run id), to continue from; else None: an older run in ``out`` is never
+    taken for this one."""
     if out is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         return None
     last = Path(out) / "snapshots" / "last"
-    return last if last.is_file() else None
+    if not last.is_file():
+        return None
+    from graft.engine.checkpoint import load_snapshot
+
+    return last if load_snapshot(last).get("launch") == os.environ.get("TORCHELASTIC_RUN_ID") else None
 
 
 def holds_run(path: Path) -> bool:

@@ -71,9 +71,7 @@ def expand(
     payload = None
     restarted = restart_snapshot(out) if resume is None else None
     if restarted is not None:  # torchrun restarted this launch: continue it
-        resume, cfg, overwrite = restarted, None, True
-    elif resume is None and out is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        overwrite = True
+        resume, cfg = restarted, None
     if resume is not None:
         if cfg is not None:
             raise ConfigError("--resume continues the snapshot's expansion with its saved config; pass no other settings")

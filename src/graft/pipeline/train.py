@@ -42,11 +42,9 @@ def train(
     payload = None
     restarted = restart_snapshot(out) if resume is None else None
     if restarted is not None:  # torchrun restarted this launch: continue it, whatever cfg says
-        resume, cfg, overwrite = restarted, None, True
-        say = progress(quiet)
+        resume, cfg = restarted, None
+        say = progress(quiet or os.environ.get("RANK", "0") != "0")  # before the process group: rank 0 speaks
         say(f"torchrun restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')}: continuing from {restarted}")
-    elif resume is None and out is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        overwrite = True  # the failed attempt of this launch wrote no snapshot: start it again
     if resume is not None:
         if cfg is not None:
             raise ConfigError("--resume continues the snapshot's run with its saved config; to change the solver, start from its weights with --weights SNAPSHOT instead")
