@@ -232,3 +232,38 @@ def test_not_detection_data_and_malformed_files_get_clear_errors(tmp_path: Path)
     (y / "data.yaml").write_text("train: images/train\n")
     with pytest.raises(DataError, match="data.yaml: a YOLO data.yaml needs 'names'"):
         scan_detection(y)
+
+
+BOMB = """<?xml version="1.0"?>
+<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
+<annotation><filename>&lol3;</filename></annotation>
+"""
+
+
+def test_voc_xml_with_entities_or_a_filename_outside_the_images_is_left_out_by_name(tmp_path: Path) -> None:
+    root = write_voc(tmp_path / "voc", {"all": make_scenes(6)})
+    xmls = sorted((root / "Annotations").glob("*.xml"))
+    xmls[0].write_text(BOMB)  # a billion laughs, in small
+    xmls[1].write_text(xmls[1].read_text().replace(f"<filename>{xmls[1].stem}.png</filename>", "<filename>../../secret.png</filename>"))
+    found = scan_detection(root, val_fraction=0)
+    text = "\n".join(found.problems)
+    assert f"{xmls[0]}: XML with EntitiesForbidden" in text
+    assert f"{xmls[1]}: <filename> '../../secret.png' leaves the image folder" in text
+    assert len(found.train) == 4
+
+
+def test_coco_file_names_that_leave_the_data_folder_are_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "secret.png").write_bytes(b"not for graft")
+    images = [{"id": 1, "file_name": "1.png", "width": 64, "height": 48}, {"id": 2, "file_name": "../../secret.png", "width": 64, "height": 48},
+              {"id": 3, "file_name": str(tmp_path / "secret.png"), "width": 64, "height": 48}, {"id": 4, "file_name": "C:\\\\data\\\\x.png", "width": 64, "height": 48}]
+    anns = [{"id": 30 + i, "image_id": i, "category_id": 1, "bbox": [1, 1, 5, 5]} for i in (1, 2, 3, 4)]
+    root = _one_coco(tmp_path, anns, images[:1])
+    data = json.loads((root / "data.json").read_text())
+    data["images"] = images
+    (root / "data.json").write_text(json.dumps(data))
+    found = scan_detection(root, val_fraction=0)
+    text = "\n".join(found.problems)
+    for i in (2, 3, 4):
+        assert f"image id {i}: file_name" in text and "leaves the data folder" in text
+    assert [s.image_id for s in found.train] == ["1"]

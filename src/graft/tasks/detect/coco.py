@@ -14,7 +14,7 @@ import numpy as np
 
 from graft.errors import DataError
 from graft.tasks.detect.boxes import RawImage
-from graft.tasks.detect.formats import Found, Source, is_coco_json, split_of
+from graft.tasks.detect.formats import Found, Source, is_coco_json, leaves_folder, split_of
 
 
 def read_coco(root: Path) -> Found:
@@ -87,6 +87,9 @@ def _coco_source(path: Path, d: dict[str, Any], split: str | None, base: Path, c
     for img in d["images"]:
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             src.problems.append(f"{path}: image entry {str(img)[:80]} needs an 'id' and a 'file_name'; left out")
+            continue
+        if leaves_folder(img["file_name"]):
+            src.problems.append(f"{path}: image id {img['id']}: file_name {img['file_name']!r} leaves the data folder (an absolute path or '..'); left out")
             continue
         if img["id"] in by_id:
             src.problems.append(f"{path}: image id {img['id']} appears twice ({by_id[img['id']].path.name} and {img['file_name']}); the second is left out")

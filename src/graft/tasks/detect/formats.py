@@ -13,7 +13,7 @@ id; ``strict`` turns them into errors later, in one place (``graft.tasks.detect.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 
 from graft.data.samples import VAL_ALIASES
@@ -76,3 +76,11 @@ def is_coco_json(path: Path) -> bool:
     except OSError:
         return False
     return '"images"' in head or '"annotations"' in head or '"categories"' in head
+
+
+def leaves_folder(name: str) -> bool:
+    """Does an annotation's image name point outside the data folder (an absolute path, a drive,
+    or a ``..`` part)? Such a name is refused, never followed: annotation files can come from
+    anyone."""
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    return posix.is_absolute() or bool(windows.drive) or windows.is_absolute() or ".." in posix.parts or ".." in windows.parts

@@ -4,14 +4,16 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from defusedxml import DefusedXmlException
+from defusedxml import ElementTree as ET
 
 import numpy as np
 
 from graft.errors import DataError
 from graft.tasks.detect.boxes import RawImage
-from graft.tasks.detect.formats import IMAGE_SUFFIXES, Found, Source
+from graft.tasks.detect.formats import IMAGE_SUFFIXES, Found, Source, leaves_folder
 
 
 def read_voc(root: Path) -> Found:
@@ -53,7 +55,13 @@ def _voc_parse(path: Path, img_dir: Path, problems: list[str]) -> tuple[Path, li
     except (ET.ParseError, OSError) as e:
         problems.append(f"{path}: not readable XML ({e}); left out")
         return None
+    except DefusedXmlException as e:  # entity definitions (a billion laughs), external entities, DTDs
+        problems.append(f"{path}: XML with {type(e).__name__} ({e}), which graft does not expand; left out")
+        return None
     filename = (tree.findtext("filename") or "").strip()
+    if filename and leaves_folder(filename):
+        problems.append(f"{path}: <filename> {filename!r} leaves the image folder (an absolute path or '..'); left out")
+        return None
     image = img_dir / filename if filename else None
     if image is None or not image.exists():
         stem_matches = sorted(p for p in img_dir.glob(path.stem + ".*") if p.suffix.lower() in IMAGE_SUFFIXES) if img_dir.is_dir() else []
