@@ -49,7 +49,7 @@ def test_resume_into_another_run_folder_needs_overwrite(run, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
     assert (other / "history.csv").read_text() == history
     assert main(["train", "--resume", str(out / "snapshots" / "epoch-0001"), "--out", str(other), "--overwrite", "--quiet"]) == 0
-    assert sorted(p.name for p in (other / "snapshots").iterdir()) == ["epoch-0002", "last"]
+    assert sorted(p.name for p in (other / "snapshots").iterdir()) == ["best", "epoch-0002", "last"]
     assert (other / "weights_report.json").is_file()  # carried over from the source run
 
 

@@ -121,6 +121,7 @@ class SolverConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     snapshot: int = Field(1, ge=0, description="Keep a snapshot every N epochs (0: only `last`).")
     snapshot_prefix: str = Field("epoch", description="Snapshot file names: snapshots/PREFIX-0001, ...")
+    keep_snapshots: int = Field(3, ge=0, description="Keep the newest N numbered snapshots (older ones are deleted once a newer one is written); snapshots/last and snapshots/best (the epoch with the best validation figure, by train.early_stopping_monitor) are always kept. A large N keeps them all.")
     seed: int = Field(0, ge=0)
 
     @field_validator("snapshot_prefix")

@@ -39,7 +39,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list
 
     root = tmp_path_factory.mktemp("resume")
     data = make_class_folders(root / "data")
-    cfg = tiny_config(data)
+    cfg = tiny_config(data, solver={"keep_snapshots": 10})  # every epoch's snapshot, to resume from each
     result = train(parse_config(cfg), root / "full", quiet=True)
     return result.run_dir, cfg, result.history
 
@@ -47,7 +47,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list
 def test_snapshots_are_written_every_epoch_and_last_is_the_newest(full_run):
     run_dir, _, history = full_run
     names = sorted(p.name for p in (run_dir / "snapshots").iterdir())
-    assert names == ["epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004", "last"]
+    assert names == ["best", "epoch-0001", "epoch-0002", "epoch-0003", "epoch-0004", "last"]
     last = checkpoint.load_snapshot(run_dir / "snapshots" / "last")
     assert last["loop"]["epoch"] == 4 and last["loop"]["phase"] == 1
     assert len(history) == 4 and [r["phase"] for r in history] == ["feature-extract"] * 2 + ["fine-tune"] * 2

@@ -11,34 +11,57 @@ from graft.console import plural
 from graft.errors import ConfigError
 from graft.report.figures import write_history_csv
 from graft.engine import checkpoint, distributed
+from graft.io import atomic_link_or_copy
 from graft.engine.loop import Hook, Trainer
 
 
 class SnapshotHook(Hook):
     """``snapshots/PREFIX-0001`` every ``solver.snapshot`` epochs, ``snapshots/last`` every epoch
-    and on Ctrl-C. ``static`` (config, classes, data split, preprocessing) goes into each one so a
-    snapshot alone is enough to resume."""
+    and on Ctrl-C, ``snapshots/best`` at the best validation figure (``monitor``). ``static``
+    (config, classes, data split, preprocessing) goes into each one so a snapshot alone is enough to
+    resume. Only the newest ``solver.keep_snapshots`` numbered ones are kept, counted from the
+    folder (so a resumed run goes on counting), and an old one is deleted only after the new one
+    is written; ``last`` and ``best`` are second names of theirs (hard links), kept apart."""
 
-    def __init__(self, run_dir: Path, solver: Any, static: dict[str, Any]) -> None:
+    key = "snapshots"
+
+    def __init__(self, run_dir: Path, solver: Any, static: dict[str, Any], monitor: str | None = None) -> None:
         self.dir = Path(run_dir) / "snapshots"
-        self.interval, self.prefix = solver.snapshot, solver.snapshot_prefix
+        self.interval, self.prefix, self.keep = solver.snapshot, solver.snapshot_prefix, solver.keep_snapshots
         self.static = static
+        self.monitor = monitor
+        self.best: dict[str, Any] | None = None  # {"epoch", "value"} of the run's best epoch so far
 
     def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        self.save(trainer.snapshot_payload())  # every rank gathers the payload; rank 0 writes it
+        value = row.get(self.monitor) if self.monitor else None
+        better = value is not None and improves(self.monitor, float(value), None if self.best is None else self.best["value"])
+        if better:
+            self.best = {"epoch": row["epoch"], "value": float(value)}
+        path = self.save(trainer.snapshot_payload())  # every rank gathers the payload; rank 0 writes it
+        if better and path is not None:
+            atomic_link_or_copy(self.dir / "last", self.dir / "best")  # last is this epoch's (its numbered name may be pruned already)
 
-    def save(self, payload: dict[str, Any]) -> None:
+    def save(self, payload: dict[str, Any]) -> Path | None:
         """Snapshot a loop state (``Trainer.snapshot_payload()``) after its epoch: also one the run
-        continues from without having trained it itself (auto's winning trial). Rank 0 writes."""
+        continues from without having trained it itself (auto's winning trial). Rank 0 writes;
+        returns the file written (None on other ranks)."""
         if not distributed.is_main():
-            return
+            return None
         payload = {**payload, **self.static}
         epoch = payload["loop"]["epoch"]
         last = self.dir / "last"
         if self.interval and epoch % self.interval == 0:
-            checkpoint.save_snapshot(self.dir / f"{self.prefix}-{epoch:04d}", payload, also_as=last)
+            path = checkpoint.save_snapshot(self.dir / f"{self.prefix}-{epoch:04d}", payload, also_as=last)
         else:
-            checkpoint.save_snapshot(last, payload)
+            path = checkpoint.save_snapshot(last, payload)
+        self.prune()
+        return path
+
+    def prune(self) -> None:
+        """Delete all but the newest ``keep`` numbered snapshots (``last``/``best`` stay)."""
+        numbered = sorted(p for p in self.dir.glob(f"{self.prefix}-*") if p.name[len(self.prefix) + 1 :].isdigit())
+        for old in numbered[: max(0, len(numbered) - self.keep)]:
+            old.unlink(missing_ok=True)
 
     def on_interrupt(self, trainer: Trainer) -> str:
         payload = trainer.snapshot_payload()
@@ -46,6 +69,12 @@ class SnapshotHook(Hook):
             checkpoint.save_snapshot(self.dir / "last", {**payload, **self.static})
         distributed.barrier()  # no rank exits (and has torchrun stop the others) before it is written
         return str(self.dir / "last")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
 
 
 class HistoryHook(Hook):
@@ -100,7 +129,7 @@ def run_hooks(run_dir: Path, cfg: Any, static: dict[str, Any], *, quiet: bool, s
     snapshots: they take part in collectives); only rank 0 writes the history, the TensorBoard
     log and the progress."""
     main = distributed.is_main()
-    return [*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static), *([HistoryHook(run_dir)] if main else []),
+    return [*([stopping] if stopping else []), SnapshotHook(run_dir, cfg.solver, static, monitor=cfg.train.early_stopping_monitor), *([HistoryHook(run_dir)] if main else []),
             *([TensorBoardHook(run_dir)] if cfg.train.tensorboard and main else []), *([] if quiet or not main else [ProgressHook()]), *extra]
 
 

@@ -114,7 +114,7 @@ def test_expanded_run_has_every_output(expanded):
     page = (expanded / "report.html").read_text(encoding="utf-8")
     assert "earlier run" in page  # an old class's training images are the original's, not "0"
     snaps = sorted(p.name for p in (expanded / "snapshots").iterdir())
-    assert snaps == [f"epoch-{i:04d}" for i in range(1, EPOCHS + 1)] + ["last"]
+    assert snaps == ["best"] + [f"epoch-{i:04d}" for i in range(EPOCHS - 2, EPOCHS + 1)] + ["last"]  # the newest 3 are kept
     assert len(history_rows(expanded)) == EPOCHS
 
 
@@ -468,7 +468,7 @@ def test_run_without_statistics_or_old_images_explains_the_fix(original, tmp_pat
 def test_resume_cannot_write_over_the_run_being_expanded(original, expanded, capsys):
     before = (original["run"] / "model.safetensors").read_bytes()
     capsys.readouterr()
-    rc = main(["expand", "--resume", str(expanded / "snapshots" / "epoch-0001"), "--out", str(original["run"]), "--overwrite", "--quiet"])
+    rc = main(["expand", "--resume", str(expanded / "snapshots" / "epoch-0002"), "--out", str(original["run"]), "--overwrite", "--quiet"])
     assert rc == 2 and "the run being expanded" in capsys.readouterr().err
     assert (original["run"] / "model.safetensors").read_bytes() == before
 
