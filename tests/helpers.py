@@ -49,3 +49,16 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def StopAfter(epoch: int, steps: int):  # noqa: N802 (a hook class, built where graft is importable)
+    """A hook that simulates Ctrl-C after ``steps`` optimizer steps of epoch ``epoch`` (the SIGINT
+    handler sets the same flag)."""
+    from graft.engine.loop import Hook
+
+    class _StopAfter(Hook):
+        def after_step(self, trainer, loss):
+            if trainer.state.epoch + 1 == epoch and trainer.state.batch == steps:
+                trainer.stop_requested = True
+
+    return _StopAfter()

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from graft.configuration import parse_config
 from graft.errors import ConfigError, SnapshotError
 from graft.engine import checkpoint
-from graft.engine.loop import Hook, Interrupted
+from graft.engine.loop import Interrupted
 from graft.pipeline.train import train
-from helpers import tiny_config
+from helpers import StopAfter, tiny_config
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -67,17 +67,6 @@ def test_resume_restores_the_learning_rate_of_the_snapshot_phase(full_run, tmp_p
     resumed = train(None, tmp_path / "r", resume=run_dir / "snapshots" / "epoch-0003", quiet=True)
     assert resumed.history[3]["lr"] == pytest.approx(history[3]["lr"])
     assert resumed.history[3]["phase"] == "fine-tune"
-
-
-class StopAfter(Hook):
-    """Simulates Ctrl-C after ``steps`` optimizer steps of epoch ``epoch`` (the SIGINT handler sets the same flag)."""
-
-    def __init__(self, epoch: int, steps: int) -> None:
-        self.epoch, self.steps = epoch, steps
-
-    def after_step(self, trainer, loss):
-        if trainer.state.epoch + 1 == self.epoch and trainer.state.batch == self.steps:
-            trainer.stop_requested = True
 
 
 def test_ctrl_c_mid_epoch_saves_a_snapshot_that_resumes_exactly(full_run, tmp_path):

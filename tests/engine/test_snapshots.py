@@ -10,20 +10,9 @@ import pytest
 
 from graft.configuration import parse_config
 from graft.engine import checkpoint
-from graft.engine.loop import Hook, Interrupted
+from graft.engine.loop import Interrupted
 from graft.pipeline.train import train
-from helpers import make_class_folders, tiny_config
-
-
-class StopAfter(Hook):
-    """Ctrl-C after ``steps`` steps of epoch ``epoch`` (the flag the SIGINT handler sets)."""
-
-    def __init__(self, epoch: int, steps: int) -> None:
-        self.epoch, self.steps = epoch, steps
-
-    def after_step(self, trainer, loss):
-        if trainer.state.epoch + 1 == self.epoch and trainer.state.batch == self.steps:
-            trainer.stop_requested = True
+from helpers import StopAfter, make_class_folders, tiny_config
 
 
 def names(run: Path) -> list[str]:
