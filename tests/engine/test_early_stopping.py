@@ -23,7 +23,7 @@ def stopping_config(data: Path, tmp: Path) -> dict:
         data,
         data={"augment": "none"},
         train={"strategy": "two-phase", "epochs": EPOCHS, "fine_tune_epochs": 3, "head_lr": 3.0, "early_stopping": 2, "cache_dir": str(tmp / "cache")},
-        solver={"lr_policy": "fixed"},
+        solver={"lr_policy": "fixed", "keep_snapshots": 20},  # the tests read the best epoch's snapshot
     )
 
 
