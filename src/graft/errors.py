@@ -29,6 +29,18 @@ class ExportError(GraftError):
     """An export that could not be written, or that disagrees with the model it came from."""
 
 
+class DiskFullError(GraftError, OSError):
+    """A file that could not be written for want of space (or a file size limit); ``path`` and the
+    rough ``needed`` bytes say which and how much. Nothing was half-written."""
+
+    def __init__(self, message: str, *, path=None, needed: int = 0) -> None:
+        GraftError.__init__(self, message)
+        self.path, self.needed = path, needed
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class Interrupted(Exception):
     """Training stopped on request (Ctrl-C); a resumable snapshot was written (``snapshot``, or
     None when there was nothing to resume yet)."""
