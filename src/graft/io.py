@@ -44,9 +44,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, expe
     tmp = Path(tmp_name)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should be as readable as any file
     try:
         write(tmp)
+        # mkstemp makes 0600, and some writers (safetensors) replace the file with their own 0600
+        # one: results should be as readable as any file the user writes.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
