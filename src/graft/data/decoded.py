@@ -24,7 +24,7 @@ from graft.console import plural
 from graft.data.samples import Sample
 from graft.data.images import load_image
 from graft.data.transforms import _INTERPOLATION, Preprocessing
-from graft.io import atomic_write
+from graft import cache
 
 
 class DecodedImages:
@@ -68,8 +68,10 @@ class DecodedImages:
                 self.memory_bytes += array.nbytes
             return  # over budget and no disk: decoded on demand
         path = self._disk_path(i)
-        if not path.is_file():
-            atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), array))
+        if path.is_file():
+            cache.mark_used(path)
+        elif not cache.store(path, lambda tmp: _save_array(tmp, array), what=f"decoded {self.samples[i].path}", expected_bytes=array.nbytes):
+            return  # no room on the disk: decoded on demand
         self.items[i] = path
         self.on_disk += 1
 
@@ -87,3 +89,7 @@ class DecodedImages:
     def describe(self) -> str:
         return f"{plural(sum(isinstance(x, np.ndarray) for x in self.items), 'image')} in memory ({self.memory_bytes / 2**20:.0f} MiB), {self.on_disk} on disk"
 
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)

@@ -19,7 +19,7 @@ from torch import nn
 
 from graft.configuration import GraftConfig, dump_yaml
 from graft.errors import ConfigError
-from graft.io import atomic_write, read_json, write_json, write_text
+from graft.io import atomic_write, read_json, sweep_temps, write_json, write_text
 
 from graft.engine import distributed
 from graft.engine.loop import Phase, phase_param_groups
@@ -97,7 +97,7 @@ def keeping_replaced_run(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def opened_run(run_dir: Path, replace: bool) -> Iterator[None]:
+def opened_run(run_dir: Path, replace: bool, cache_dir: str | None) -> Iterator[None]:
     """The run folder, once everything is validated: an earlier run in it set aside (``replace``),
     and kept, with a note saying where, if this one does not finish. Rank 0's alone: the other
     ranks of a run never write to its folder."""
@@ -107,8 +107,18 @@ def opened_run(run_dir: Path, replace: bool) -> Iterator[None]:
     if replace:
         stash_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    tidy(run_dir, cache_dir)
     with keeping_replaced_run(run_dir):
         yield
+
+
+def tidy(run_dir: Path, cache_dir: str | None) -> None:
+    """Before a run writes: a killed run's temporary files go (from this run folder, resumed, and
+    from the cache), and the cache is brought under its cap."""
+    from graft import cache
+
+    sweep_temps(run_dir)
+    cache.tidy(cache.cache_root(cache_dir))
 
 
 def write_weights_report(run_dir: Path, payload: dict[str, Any] | None, report: Any, source_run: Path | None, say: Any) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +24,8 @@ from graft.data.transforms import Preprocessing, eval_transform, flipped_transfo
 from graft.tasks.classify.evaluate import Outputs, collect_outputs
 from graft.models.classifier import GraftClassifier
 from graft.tasks.classify.class_stats import ClassStats
-from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir
+from graft.cache import cache_root
+from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint
 from graft.engine import distributed
 from graft.engine.loop import Phase, PhaseData
 from graft.engine.phases import frozen_bn_fixed
@@ -92,7 +92,7 @@ class CachedEmbeddings:
 def _decoded(samples: list[Sample], cfg: GraftConfig, pre: Preprocessing, share: float) -> Any:
     from graft.data.decoded import DecodedImages
 
-    root = Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()
+    root = cache_root(cfg.train.cache_dir)
     # With several processes each rank decodes for itself; only rank 0 spills to the shared disk cache.
     disk = root if distributed.is_main() else None
     return DecodedImages(samples, pre, budget_mb=cfg.data.decode_cache_mb * share, disk_dir=disk, max_pixels=cfg.data.max_pixels).fill()
@@ -139,7 +139,7 @@ def decoded_images(cfg: GraftConfig, phases: list[Phase], cached: CachedEmbeddin
 
 def embedding_cache(cfg: GraftConfig, model: GraftClassifier, pre: Preprocessing, device: torch.device, workers: int, *, stored: bool = True) -> EmbeddingCache:
     """The frozen backbone's embeddings of this run's images, kept on disk unless ``stored`` is off."""
-    root = (Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()) if stored else None
+    root = cache_root(cfg.train.cache_dir) if stored else None
     return EmbeddingCache(
         model.backbone,
         root=root,

@@ -13,6 +13,7 @@ file carries a checksum; a corrupt or foreign file is rebuilt, never used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,18 +30,10 @@ from torch.utils.data import Dataset
 from graft.data.dataset import ImageDataset, _mix, eval_loader
 from graft.data.samples import Sample
 from graft.engine.inference import in_chunks
-from graft.io import atomic_write
+from graft import cache
 from graft.io import file_digest
 
 FORMAT = "graft-embeddings/1"
-
-
-def default_cache_dir() -> Path:
-    """``$GRAFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/graft``, else ``~/.cache/graft``."""
-    if os.environ.get("GRAFT_CACHE_DIR"):
-        return Path(os.environ["GRAFT_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "graft"
 
 
 def backbone_fingerprint(backbone: nn.Module) -> str:
@@ -64,8 +57,9 @@ def _checksum(key: str, digests: list[str], t: torch.Tensor) -> str:
 class EmbeddingStore:
     """One safetensors file per key: ``embeddings [M, D]`` and the content digests of its M rows."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, label: str = "") -> None:
         self.root = Path(root) / "embeddings"
+        self.label = label  # what made the embeddings, for `graft cache list`
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -88,15 +82,25 @@ class EmbeddingStore:
         except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError, RuntimeError):
             path.unlink(missing_ok=True)
             return {}
+        cache.mark_used(path)
         return {d: emb[i] for i, d in enumerate(digests)}
+
+    def locked(self, key: str):
+        """While held, no other process computes or writes this key (see ``graft.cache.entry_lock``)."""
+        return cache.entry_lock(self.path(key))
 
     def save(self, key: str, rows: dict[str, torch.Tensor]) -> None:
         if not rows:
             return
         digests = sorted(rows)
         emb = torch.stack([rows[d] for d in digests]).float().contiguous()
-        meta = {"format": FORMAT, "key": key, "digests": json.dumps(digests), "sha256": _checksum(key, digests, emb)}
-        atomic_write(self.path(key), lambda tmp: save_file({"embeddings": emb}, str(tmp), metadata=meta))
+        meta = {"format": FORMAT, "key": key, "digests": json.dumps(digests), "sha256": _checksum(key, digests, emb), "model": self.label, "images": str(len(digests))}
+        cache.store(self.path(key), lambda tmp: save_file({"embeddings": emb}, str(tmp), metadata=meta), what=f"{len(digests)} embeddings", expected_bytes=emb.numel() * 4)
+
+
+def _label(spec: dict[str, Any]) -> str:
+    pre = spec.get("preprocessing") or {}
+    return f"{spec.get('backbone', '?')} {pre.get('input_size', '?')} px"
 
 
 class _ViewDataset(Dataset):
@@ -122,7 +126,7 @@ class EmbeddingCache:
 
     def __init__(self, backbone: nn.Module, *, root: str | os.PathLike | None, spec: dict[str, Any], device: torch.device, batch_size: int = 64, workers: int = 0, max_pixels: int | None = None) -> None:
         self.backbone = backbone
-        self.store = EmbeddingStore(root) if root is not None else None
+        self.store = EmbeddingStore(root, label=_label(spec)) if root is not None else None
         self.fingerprint = backbone_fingerprint(backbone)
         self.spec = spec
         self.device, self.batch_size, self.workers, self.max_pixels = device, batch_size, workers, max_pixels
@@ -159,16 +163,23 @@ class EmbeddingCache:
         if key not in self.memory:
             self.memory[key] = self.store.load(key) if self.store else {}
         rows = self.memory[key]
-        missing = [i for i, d in enumerate(digests) if d not in rows]
-        if missing:
-            unique = {digests[i]: i for i in missing}
-            subset = None
-            if decoded is not None and len(unique) == len(samples):
-                subset = decoded
-            new = self._compute([samples[i] for i in unique.values()], list(unique), transform, seed=seed, view=view, decoded=subset)
-            rows.update(zip(unique, new))
-            if self.store:
-                self.store.save(key, rows)
+        if any(d not in rows for d in digests):
+            # Another process building this key (two runs on the same images) computes it once:
+            # this one waits, then reads what the other wrote.
+            with self.store.locked(key) if self.store else contextlib.nullcontext():
+                if self.store:
+                    for d, row in self.store.load(key).items():
+                        rows.setdefault(d, row)
+                missing = [i for i, d in enumerate(digests) if d not in rows]
+                if missing:
+                    unique = {digests[i]: i for i in missing}
+                    subset = None
+                    if decoded is not None and len(unique) == len(samples):
+                        subset = decoded
+                    new = self._compute([samples[i] for i in unique.values()], list(unique), transform, seed=seed, view=view, decoded=subset)
+                    rows.update(zip(unique, new))
+                    if self.store:
+                        self.store.save(key, rows)
         if not samples:
             return torch.zeros(0, getattr(self.backbone, "num_features", 0))
         return torch.stack([rows[d] for d in digests])

@@ -63,7 +63,7 @@ def train_classifier(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | 
     tell_data(warnings=splits.warnings, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
     if not splits.val:
         warn("warning: no validation images (data.val_fraction is 0 or the classes are too small to split): no validation metrics" + ("; lr_policy plateau will never lower the rate" if cfg.solver.lr_policy == "plateau" else ""))
-    with opened_run(run_dir, replace):
+    with opened_run(run_dir, replace, cfg.train.cache_dir):
         return _train(cfg, run_dir, payload, splits, model, report, pre, aug, phases, device, source_run, started, say, quiet, hooks)
 
 

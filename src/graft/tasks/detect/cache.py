@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from graft import cache
 from graft.configuration import GraftConfig
+from graft.console import warn
 from graft.data.dataset import _mix
 from graft.tasks.detect.dataset import BoxDataset, collate_boxes
 from graft.tasks.detect.model import GraftDetector
@@ -82,13 +84,14 @@ def build_feature_cache(
     if need_mb <= budget_mb:
         flat = torch.empty(n, per_item, dtype=torch.float16)
     else:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix="graft-det-features-", suffix=".f16", dir=cache_dir)
-        os.close(handle)
-        file = Path(name)
-        flat = torch.from_numpy(np.memmap(file, dtype=np.float16, mode="w+", shape=(n, per_item)))
-        if say:
-            say(f"feature cache: {need_mb:.0f} MB is over detect.cache_mb ({budget_mb:g}); kept on disk in {file}")
+        file = _spill_file(Path(cache_dir), 2 * n * per_item)
+        if file is None:
+            warn(f"feature cache: no room on disk in {cache_dir} for {need_mb:.0f} MB (over detect.cache_mb, {budget_mb:g}); not cached on disk, kept in memory instead")
+            flat = torch.empty(n, per_item, dtype=torch.float16)
+        else:
+            flat = torch.from_numpy(np.memmap(file, dtype=np.float16, mode="w+", shape=(n, per_item)))
+            if say:
+                say(f"feature cache: {need_mb:.0f} MB is over detect.cache_mb ({budget_mb:g}); kept on disk in {file}")
     keys = [(i, v) for v in range(views) for i in range(len(dataset))] if views > 1 else list(range(len(dataset)))
     rows = {key: (key[0] * views + key[1]) if views > 1 else key for key in keys}
     targets: list[dict[str, torch.Tensor] | None] = [None] * n
@@ -117,6 +120,28 @@ def build_feature_cache(
             for row, (features, target) in part.items():
                 flat[row], targets[row] = features, target
     return FeatureCache(flat, shapes, targets, views, seed, file)
+
+
+def _spill_file(folder: Path, size: int) -> Path | None:
+    """A file of ``size`` bytes with its blocks reserved now, named after this process (the start-up
+    sweep removes a killed run's); None when the disk has no room. Reserving matters: a memory-mapped
+    write that finds the disk full kills the process (SIGBUS) instead of raising an error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=cache.spill_name_prefix(), suffix=".f16", dir=folder)
+    except OSError:
+        return None
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(handle, 0, size)
+        else:
+            os.ftruncate(handle, size)
+    except OSError:
+        os.close(handle)
+        Path(name).unlink(missing_ok=True)
+        return None
+    os.close(handle)
+    return Path(name)
 
 
 class _Keyed(Dataset):
@@ -150,9 +175,6 @@ def features_cacheable(cfg: GraftConfig) -> bool:
 
 def cache_options(cfg: GraftConfig, device: torch.device, amp: bool, say: Any) -> dict[str, Any]:
     """``build_feature_cache``'s settings from the config."""
-    cache_dir = Path(cfg.train.cache_dir) if cfg.train.cache_dir else _cache_root()
+    cache_dir = cache.cache_root(cfg.train.cache_dir) / "features"
     return {"seed": cfg.solver.seed, "device": device, "amp": amp, "budget_mb": cfg.detect.cache_mb, "cache_dir": cache_dir, "say": say}
 
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("GRAFT_CACHE_DIR") or Path.home() / ".cache" / "graft")

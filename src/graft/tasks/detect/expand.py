@@ -254,7 +254,7 @@ def expand_detector(job: ExpansionJob, *, data_dir: str | Path | None, quiet: bo
         phases.append(Phase("fine-tune", cfg.train.fine_tune_epochs, at, cfg.solver.base_lr * cfg.train.fine_tune_lr_mult, freeze=tuple(n for n in frozen if not n.startswith("backbone."))))
         task = DistillingDetectionTask(splits.val, splits.classes, cfg.detect.conf, teacher=source.model, weight=cfg.expand.distill_weight)
     lineage = list(source.info.get("expanded_from", [])) + [{"run": source.name, "model_sha256": source.digest, "classes_before": k, "new_classes": new, "mode": cfg.expand.mode, "block": cfg.expand.detector_block}]
-    with opened_run(run_dir, replace):
+    with opened_run(run_dir, replace, cfg.train.cache_dir):
         inherit_weights_report(source.dir, source.name, run_dir)
         tell_data(warnings=splits.warnings, problems=splits.problems, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
         rehearsal = spec["rehearsal"]

@@ -156,7 +156,7 @@ def train_detection(cfg: GraftConfig, run_dir: Path, payload: dict[str, Any] | N
     tell_data(warnings=splits.warnings, problems=splits.problems, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
     if not splits.val:
         warn("warning: no validation images: no validation mAP")
-    with opened_run(run_dir, replace):
+    with opened_run(run_dir, replace, cfg.train.cache_dir):
         write_weights_report(run_dir, payload, report, source_run, say)
         result = train_and_report(cfg, run_dir, payload, splits, model, aug, phases, device, started, say, quiet, hooks)
         if distributed.is_main():

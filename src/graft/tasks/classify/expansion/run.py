@@ -37,7 +37,8 @@ from graft.models.classifier import GraftClassifier
 from graft.tasks.classify.caches import training_views
 from graft.tasks.classify.class_stats import FILE_NAME as STATS_FILE
 from graft.tasks.classify.class_stats import ClassStats
-from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint, default_cache_dir
+from graft.cache import cache_root as default_cache_root
+from graft.tasks.classify.embeddings import EmbeddingCache, EmbeddingDataset, backbone_fingerprint
 from graft.engine.hooks import run_hooks
 from graft.engine.loop import Phase, PhaseData, Trainer
 from graft.tasks.classify.task import ClassificationTask
@@ -45,6 +46,7 @@ from graft.tasks.classify.results import write_results
 from graft.engine import distributed
 from graft.engine.device import seed_everything, select_device
 from graft.engine.run_folder import ExpandResult, inherit_weights_report, keeping_replaced_run, stash_run
+from graft.engine.run_folder import tidy as tidy_run_folder
 from graft.tasks.classify.run_info import check_classifier_monitor, check_files_exist, run_info, use_channels_last
 
 CALIBRATION_DRAWS = 256  # old-class samples drawn per class from the statistics for calibration
@@ -70,7 +72,7 @@ def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any
     pre, aug = source.preprocessing, augmentation_from_config(cfg.data)
     check_classifier_monitor(cfg)
     teacher = source.model.to(device, memory_format=torch.channels_last if use_channels_last(cfg, device) else torch.contiguous_format).eval()
-    cache_root = (Path(cfg.train.cache_dir) if cfg.train.cache_dir else default_cache_dir()) if cfg.train.embedding_cache else None
+    cache_root = default_cache_root(cfg.train.cache_dir) if cfg.train.embedding_cache else None
 
     def embedding_cache(backbone: torch.nn.Module) -> EmbeddingCache:
         spec = {"preprocessing": pre.to_dict(), "backbone": cfg.model.name}  # as graft train's: the two share embeddings
@@ -93,6 +95,7 @@ def _expand(job: ExpansionJob, splits: DatasetSplits | None, spec: dict[str, Any
         stash_run(run_dir)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
+        tidy_run_folder(run_dir, cfg.train.cache_dir)
         inherit_weights_report(source.dir, str(source.dir), run_dir)
     tell_data(warnings=splits.warnings, skipped=splits.skipped, listed_in=str(run_dir / "metrics.json"))
     say(f"expanding {source.dir} ({k} classes) with {len(new)} new: {', '.join(new)}; mode {cfg.expand.mode}; "
