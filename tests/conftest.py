@@ -24,3 +24,18 @@ from helpers import make_class_folders  # noqa: E402
 def colour_data(tmp_path: Path) -> Path:
     """DATA/CLASS/*.png with three classes of 12 images."""
     return make_class_folders(tmp_path / "colours")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1.2 MB tmpfs, for a real full disk (ENOSPC). Mounting needs root, which CI has; elsewhere
+    the test skips, and the RLIMIT_FSIZE tests (tests/test_disk_full.py) cover the same paths."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # lazy: a file a test left open does not hold it

@@ -392,6 +392,17 @@ def one_line(err: Exception) -> str:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "plan": cmd_plan, "expand": cmd_expand, "export": cmd_export, "report": cmd_report, "cache": cmd_cache, "demo": cmd_demo}
 
 
+def _resume_hint(args: argparse.Namespace, err: GraftError) -> str:
+    """After a full disk stopped a run: the snapshot to continue from, once there is room."""
+    from graft.errors import DiskFullError
+
+    out = getattr(args, "out", None)
+    if not isinstance(err, DiskFullError) or args.command not in ("train", "expand") or not out:
+        return ""
+    last = Path(out) / "snapshots" / "last"
+    return f"; then continue with: graft {args.command} --resume {last}" if last.is_file() else ""
+
+
 def _launched() -> bool:
     """One of several processes torchrun started (read from the environment: no torch import)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -455,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     except GraftError as err:
         if debug:
             raise
-        _say_failure(f"error: {one_line(err)}")
+        _say_failure(f"error: {one_line(err)}{_resume_hint(args, err)}")
         return 2
     except Exception as err:  # a bug, or a failure graft did not anticipate
         if debug:

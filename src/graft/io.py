@@ -54,8 +54,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, expe
         os.replace(tmp, path)
     except BaseException as err:
         written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
         no_room = _no_room_errno(err)
+        if no_room is None and isinstance(err, Exception):
+            no_room = _probe_room(tmp)
+        tmp.unlink(missing_ok=True)
         if no_room is not None:
             raise _no_room(path, no_room, expected_bytes, written) from err
         raise
@@ -80,6 +82,19 @@ def _no_room_errno(err: BaseException) -> OSError | None:
     return None
 
 
+def _probe_room(tmp: Path) -> OSError | None:
+    """Whether the folder has room for more bytes: libraries report a full disk in their own words
+    (torch.save: "unexpected pos 128 vs 0"), so after a failed write, try one more MiB."""
+    try:
+        with open(tmp, "ab") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        return err if err.errno in _NO_ROOM else None
+    return None
+
+
 def _no_room(path: Path, err: OSError, expected: int | None, written: int) -> DiskFullError:
     old = path.stat().st_size if path.is_file() else 0
     need = max(expected or 0, written, old)
@@ -89,9 +104,10 @@ def _no_room(path: Path, err: OSError, expected: int | None, written: int) -> Di
     except OSError:
         where = ""
     reason = "the file size limit (ulimit -f) was reached" if err.errno == errno.EFBIG else "no space left on the device" if err.errno == errno.ENOSPC else "the disk quota is exceeded"
+    kept = "the previous version is still there" if old else "no part of it was left"
     return DiskFullError(
-        f"could not write {path}: {reason} (it needs about {human_bytes(need) if need else 'a little'}{where}). "
-        "Nothing was half-written: the previous version is still there. Free some space (graft cache prune; old runs' snapshots) and run the command again",
+        f"could not write {path}: {reason} (it needs about {human_bytes(need) if need else 'a few KB'}{where}); {kept}. "
+        "Free some space (graft cache prune; old runs' snapshots) and run the command again",
         path=path, needed=need,
     )
 

@@ -45,10 +45,21 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_snapshot(path: str | os.PathLike, payload: dict[str, Any], *, also_as: str | os.PathLike | None = None) -> Path:
     """Write ``payload`` atomically to ``path``; ``also_as`` (e.g. ``snapshots/last``) becomes a second name for it."""
     payload = {"format": FORMAT, **payload}
-    path = atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    path = atomic_write(path, lambda tmp: torch.save(payload, tmp), expected_bytes=tensor_bytes(payload))
     if also_as is not None and Path(also_as) != path:
         atomic_link_or_copy(path, also_as)
     return path
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a nested payload: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def resolve_snapshot_path(path: str | os.PathLike) -> Path:

@@ -55,3 +55,23 @@ def test_other_augmentations_keep_random_views(setup, tmp_path) -> None:
     cache = cache_of(model, BoxDataset(samples, 64, BoxAugment(hflip=True, scale=(0.8, 1.2))), 3, tmp_path)
     assert cache.views == 3
     assert cache_of(model, BoxDataset(samples, 64), 4, tmp_path).views == 1
+
+
+def test_a_spill_without_room_on_the_disk_keeps_the_features_in_memory(setup, small_disk, capsys) -> None:
+    """Over detect.cache_mb the features go to a file whose blocks are reserved first: on a full
+    disk that fails cleanly (a memory-mapped write would die of SIGBUS) and the run goes on."""
+    samples, model = setup
+    dataset = BoxDataset(samples, 64)
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # the disk, full to the last block
+        try:
+            while True:
+                filler.write(bytes(4096))
+        except OSError:
+            pass
+    spilled = build_feature_cache(model, dataset, views=1, seed=0, device=torch.device("cpu"), amp=False, budget_mb=0, cache_dir=small_disk / "features")
+    assert "feature cache: no room on disk in" in capsys.readouterr().err
+    assert spilled.file is None and list((small_disk / "features").iterdir()) == []
+    in_memory = cache_of(model, dataset, 1, small_disk)
+    assert torch.equal(spilled.flat, in_memory.flat)
+    spilled.close()
+    in_memory.close()
