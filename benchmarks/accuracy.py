@@ -30,7 +30,8 @@ best-on-validation model by then):
 - *two-phase*: graft's two-phase against every peer point (the tutorial's epochs of both phases,
   fastai with and without augmentation): the best a user could get from any of them by then.
 
-Prints one JSON line per point, then the tables; the curves go to ``--plot``.
+Prints one JSON line per point, then the tables; the curves go to ``--plot``. Work folders are
+deleted unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -176,52 +177,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", choices=["val", "test"], default="test")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default WORK/accuracy_time_to_quality.png)")
     parser.add_argument("--work", type=Path, default=None, help="where data and runs go (default: a new temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (its data: each graft run's folder and cache go after the run)")
     parser.add_argument("--replot", type=Path, default=None, help="summarise and plot the points of an earlier run's output (JSON lines) instead of running")
     args = parser.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="graft-accuracy-"))
     by_dataset: dict[str, list[dict]] = {}
     summaries = []
     saved = [json.loads(line) for line in args.replot.read_text().splitlines() if line.startswith("{")] if args.replot else None
-    for seed in args.seeds:
-        for name in args.datasets:
-            if saved is not None:
-                points = [p for p in saved if p.get("dataset") == name and p.get("seed") == seed and "recipe" in p]
+    work = args.work or Path(tempfile.mkdtemp(prefix="graft-accuracy-"))
+    try:
+        for seed in args.seeds:
+            for name in args.datasets:
+                if saved is not None:
+                    points = [p for p in saved if p.get("dataset") == name and p.get("seed") == seed and "recipe" in p]
+                    for row in races(points, args.report):
+                        summaries.append({"dataset": name, "seed": seed, **row})
+                    by_dataset[f"{name} (split {seed})"] = points
+                    continue
+                data = write_dataset(name, work / "data", seed)
+                points = []
+                for recipe in args.recipes:
+                    if recipe == "graft":
+                        found = [run_graft(data, work, args, "feature-extract", b) for b in args.graft_fe]
+                        found += [run_graft(data, work, args, "two-phase", b) for b in args.graft_two_phase]
+                    else:
+                        budgets = args.tutorial_budgets if recipe == "tutorial" else args.fastai_budgets
+                        found = [p for b in budgets for p in run_peer(recipe, data, args, b)]
+                    for p in found:
+                        p = {"dataset": name, "seed": seed, "img_size": args.img_size, **p}
+                        if args.report == "val":
+                            p.pop("test_accuracy")
+                        print(json.dumps(p), flush=True)
+                        points.append(p)
+                by_dataset[f"{name} (split {seed})"] = points
                 for row in races(points, args.report):
                     summaries.append({"dataset": name, "seed": seed, **row})
-                by_dataset[f"{name} (split {seed})"] = points
-                continue
-            data = write_dataset(name, work / "data", seed)
-            points = []
-            for recipe in args.recipes:
-                if recipe == "graft":
-                    found = [run_graft(data, work, args, "feature-extract", b) for b in args.graft_fe]
-                    found += [run_graft(data, work, args, "two-phase", b) for b in args.graft_two_phase]
-                else:
-                    budgets = args.tutorial_budgets if recipe == "tutorial" else args.fastai_budgets
-                    found = [p for b in budgets for p in run_peer(recipe, data, args, b)]
-                for p in found:
-                    p = {"dataset": name, "seed": seed, "img_size": args.img_size, **p}
-                    if args.report == "val":
-                        p.pop("test_accuracy")
-                    print(json.dumps(p), flush=True)
-                    points.append(p)
-            by_dataset[f"{name} (split {seed})"] = points
-            for row in races(points, args.report):
-                summaries.append({"dataset": name, "seed": seed, **row})
-                print(json.dumps({"summary": summaries[-1]}), flush=True)
-    for race_name in RACES:
-        print(f"\n{race_name}: {args.report} accuracy, seconds of whole process")
-        print("| dataset | best peer (s to reach) | graft defaults (s) | graft best (s to reach the peer's best; speed-up) | s the peer needs for graft's best | smallest graft - peer at equal time |")
-        print("|---|---|---|---|---|---|")
-        for r in (s for s in summaries if s["race"] == race_name):
-            default = "-" if r["graft_default"] is None else f"{100 * r['graft_default']:.1f} ({r['graft_default_seconds']:.0f})"
-            margin = "-" if r["worst_margin_at_equal_time"] is None else f"{100 * r['worst_margin_at_equal_time']:+.1f} (at {r['worst_margin_seconds']:.0f} s)"
-            print(f"| {r['dataset']} ({r['seed']}) | {100 * r['peer_best']:.1f} ({r['peer_seconds_to_best']:.0f}; {r['peer_best_recipe']}) | {default} | "
-                  f"{100 * r['graft_best']:.1f} ({r['graft_seconds_to_peer_best']}; {r['speedup']}x) | {r['peer_seconds_to_graft_best']} | {margin} |")
-    plot_path = args.plot or work / "accuracy_time_to_quality.png"
-    plot(by_dataset, args.report, plot_path)
-    print(f"curves: {plot_path}", flush=True)
-    print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
+                    print(json.dumps({"summary": summaries[-1]}), flush=True)
+        for race_name in RACES:
+            print(f"\n{race_name}: {args.report} accuracy, seconds of whole process")
+            print("| dataset | best peer (s to reach) | graft defaults (s) | graft best (s to reach the peer's best; speed-up) | s the peer needs for graft's best | smallest graft - peer at equal time |")
+            print("|---|---|---|---|---|---|")
+            for r in (s for s in summaries if s["race"] == race_name):
+                default = "-" if r["graft_default"] is None else f"{100 * r['graft_default']:.1f} ({r['graft_default_seconds']:.0f})"
+                margin = "-" if r["worst_margin_at_equal_time"] is None else f"{100 * r['worst_margin_at_equal_time']:+.1f} (at {r['worst_margin_seconds']:.0f} s)"
+                print(f"| {r['dataset']} ({r['seed']}) | {100 * r['peer_best']:.1f} ({r['peer_seconds_to_best']:.0f}; {r['peer_best_recipe']}) | {default} | "
+                      f"{100 * r['graft_best']:.1f} ({r['graft_seconds_to_peer_best']}; {r['speedup']}x) | {r['peer_seconds_to_graft_best']} | {margin} |")
+        plot_path = args.plot or work / "accuracy_time_to_quality.png"
+        plot(by_dataset, args.report, plot_path)
+        print(f"curves: {plot_path}", flush=True)
+    finally:
+        if args.keep or args.work is not None:
+            print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
+        else:  # the curves (PNG) stay
+            for child in work.iterdir():
+                if child.suffix != ".png":
+                    shutil.rmtree(child, ignore_errors=True)
+            if not any(work.iterdir()):
+                work.rmdir()
     return 0
 
 

@@ -28,6 +28,7 @@ differs) from one that does not.
 The two baselines train the same linear layer on the same cached embeddings with the same solver
 as graft expand (AdamW, lr 1e-3, cosine, ``--expand-epochs`` epochs), so the differences are the
 method's. Original and joint runs: feature extraction for ``--epochs`` epochs, no augmentation.
+Work folders are deleted unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -105,122 +107,128 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--original-augment", default="none", help="data.augment of the original and the joint run")
     parser.add_argument("--report", choices=["tune", "test"], default="test", help="which images score the methods (choose settings on tune)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (data, runs, caches)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="graft-expand-bench-"))
-    os.environ["GRAFT_CACHE_DIR"] = str(work / "cache")
-    import torch
+    try:
+        os.environ["GRAFT_CACHE_DIR"] = str(work / "cache")
+        import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    files = write_digits(work, seed=args.data_seed)
-    old, new = list(range(args.old)), list(range(args.old, 10))
-    common = ["--quiet", "--set", f"data.img_size={args.img_size}", "--augment", args.original_augment, "--seed", "0"]
-    original_data = link_folder(work / "old", files, old, ("train", "val", "test"))
-    new_data = link_folder(work / "new", files, new, ("train", "val"))
-    secs_original = cli("train", "--data", original_data, "--out", work / "runs/original", "--strategy", "feature-extract", "--epochs", args.epochs, *common)
-    print(json.dumps({"step": "original", "classes": len(old), "augment": args.original_augment, "img_size": args.img_size, "data_seed": args.data_seed, "report": args.report, "seconds": round(secs_original, 1)}), flush=True)
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        files = write_digits(work, seed=args.data_seed)
+        old, new = list(range(args.old)), list(range(args.old, 10))
+        common = ["--quiet", "--set", f"data.img_size={args.img_size}", "--augment", args.original_augment, "--seed", "0"]
+        original_data = link_folder(work / "old", files, old, ("train", "val", "test"))
+        new_data = link_folder(work / "new", files, new, ("train", "val"))
+        secs_original = cli("train", "--data", original_data, "--out", work / "runs/original", "--strategy", "feature-extract", "--epochs", args.epochs, *common)
+        print(json.dumps({"step": "original", "classes": len(old), "augment": args.original_augment, "img_size": args.img_size, "data_seed": args.data_seed, "report": args.report, "seconds": round(secs_original, 1)}), flush=True)
 
-    from graft.data.folder import scan_class_folders
-    from graft.data.images import load_image
-    from graft.data.transforms import eval_transform
-    from graft.pipeline.predict import load_run
-    from graft.tasks.classify.embeddings import EmbeddingCache, backbone_fingerprint
+        from graft.data.folder import scan_class_folders
+        from graft.data.images import load_image
+        from graft.data.transforms import eval_transform
+        from graft.pipeline.predict import load_run
+        from graft.tasks.classify.embeddings import EmbeddingCache, backbone_fingerprint
 
-    original = load_run(work / "runs/original", device="cpu")
-    classes = original.classes + [f"digit{d}" for d in new]
-    _, test, _, _ = scan_class_folders(work / "all" / args.report, classes=classes)
-    labels = torch.tensor([s.label for s in test])
-    is_old = labels < len(old)
-    cache = EmbeddingCache(original.model.backbone, root=work / "cache", spec={}, device=torch.device("cpu"), batch_size=64)
-    test_emb = cache.embed(test, eval_transform(original.preprocessing))
-    with torch.no_grad():
-        before = original.model.head.fc(test_emb).argmax(1)
-    old_before = float((before[is_old] == labels[is_old]).double().mean())
-
-    scored: dict[str, tuple[torch.Tensor, dict]] = {}
-
-    def score(method: str, logits: torch.Tensor, seconds: float, **extra) -> None:
-        pred = logits.argmax(1)
-        acc = lambda m: round(float((pred[m] == labels[m]).double().mean()), 4)  # noqa: E731
-        row = {"method": method, "old_accuracy_before": round(old_before, 4), "old_accuracy_after": acc(is_old), "new_accuracy": acc(~is_old), "overall_accuracy": acc(torch.ones_like(is_old)), "seconds": round(seconds, 1), **extra}
-        print(json.dumps(row), flush=True)
-        scored[method] = (logits, row)
-
-    def run_logits(run_dir: Path) -> torch.Tensor:
-        run = load_run(run_dir, device="cpu")
+        original = load_run(work / "runs/original", device="cpu")
+        classes = original.classes + [f"digit{d}" for d in new]
+        _, test, _, _ = scan_class_folders(work / "all" / args.report, classes=classes)
+        labels = torch.tensor([s.label for s in test])
+        is_old = labels < len(old)
+        cache = EmbeddingCache(original.model.backbone, root=work / "cache", spec={}, device=torch.device("cpu"), batch_size=64)
+        test_emb = cache.embed(test, eval_transform(original.preprocessing))
         with torch.no_grad():
-            if backbone_fingerprint(run.model.backbone) == cache.fingerprint:
-                return run.model.head.fc(test_emb)  # same backbone: its embeddings are the cached ones
-            out = []
-            for i in range(0, len(test), 64):
-                x = torch.stack([run.transform(load_image(s.path)) for s in test[i : i + 64]])
-                out.append(run.model(x))
-            return torch.cat(out)
+            before = original.model.head.fc(test_emb).argmax(1)
+        old_before = float((before[is_old] == labels[is_old]).double().mean())
 
-    wanted = set(args.only) if args.only else None
+        scored: dict[str, tuple[torch.Tensor, dict]] = {}
 
-    def want(name: str) -> bool:
-        return wanted is None or name in wanted
+        def score(method: str, logits: torch.Tensor, seconds: float, **extra) -> None:
+            pred = logits.argmax(1)
+            acc = lambda m: round(float((pred[m] == labels[m]).double().mean()), 4)  # noqa: E731
+            row = {"method": method, "old_accuracy_before": round(old_before, 4), "old_accuracy_after": acc(is_old), "new_accuracy": acc(~is_old), "overall_accuracy": acc(torch.ones_like(is_old)), "seconds": round(seconds, 1), **extra}
+            print(json.dumps(row), flush=True)
+            scored[method] = (logits, row)
 
-    # The baselines train the new layer on the cached embeddings of the new classes' training images.
-    _, new_train, _, _ = scan_class_folders(new_data / "train", classes=classes)
-    new_x = cache.embed(new_train, eval_transform(original.preprocessing))
-    new_y = torch.tensor([s.label for s in new_train])
+        def run_logits(run_dir: Path) -> torch.Tensor:
+            run = load_run(run_dir, device="cpu")
+            with torch.no_grad():
+                if backbone_fingerprint(run.model.backbone) == cache.fingerprint:
+                    return run.model.head.fc(test_emb)  # same backbone: its embeddings are the cached ones
+                out = []
+                for i in range(0, len(test), 64):
+                    x = torch.stack([run.transform(load_image(s.path)) for s in test[i : i + 64]])
+                    out.append(run.model(x))
+                return torch.cat(out)
 
-    def fit_linear(layer: torch.nn.Module, params: list[torch.nn.Parameter]) -> float:
-        started = time.perf_counter()
-        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-        steps = args.expand_epochs * ((len(new_x) + 31) // 32)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(args.expand_epochs):
-            for idx in torch.randperm(len(new_x), generator=g).split(32):
-                loss = torch.nn.functional.cross_entropy(layer(new_x[idx]), new_y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-        return time.perf_counter() - started
+        wanted = set(args.only) if args.only else None
 
-    if want("naive-fresh-head"):
-        torch.manual_seed(0)
-        head = torch.nn.Linear(test_emb.shape[1], len(classes))
-        secs = fit_linear(head, list(head.parameters()))
-        with torch.no_grad():
-            score("naive-fresh-head", head(test_emb), secs)
-    if want("copy-rows"):
-        import copy
+        def want(name: str) -> bool:
+            return wanted is None or name in wanted
 
-        from graft.models.surgery import widen_head
+        # The baselines train the new layer on the cached embeddings of the new classes' training images.
+        _, new_train, _, _ = scan_class_folders(new_data / "train", classes=classes)
+        new_x = cache.embed(new_train, eval_transform(original.preprocessing))
+        new_y = torch.tensor([s.label for s in new_train])
 
-        model = copy.deepcopy(original.model)
-        widen_head(model, len(new), seed=0)
-        fc = model.head.fc
-        secs = fit_linear(fc, list(fc.blocks[-1].parameters()))
-        with torch.no_grad():
-            score("copy-rows", fc(test_emb), secs)
-    expand_common = ["--quiet", "--seed", "0", "--epochs", args.expand_epochs]  # otherwise graft expand's defaults
-    if want("graft-frozen"):
-        secs = cli("expand", work / "runs/original", "--data", new_data / "train", "--out", work / "runs/frozen", *expand_common)
-        score("graft-frozen", run_logits(work / "runs/frozen"), secs, old_images_used=0)
-    if want("graft-frozen-rehearsal"):
-        mixed = link_folder(work / "new-rehearsal", files, new, ("train",))
-        link_folder(mixed, files, old, ("train",), limit=args.rehearsal)
-        secs = cli("expand", work / "runs/original", "--data", mixed, "--out", work / "runs/frozen-rehearsal", *expand_common)
-        score("graft-frozen-rehearsal", run_logits(work / "runs/frozen-rehearsal"), secs, old_images_used=args.rehearsal * len(old))
-    if want("graft-fine-tune"):
-        secs = cli("expand", work / "runs/original", "--data", new_data / "train", "--out", work / "runs/fine-tune", "--mode", "fine-tune", "--exemplars", args.rehearsal, "--fine-tune-epochs", args.fine_tune_epochs, *expand_common)
-        score("graft-fine-tune", run_logits(work / "runs/fine-tune"), secs, old_images_used=args.rehearsal * len(old))
-    if want("joint"):
-        all_data = link_folder(work / "joint", files, old + new, ("train", "val"))
-        os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")  # from scratch: nothing cached
-        secs = cli("train", "--data", all_data, "--out", work / "runs/joint", "--strategy", "feature-extract", "--epochs", args.epochs, *common)
-        score("joint", run_logits(work / "runs/joint"), secs, old_images_used=sum(len(files["train"][d]) for d in old))
-        joint_old = float((scored["joint"][0].argmax(1)[is_old] == labels[is_old]).double().mean())
-        for method, (logits, _) in scored.items():
-            if method.startswith("graft-"):
-                print(json.dumps({"shift_curve": method, **shift_curve(logits, labels, len(old), old_before, joint_old)}), flush=True)
-    print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
+        def fit_linear(layer: torch.nn.Module, params: list[torch.nn.Parameter]) -> float:
+            started = time.perf_counter()
+            opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+            steps = args.expand_epochs * ((len(new_x) + 31) // 32)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(args.expand_epochs):
+                for idx in torch.randperm(len(new_x), generator=g).split(32):
+                    loss = torch.nn.functional.cross_entropy(layer(new_x[idx]), new_y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+            return time.perf_counter() - started
+
+        if want("naive-fresh-head"):
+            torch.manual_seed(0)
+            head = torch.nn.Linear(test_emb.shape[1], len(classes))
+            secs = fit_linear(head, list(head.parameters()))
+            with torch.no_grad():
+                score("naive-fresh-head", head(test_emb), secs)
+        if want("copy-rows"):
+            import copy
+
+            from graft.models.surgery import widen_head
+
+            model = copy.deepcopy(original.model)
+            widen_head(model, len(new), seed=0)
+            fc = model.head.fc
+            secs = fit_linear(fc, list(fc.blocks[-1].parameters()))
+            with torch.no_grad():
+                score("copy-rows", fc(test_emb), secs)
+        expand_common = ["--quiet", "--seed", "0", "--epochs", args.expand_epochs]  # otherwise graft expand's defaults
+        if want("graft-frozen"):
+            secs = cli("expand", work / "runs/original", "--data", new_data / "train", "--out", work / "runs/frozen", *expand_common)
+            score("graft-frozen", run_logits(work / "runs/frozen"), secs, old_images_used=0)
+        if want("graft-frozen-rehearsal"):
+            mixed = link_folder(work / "new-rehearsal", files, new, ("train",))
+            link_folder(mixed, files, old, ("train",), limit=args.rehearsal)
+            secs = cli("expand", work / "runs/original", "--data", mixed, "--out", work / "runs/frozen-rehearsal", *expand_common)
+            score("graft-frozen-rehearsal", run_logits(work / "runs/frozen-rehearsal"), secs, old_images_used=args.rehearsal * len(old))
+        if want("graft-fine-tune"):
+            secs = cli("expand", work / "runs/original", "--data", new_data / "train", "--out", work / "runs/fine-tune", "--mode", "fine-tune", "--exemplars", args.rehearsal, "--fine-tune-epochs", args.fine_tune_epochs, *expand_common)
+            score("graft-fine-tune", run_logits(work / "runs/fine-tune"), secs, old_images_used=args.rehearsal * len(old))
+        if want("joint"):
+            all_data = link_folder(work / "joint", files, old + new, ("train", "val"))
+            os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")  # from scratch: nothing cached
+            secs = cli("train", "--data", all_data, "--out", work / "runs/joint", "--strategy", "feature-extract", "--epochs", args.epochs, *common)
+            score("joint", run_logits(work / "runs/joint"), secs, old_images_used=sum(len(files["train"][d]) for d in old))
+            joint_old = float((scored["joint"][0].argmax(1)[is_old] == labels[is_old]).double().mean())
+            for method, (logits, _) in scored.items():
+                if method.startswith("graft-"):
+                    print(json.dumps({"shift_curve": method, **shift_curve(logits, labels, len(old), old_before, joint_old)}), flush=True)
+    finally:
+        if args.keep:
+            print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def shift_curve(logits, labels, k: int, old_before: float, joint_old: float, limit: float = 8.0) -> dict:

@@ -49,6 +49,7 @@ Methods, one JSON line each (old mAP before/after, new mAP, overall mAP, seconds
 
 The two baselines train the classification layer with graft's detection solver (AdamW, the source run's
 learning rate, cosine) for as many epochs as graft expand, backbone frozen, on the same images.
+Work folders are deleted unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -195,125 +197,131 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--work", type=Path, default=None, help="work folder; an original trained there before is reused")
     parser.add_argument("--expand-set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for graft expand (to compare on --report val)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (data, runs, caches)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     work = args.work or Path(tempfile.mkdtemp(prefix="graft-expand-det-bench-"))
-    os.environ["GRAFT_CACHE_DIR"] = str(work / "cache")
-    if args.dataset == "digits":
-        protocol = write_digit_expansion(work / "digits", seed=args.seed, old_scenes=args.old_scenes)
-        full, old_data, new_data, joint_data = protocol["full"], protocol["old"], protocol["new"], protocol["joint"]
-        new_classes = [str(d) for d in DIGITS_NEW]
-        old_classes = [str(d) for d in range(10) if d not in DIGITS_NEW]
-        size, old_train_scenes = DIGIT_SCENE, None
-        # the issue's settings for the original and joint retraining
-        common = ["--quiet", "--img-size", size, "--seed", args.seed, "--device", "cpu", "--epochs", 10, "--fine-tune-epochs", 2, "--augment", "none"]
-    else:
-        full = write_objects(work / "objects", seed=args.seed)
-        old_classes = [c for c in CLASSES if c not in args.new]
-        new_classes = [c for c in CLASSES if c in args.new]
-        train, val, test = stems(full, "train"), stems(full, "val"), stems(full, "test")
-        half, val_half = len(train) // 2, len(val) // 2
-        old_data = subset_voc(full, work / "old", {"train": train, "val": val, "test": test}, set(old_classes))
-        new_train_scenes, new_val_scenes = (train, val) if args.new_scenes == "all" else (train[half:], val[val_half:])
-        new_data = subset_voc(full, work / f"new-{args.new_scenes}", {"train": new_train_scenes, "val": new_val_scenes}, set(new_classes))
-        joint_data = None
-        size, old_train_scenes = SIZE, len(train)
-        common = ["--quiet", "--img-size", size, "--seed", args.seed, "--device", "cpu"]
-    classes = old_classes + new_classes
-    k = len(old_classes)
-    reuse = args.work is not None and (work / "runs/original/model.json").is_file()  # a second look at the same split: the same original
-    secs = 0.0 if reuse else cli("train", "--data", old_data, "--out", work / "runs/original", *common)
-    print(json.dumps({"step": "original", "dataset": args.dataset, "old_classes": old_classes, "new_classes": new_classes, "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
-
-    from graft.configuration import parse_config
-    from graft.tasks.detect.runner import scan
-    from graft.pipeline.predict import load_run
-
-    original = load_run(work / "runs/original", device="cpu")
-    report_splits = scan(parse_config({"task": "detect", "data": {"dir": str(full)}}))
-    held = relabelled(getattr(report_splits, args.report), report_splits.classes, classes)
-    before = score(original.model, held, old_classes, k)
-    rows = []
-
-    def emit(method: str, model, seconds: float, **extra) -> None:
-        after = score(model, held, classes, k)
-        row = {"method": method, "split": args.report, "old_map_before": round(before["old_map"], 4), "old_map_after": round(after["old_map"], 4),
-               "new_map": round(after["new_map"], 4), "overall_map": round(after["overall_map"], 4), "old_map50_after": round(after["old_map50"], 4), "new_map50": round(after["new_map50"], 4), "seconds": round(seconds, 1), **extra}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    def want(name: str) -> bool:
-        return args.only is None or name in args.only
-
-    expand_cfg = parse_config(original.info["config"])
-    epochs, lr, batch = expand_cfg.train.epochs, expand_cfg.solver.base_lr, expand_cfg.solver.batch_size
-    new_splits = scan(parse_config({"task": "detect", "data": {"dir": str(new_data)}}))
-    new_train = relabelled(new_splits.train, new_splits.classes, classes)
-    head = original.model.detector.head.classification_head
-    anchors = head.num_anchors
-    if want("naive-fresh-head"):
-        model = copy.deepcopy(original.model)
-        h = model.detector.head.classification_head
-        h.cls_logits, h.num_classes = widened_conv(h.cls_logits, anchors, k, len(new_classes), copy_old=False, seed=args.seed), len(classes)
-        emit("naive-fresh-head", model, train_classifier_layer(model, h, new_train, epochs=epochs, lr=lr, batch=batch, seed=args.seed), old_images_used=0)
-    if want("copy-rows"):
-        model = copy.deepcopy(original.model)
-        h = model.detector.head.classification_head
-        old_conv = copy.deepcopy(h.cls_logits)
-        h.cls_logits, h.num_classes = widened_conv(old_conv, anchors, k, len(new_classes), copy_old=True, seed=args.seed), len(classes)
-        old_splits = scan(parse_config({"task": "detect", "data": {"dir": str(old_data)}}))
-        rehearsal = relabelled(old_splits.train[: args.rehearsal], old_splits.classes, classes)
-        secs = train_classifier_layer(model, h, new_train + rehearsal, epochs=epochs, lr=lr, batch=batch, seed=args.seed)
-        with torch.no_grad():  # the old rows copied back
-            n = len(classes)
-            for a in range(anchors):
-                h.cls_logits.weight[a * n : a * n + k] = old_conv.weight[a * k : (a + 1) * k]
-                h.cls_logits.bias[a * n : a * n + k] = old_conv.bias[a * k : (a + 1) * k]
-        emit("copy-rows", model, secs, old_images_used=len(rehearsal))
-    if want("graft-frozen"):
-        secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/frozen", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
-        emit("graft-frozen", load_run(work / "runs/frozen", device="cpu").model, secs, **pseudo_record(work / "runs/frozen"))
-    if want("graft-fine-tune"):
-        secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/fine-tune", "--mode", "fine-tune", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
-        emit("graft-fine-tune", load_run(work / "runs/fine-tune", device="cpu").model, secs, **pseudo_record(work / "runs/fine-tune"))
-    if want("joint"):
-        if joint_data is None:
-            joint_data = subset_voc(full, work / "joint", {"train": train, "val": val}, set(CLASSES))
-        os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")
-        if reuse and (work / "runs/joint/model.json").is_file():  # the same scenes and seed: the same joint run
-            secs = json.loads((work / "runs/joint/metrics.json").read_text())["train_seconds"]
+    try:
+        os.environ["GRAFT_CACHE_DIR"] = str(work / "cache")
+        if args.dataset == "digits":
+            protocol = write_digit_expansion(work / "digits", seed=args.seed, old_scenes=args.old_scenes)
+            full, old_data, new_data, joint_data = protocol["full"], protocol["old"], protocol["new"], protocol["joint"]
+            new_classes = [str(d) for d in DIGITS_NEW]
+            old_classes = [str(d) for d in range(10) if d not in DIGITS_NEW]
+            size, old_train_scenes = DIGIT_SCENE, None
+            # the issue's settings for the original and joint retraining
+            common = ["--quiet", "--img-size", size, "--seed", args.seed, "--device", "cpu", "--epochs", 10, "--fine-tune-epochs", 2, "--augment", "none"]
         else:
-            secs = cli("train", "--data", joint_data, "--out", work / "runs/joint", *common)
-        joint = load_run(work / "runs/joint", device="cpu")
-        order = [joint.classes.index(c) for c in classes]
-        if order != list(range(len(classes))):  # the joint run sorts its classes: score it in the expansion's order
-            emit_model = _reordered(joint.model, order)
+            full = write_objects(work / "objects", seed=args.seed)
+            old_classes = [c for c in CLASSES if c not in args.new]
+            new_classes = [c for c in CLASSES if c in args.new]
+            train, val, test = stems(full, "train"), stems(full, "val"), stems(full, "test")
+            half, val_half = len(train) // 2, len(val) // 2
+            old_data = subset_voc(full, work / "old", {"train": train, "val": val, "test": test}, set(old_classes))
+            new_train_scenes, new_val_scenes = (train, val) if args.new_scenes == "all" else (train[half:], val[val_half:])
+            new_data = subset_voc(full, work / f"new-{args.new_scenes}", {"train": new_train_scenes, "val": new_val_scenes}, set(new_classes))
+            joint_data = None
+            size, old_train_scenes = SIZE, len(train)
+            common = ["--quiet", "--img-size", size, "--seed", args.seed, "--device", "cpu"]
+        classes = old_classes + new_classes
+        k = len(old_classes)
+        reuse = args.work is not None and (work / "runs/original/model.json").is_file()  # a second look at the same split: the same original
+        secs = 0.0 if reuse else cli("train", "--data", old_data, "--out", work / "runs/original", *common)
+        print(json.dumps({"step": "original", "dataset": args.dataset, "old_classes": old_classes, "new_classes": new_classes, "report": args.report, "seed": args.seed, "seconds": round(secs, 1)}), flush=True)
+
+        from graft.configuration import parse_config
+        from graft.tasks.detect.runner import scan
+        from graft.pipeline.predict import load_run
+
+        original = load_run(work / "runs/original", device="cpu")
+        report_splits = scan(parse_config({"task": "detect", "data": {"dir": str(full)}}))
+        held = relabelled(getattr(report_splits, args.report), report_splits.classes, classes)
+        before = score(original.model, held, old_classes, k)
+        rows = []
+
+        def emit(method: str, model, seconds: float, **extra) -> None:
+            after = score(model, held, classes, k)
+            row = {"method": method, "split": args.report, "old_map_before": round(before["old_map"], 4), "old_map_after": round(after["old_map"], 4),
+                   "new_map": round(after["new_map"], 4), "overall_map": round(after["overall_map"], 4), "old_map50_after": round(after["old_map50"], 4), "new_map50": round(after["new_map50"], 4), "seconds": round(seconds, 1), **extra}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+        def want(name: str) -> bool:
+            return args.only is None or name in args.only
+
+        expand_cfg = parse_config(original.info["config"])
+        epochs, lr, batch = expand_cfg.train.epochs, expand_cfg.solver.base_lr, expand_cfg.solver.batch_size
+        new_splits = scan(parse_config({"task": "detect", "data": {"dir": str(new_data)}}))
+        new_train = relabelled(new_splits.train, new_splits.classes, classes)
+        head = original.model.detector.head.classification_head
+        anchors = head.num_anchors
+        if want("naive-fresh-head"):
+            model = copy.deepcopy(original.model)
+            h = model.detector.head.classification_head
+            h.cls_logits, h.num_classes = widened_conv(h.cls_logits, anchors, k, len(new_classes), copy_old=False, seed=args.seed), len(classes)
+            emit("naive-fresh-head", model, train_classifier_layer(model, h, new_train, epochs=epochs, lr=lr, batch=batch, seed=args.seed), old_images_used=0)
+        if want("copy-rows"):
+            model = copy.deepcopy(original.model)
+            h = model.detector.head.classification_head
+            old_conv = copy.deepcopy(h.cls_logits)
+            h.cls_logits, h.num_classes = widened_conv(old_conv, anchors, k, len(new_classes), copy_old=True, seed=args.seed), len(classes)
+            old_splits = scan(parse_config({"task": "detect", "data": {"dir": str(old_data)}}))
+            rehearsal = relabelled(old_splits.train[: args.rehearsal], old_splits.classes, classes)
+            secs = train_classifier_layer(model, h, new_train + rehearsal, epochs=epochs, lr=lr, batch=batch, seed=args.seed)
+            with torch.no_grad():  # the old rows copied back
+                n = len(classes)
+                for a in range(anchors):
+                    h.cls_logits.weight[a * n : a * n + k] = old_conv.weight[a * k : (a + 1) * k]
+                    h.cls_logits.bias[a * n : a * n + k] = old_conv.bias[a * k : (a + 1) * k]
+            emit("copy-rows", model, secs, old_images_used=len(rehearsal))
+        if want("graft-frozen"):
+            secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/frozen", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
+            emit("graft-frozen", load_run(work / "runs/frozen", device="cpu").model, secs, **pseudo_record(work / "runs/frozen"))
+        if want("graft-fine-tune"):
+            secs = cli("expand", work / "runs/original", "--data", new_data, "--out", work / "runs/fine-tune", "--mode", "fine-tune", "--quiet", "--overwrite", *sum((["--set", kv] for kv in args.expand_set), []))
+            emit("graft-fine-tune", load_run(work / "runs/fine-tune", device="cpu").model, secs, **pseudo_record(work / "runs/fine-tune"))
+        if want("joint"):
+            if joint_data is None:
+                joint_data = subset_voc(full, work / "joint", {"train": train, "val": val}, set(CLASSES))
+            os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-joint")
+            if reuse and (work / "runs/joint/model.json").is_file():  # the same scenes and seed: the same joint run
+                secs = json.loads((work / "runs/joint/metrics.json").read_text())["train_seconds"]
+            else:
+                secs = cli("train", "--data", joint_data, "--out", work / "runs/joint", *common)
+            joint = load_run(work / "runs/joint", device="cpu")
+            order = [joint.classes.index(c) for c in classes]
+            if order != list(range(len(classes))):  # the joint run sorts its classes: score it in the expansion's order
+                emit_model = _reordered(joint.model, order)
+            else:
+                emit_model = joint.model
+            emit("joint", emit_model, secs, old_images_used=old_train_scenes if old_train_scenes is not None else len(scan(parse_config({"task": "detect", "data": {"dir": str(old_data)}})).train))
+        if want("joint-matched") and args.dataset == "digits":
+            # Joint retraining on the labels the original and the expansion had between them: the
+            # bound of what an expansion can learn from them (the 'joint' row has every digit boxed).
+            os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-matched")
+            if reuse and (work / "runs/joint-matched/model.json").is_file():
+                secs = json.loads((work / "runs/joint-matched/metrics.json").read_text())["train_seconds"]
+            else:
+                secs = cli("train", "--data", protocol["matched"], "--out", work / "runs/joint-matched", *common)
+            matched = load_run(work / "runs/joint-matched", device="cpu")
+            order = [matched.classes.index(c) for c in classes]
+            emit("joint-matched", matched.model if order == list(range(len(classes))) else _reordered(matched.model, order), secs, old_images_used=500)
+        if want("original-reseeded"):
+            os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-reseeded")
+            reseeded = [*common[: common.index("--seed") + 1], args.seed + 1, *common[common.index("--seed") + 2 :]]
+            secs = cli("train", "--data", old_data, "--out", work / "runs/original-reseeded", "--overwrite", *reseeded)
+            again = score(load_run(work / "runs/original-reseeded", device="cpu").model, held, old_classes, k)
+            row = {"method": "original-reseeded", "split": args.report, "old_map_before": round(before["old_map"], 4), "old_map_after": round(again["old_map"], 4), "old_map50_after": round(again["old_map50"], 4), "seconds": round(secs, 1), "training_seed": args.seed + 1}
+            print(json.dumps(row), flush=True)
+        print(f"\n| method | old mAP before -> after | new mAP | overall mAP | {args.report} scenes | seconds |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['old_map_before']:.3f} -> {r['old_map_after']:.3f} | {r['new_map']:.3f} | {r['overall_map']:.3f} | {len(held)} | {r['seconds']} |")
+    finally:
+        if args.keep or args.work is not None:
+            print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
         else:
-            emit_model = joint.model
-        emit("joint", emit_model, secs, old_images_used=old_train_scenes if old_train_scenes is not None else len(scan(parse_config({"task": "detect", "data": {"dir": str(old_data)}})).train))
-    if want("joint-matched") and args.dataset == "digits":
-        # Joint retraining on the labels the original and the expansion had between them: the
-        # bound of what an expansion can learn from them (the 'joint' row has every digit boxed).
-        os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-matched")
-        if reuse and (work / "runs/joint-matched/model.json").is_file():
-            secs = json.loads((work / "runs/joint-matched/metrics.json").read_text())["train_seconds"]
-        else:
-            secs = cli("train", "--data", protocol["matched"], "--out", work / "runs/joint-matched", *common)
-        matched = load_run(work / "runs/joint-matched", device="cpu")
-        order = [matched.classes.index(c) for c in classes]
-        emit("joint-matched", matched.model if order == list(range(len(classes))) else _reordered(matched.model, order), secs, old_images_used=500)
-    if want("original-reseeded"):
-        os.environ["GRAFT_CACHE_DIR"] = str(work / "cache-reseeded")
-        reseeded = [*common[: common.index("--seed") + 1], args.seed + 1, *common[common.index("--seed") + 2 :]]
-        secs = cli("train", "--data", old_data, "--out", work / "runs/original-reseeded", "--overwrite", *reseeded)
-        again = score(load_run(work / "runs/original-reseeded", device="cpu").model, held, old_classes, k)
-        row = {"method": "original-reseeded", "split": args.report, "old_map_before": round(before["old_map"], 4), "old_map_after": round(again["old_map"], 4), "old_map50_after": round(again["old_map50"], 4), "seconds": round(secs, 1), "training_seed": args.seed + 1}
-        print(json.dumps(row), flush=True)
-    print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
-    print(f"\n| method | old mAP before -> after | new mAP | overall mAP | {args.report} scenes | seconds |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {r['old_map_before']:.3f} -> {r['old_map_after']:.3f} | {r['new_map']:.3f} | {r['overall_map']:.3f} | {len(held)} | {r['seconds']} |")
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def pseudo_record(run: Path) -> dict:

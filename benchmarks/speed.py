@@ -6,6 +6,7 @@ Prints one JSON line per measurement, then one per comparison (ratios measured s
 this run). Each case runs in its own process, so ``peak_rss_mib`` is that case's own peak memory.
 Data: real photo patches (scikit-image's brick, grass, gravel, immunohistochemistry and Hubble
 photos), 5 classes x (168 train + 42 val) = 1050 images, the bundled EfficientNet-Lite0 at 224 px.
+Work folders are deleted unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -197,9 +198,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=CASES)
     parser.add_argument("--data")
-    parser.add_argument("--work")
+    parser.add_argument("--work", help="the case's work folder (with --case; the driver makes a temporary one)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--quick", action="store_true", help="fewer images and epochs (a smoke run, not the reported figures)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (data, runs, caches)")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, Path(args.data), args.epochs, Path(args.work))), flush=True)
@@ -208,39 +210,44 @@ def main() -> None:
     from graft.tasks.classify.demo import make_texture_dataset
 
     work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
-    per_class = (40, 10) if args.quick else (168, 42)
-    fe_epochs, ft_epochs = (3, 2) if args.quick else (10, 3)
-    data = make_texture_dataset(work / "data", train_per_class=per_class[0], val_per_class=per_class[1], photos=PHOTOS, sizes=(40, 72))
-    machine = {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads(), "python": sys.version.split()[0]}
-    print(json.dumps({"benchmark": "setup", "images": 5 * sum(per_class), "classes": len(PHOTOS), "machine": machine}), flush=True)
-    results = {}
-    for name in CASES:
-        epochs = ft_epochs if name.startswith("ft") else fe_epochs
-        proc = subprocess.run([sys.executable, __file__, "--case", name, "--data", str(data), "--work", str(work), "--epochs", str(epochs)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(json.dumps({"case": name, "error": proc.stderr[-2000:]}), flush=True)
-            continue
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(json.dumps(results[name]), flush=True)
+    try:
+        per_class = (40, 10) if args.quick else (168, 42)
+        fe_epochs, ft_epochs = (3, 2) if args.quick else (10, 3)
+        data = make_texture_dataset(work / "data", train_per_class=per_class[0], val_per_class=per_class[1], photos=PHOTOS, sizes=(40, 72))
+        machine = {"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads(), "python": sys.version.split()[0]}
+        print(json.dumps({"benchmark": "setup", "images": 5 * sum(per_class), "classes": len(PHOTOS), "machine": machine}), flush=True)
+        results = {}
+        for name in CASES:
+            epochs = ft_epochs if name.startswith("ft") else fe_epochs
+            proc = subprocess.run([sys.executable, __file__, "--case", name, "--data", str(data), "--work", str(work), "--epochs", str(epochs)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(json.dumps({"case": name, "error": proc.stderr[-2000:]}), flush=True)
+                continue
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(json.dumps(results[name]), flush=True)
 
-    def ratio(a: float, b: float) -> float:
-        return round(a / b, 3) if b else float("nan")
+        def ratio(a: float, b: float) -> float:
+            return round(a / b, 3) if b else float("nan")
 
-    r = results
-    if {"fe-graft", "fe-plain"} <= set(r):
-        print(json.dumps({"benchmark": "1 feature extraction: graft vs plain loop", "epochs": fe_epochs, "speedup": ratio(r["fe-plain"]["seconds"], r["fe-graft"]["seconds"]), "goal": ">= 10",
-                          "val_accuracy_graft": r["fe-graft"]["val_accuracy"], "val_accuracy_plain": r["fe-plain"]["val_accuracy"], "accuracy_gap_points": round(100 * (r["fe-graft"]["val_accuracy"] - r["fe-plain"]["val_accuracy"]), 2), "accuracy_goal": "within 1 point"}))
-    if {"fe-graft-warm", "fe-plain"} <= set(r):
-        print(json.dumps({"benchmark": "1b feature extraction again with the embeddings on disk: graft vs plain loop", "speedup": ratio(r["fe-plain"]["seconds"], r["fe-graft-warm"]["seconds"]), "val_accuracy_graft": r["fe-graft-warm"]["val_accuracy"]}))
-    if {"fe-graft", "floor"} <= set(r):
-        print(json.dumps({"benchmark": "2 graft feature-extraction run vs one inference pass", "ratio_to_floor": ratio(r["fe-graft"]["seconds"], r["floor"]["seconds"]), "goal": "<= 1.5", "graft_seconds": round(r["fe-graft"]["seconds"], 2), "floor_seconds": round(r["floor"]["seconds"], 2)}))
-    for kind, goal in (("aug", ">= 0.95"), ("noaug", "> 1")):
-        g, p = r.get(f"ft-graft-{kind}"), r.get(f"ft-plain-{kind}")
-        if g and p:
-            print(json.dumps({"benchmark": f"3 fine-tuning throughput ({'with' if kind == 'aug' else 'without'} augmentation): graft vs hand-written loop", "ratio_steady_epoch": ratio(g["images_per_second"], p["images_per_second"]), "goal": goal,
-                              "graft_images_per_second": round(g["images_per_second"], 1), "plain_images_per_second": round(p["images_per_second"], 1), "graft_images_per_second_including_setup": round(g["images_per_second_whole_run"], 1)}))
-    print(json.dumps({"benchmark": "4 peak memory (MiB, each case in its own process)", **{k: v["peak_rss_mib"] for k, v in r.items()}}))
-    shutil.rmtree(work, ignore_errors=True)
+        r = results
+        if {"fe-graft", "fe-plain"} <= set(r):
+            print(json.dumps({"benchmark": "1 feature extraction: graft vs plain loop", "epochs": fe_epochs, "speedup": ratio(r["fe-plain"]["seconds"], r["fe-graft"]["seconds"]), "goal": ">= 10",
+                              "val_accuracy_graft": r["fe-graft"]["val_accuracy"], "val_accuracy_plain": r["fe-plain"]["val_accuracy"], "accuracy_gap_points": round(100 * (r["fe-graft"]["val_accuracy"] - r["fe-plain"]["val_accuracy"]), 2), "accuracy_goal": "within 1 point"}))
+        if {"fe-graft-warm", "fe-plain"} <= set(r):
+            print(json.dumps({"benchmark": "1b feature extraction again with the embeddings on disk: graft vs plain loop", "speedup": ratio(r["fe-plain"]["seconds"], r["fe-graft-warm"]["seconds"]), "val_accuracy_graft": r["fe-graft-warm"]["val_accuracy"]}))
+        if {"fe-graft", "floor"} <= set(r):
+            print(json.dumps({"benchmark": "2 graft feature-extraction run vs one inference pass", "ratio_to_floor": ratio(r["fe-graft"]["seconds"], r["floor"]["seconds"]), "goal": "<= 1.5", "graft_seconds": round(r["fe-graft"]["seconds"], 2), "floor_seconds": round(r["floor"]["seconds"], 2)}))
+        for kind, goal in (("aug", ">= 0.95"), ("noaug", "> 1")):
+            g, p = r.get(f"ft-graft-{kind}"), r.get(f"ft-plain-{kind}")
+            if g and p:
+                print(json.dumps({"benchmark": f"3 fine-tuning throughput ({'with' if kind == 'aug' else 'without'} augmentation): graft vs hand-written loop", "ratio_steady_epoch": ratio(g["images_per_second"], p["images_per_second"]), "goal": goal,
+                                  "graft_images_per_second": round(g["images_per_second"], 1), "plain_images_per_second": round(p["images_per_second"], 1), "graft_images_per_second_including_setup": round(g["images_per_second_whole_run"], 1)}))
+        print(json.dumps({"benchmark": "4 peak memory (MiB, each case in its own process)", **{k: v["peak_rss_mib"] for k, v in r.items()}}))
+    finally:
+        if args.keep:
+            print(json.dumps({"work_dir": str(work)}), file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
