@@ -255,8 +255,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor': merged (and overridden) by the safe loader
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # an unhashable key ('? [a, b]'): the safe loader refuses it, naming the line
+                continue
+            if repeated:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping (first at line {seen[key] + 1}); merge them", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
@@ -267,16 +273,49 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as err:  # PyYAML's own constructors: an int of 5000 digits, a date like 2001-13-45
+        raise ConfigError(f"config file {path} is not valid YAML: a value it cannot hold ({err})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections (data, model, train, solver, expand)")
+    _check_expansion(data, path)
     return data
+
+
+YAML_MAX_VALUES = 10_000
+"""The most values a config file may hold with its aliases expanded: a config has a few hundred,
+and nine nested aliases of nine (a "billion laughs") would otherwise make error messages of gigabytes."""
+
+
+def _check_expansion(data: Any, path: Path) -> None:
+    """ConfigError when ``data`` holds more than YAML_MAX_VALUES values counting every alias in
+    full, or an alias inside its own anchor (which never ends)."""
+    stack, count = [data], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > YAML_MAX_VALUES:
+            raise ConfigError(f"config file {path}: its anchors and aliases expand to more than {YAML_MAX_VALUES} values "
+                              "(aliases of aliases, or an alias inside its own anchor); write the values out")
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set)):
+            stack.extend(value)
 
 
 def set_key(data: dict[str, Any], assignment: str) -> None:

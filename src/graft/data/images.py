@@ -121,6 +121,8 @@ def _check_file(path: str | os.PathLike) -> None:
         raise ImageError(path, "file not found") from None
     except OSError as e:
         raise ImageError(path, f"cannot read file: {e.strerror or e}") from e
+    except ValueError as e:  # a NUL byte, or a lone surrogate the file system cannot encode
+        raise ImageError(path, f"not a usable file name ({e})") from e
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(path, "is a folder, not an image file")
     if not stat.S_ISREG(st.st_mode):  # e.g. a FIFO, which would block the reader forever
