@@ -37,7 +37,7 @@ from graft.console import plural
 from graft.data.images import ImageError, load_image
 from graft.errors import ConfigError, ExportError
 from graft.exporting.exported import ExportedModel, sidecar_path
-from graft.io import file_digest, read_json, write_json
+from graft.io import _fsync_folder, file_digest, read_json, sweep_temps, write_json
 
 FORMATS = {"onnx": "onnx", "torchscript": "pt"}
 DEFAULT_OPSET = 17
@@ -108,7 +108,8 @@ def export_model(run: Any, run_dir: Path, spec: ExportSpec, fmt: str = "onnx", *
     target = _target(out, run_dir, fmt, half)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        sweep_temps(target.parent, recursive=False)  # what a killed export left (its model and sidecar temporaries)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # atomic_write's naming, which sweep_temps knows
         tmp.touch()
     except OSError as err:
         raise ExportError(f"cannot write the export to {target.parent}: {err.strerror or err}") from None
@@ -129,7 +130,10 @@ def export_model(run: Any, run_dir: Path, spec: ExportSpec, fmt: str = "onnx", *
         if not parity["passed"]:
             raise ExportError(f"the {fmt} export disagrees with the run, so it was not kept: {parity['summary']}")
         write_json(sidecar_path(target), meta)
+        with open(tmp, "rb+") as f:  # as atomic_write: the bytes on disk before the name points at them
+            os.fsync(f.fileno())
         os.replace(tmp, target)
+        _fsync_folder(target.parent)
     except ExportError:
         raise
     except Exception as err:
