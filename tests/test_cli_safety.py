@@ -162,3 +162,62 @@ def test_ctrl_c_before_the_first_snapshot_says_there_is_nothing_to_resume(monkey
     assert cli.main(["train", "--data", "d", "--out", "o"]) == 130
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "None" not in err
+
+
+def test_an_overwrite_killed_while_moving_the_old_run_aside_is_finished_not_lost(run, monkeypatch, capsys):
+    """Found by the crash harness: a stash killed half way left part of the old run in .replaced,
+    which the next --overwrite took for a whole stash, deleting the rest of the old run."""
+    import os as real_os
+
+    from graft.engine import run_folder
+
+    data, cfg, out = run
+    old_model = (out / "model.safetensors").read_bytes()
+    moves = []
+
+    def dies_on_the_third_move(src, dst):
+        moves.append(src)
+        if len(moves) == 3:
+            raise KeyboardInterrupt  # as a kill: the stash stops between two moves
+        real_os.replace(src, dst)
+
+    monkeypatch.setattr(run_folder.os, "replace", dies_on_the_third_move)
+    with pytest.raises(KeyboardInterrupt):
+        run_folder.stash_run(out)
+    monkeypatch.undo()
+    assert not (out / ".replaced").exists() and (out / ".replacing").is_dir()
+    assert run_folder.holds_run(out)  # so a plain rerun asks for --overwrite instead of ignoring it
+
+    # The next --overwrite is itself stopped before it finishes: the old run must be whole in .replaced.
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--fine-tune-at", "999", "--overwrite", "--quiet"]) == 2
+    capsys.readouterr()
+    stash = run_folder.stash_run(out)
+    assert (stash / "model.safetensors").read_bytes() == old_model
+    assert {"model.json", "history.csv", "metrics.json", "snapshots"} <= {p.name for p in stash.iterdir()}
+
+
+def test_a_run_killed_before_naming_its_first_snapshot_last_points_to_the_snapshot_it_has(run, tmp_path, capsys):
+    """Found by the crash harness: killed between writing epoch-0001 and linking it as last, every
+    hint (--resume RUN/snapshots/last, --resume RUN, the rerun's hint) named a file that was not there."""
+    data, cfg, out = run
+    snapshots = out / "snapshots"
+    for p in snapshots.iterdir():
+        if p.name != "epoch-0001":
+            p.unlink()
+    for name in ("model.json", "history.csv"):
+        (out / name).unlink()
+    code, _, err = (main(["train", "--config", str(cfg), "--out", str(out), "--quiet"]), *capsys.readouterr())
+    assert code == 2 and f"continue it with --resume {snapshots / 'epoch-0001'}," in err
+    assert main(["train", "--resume", str(snapshots / "last"), "--quiet"]) == 2
+    assert f"the newest snapshot there is {snapshots / 'epoch-0001'}: resume from it" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0  # the folder resumes from its newest snapshot
+
+
+def test_a_snapshots_folder_with_only_a_killed_writers_temporary_file_is_no_run(tmp_path):
+    from graft.engine.run_folder import holds_run
+
+    (tmp_path / "snapshots").mkdir()
+    (tmp_path / "snapshots" / ".epoch-0001.4242-abc.tmp").write_bytes(b"half")
+    assert not holds_run(tmp_path)
+    (tmp_path / "snapshots" / "epoch-0001").write_bytes(b"whole")
+    assert holds_run(tmp_path)

@@ -58,3 +58,16 @@ def test_a_resumed_run_prunes_what_the_first_session_wrote(data, tmp_path) -> No
     assert names(out) == ["best", "epoch-0005", "epoch-0006", "last"]
     assert checkpoint.load_snapshot(out / "snapshots" / "best")["loop"]["epoch"] == best_epoch(out)
     assert best_epoch(out) >= first_best  # the best so far travelled in the snapshot
+
+
+def test_a_run_resumed_after_its_last_epoch_still_prunes(data, tmp_path) -> None:
+    """Found by the crash harness: killed after the last epoch's snapshot but before its pruning,
+    the resumed run trains no epoch, and so never pruned: it now prunes when training ends."""
+    import shutil
+
+    cfg = tiny_config(data, train={"strategy": "feature-extract", "epochs": 3}, solver={"keep_snapshots": 1})
+    out = train(parse_config(cfg), tmp_path / "run", quiet=True).run_dir
+    for epoch in (1, 2):  # as if the pruning after epoch 3 had not happened
+        shutil.copyfile(out / "snapshots" / "last", out / "snapshots" / f"epoch-000{epoch}")
+    train(None, None, resume=out / "snapshots" / "last", quiet=True)
+    assert names(out) == ["best", "epoch-0003", "last"]

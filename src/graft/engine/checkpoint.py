@@ -62,15 +62,29 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
+def newest_snapshot(folder: str | os.PathLike) -> Path | None:
+    """``FOLDER/last``, else the newest numbered snapshot in ``FOLDER`` (a run killed after writing
+    its first snapshot but before naming it ``last``), else None."""
+    folder = Path(folder)
+    if (folder / "last").is_file():
+        return folder / "last"
+    numbered = sorted((p for p in folder.glob("*-[0-9][0-9][0-9][0-9]*") if p.is_file() and p.name.rsplit("-", 1)[-1].isdigit()),
+                      key=lambda p: int(p.name.rsplit("-", 1)[-1])) if folder.is_dir() else []
+    return numbered[-1] if numbered else None
+
+
 def resolve_snapshot_path(path: str | os.PathLike) -> Path:
-    """Accept the snapshot file, or a run folder (its ``snapshots/last``)."""
+    """Accept the snapshot file, or a run folder (its ``snapshots/last``, else its newest numbered snapshot)."""
     p = Path(path)
     if p.is_dir():
-        for candidate in (p / "snapshots" / "last", p / "last"):
-            if candidate.is_file():
-                return candidate
-        raise SnapshotError(f"{p} is a folder without snapshots/last; pass a snapshot file such as {p}/snapshots/last")
+        for folder in (p / "snapshots", p):
+            if (found := newest_snapshot(folder)) is not None:
+                return found
+        raise SnapshotError(f"{p} is a folder without snapshots; pass a snapshot file such as {p}/snapshots/last")
     if not p.is_file():
+        newest = newest_snapshot(p.parent) if p.name == "last" else None
+        if newest is not None:  # killed between writing the first snapshot and naming it last
+            raise SnapshotError(f"snapshot not found: {p}; the newest snapshot there is {newest}: resume from it")
         raise SnapshotError(f"snapshot not found: {p}")
     return p
 

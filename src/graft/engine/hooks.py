@@ -63,6 +63,10 @@ class SnapshotHook(Hook):
         for old in numbered[: max(0, len(numbered) - self.keep)]:
             old.unlink(missing_ok=True)
 
+    def after_train(self, trainer: Trainer) -> None:
+        if distributed.is_main():  # a run killed between its last snapshot and that snapshot's pruning, then resumed
+            self.prune()
+
     def on_interrupt(self, trainer: Trainer) -> str:
         payload = trainer.snapshot_payload()
         if distributed.is_main():

@@ -19,7 +19,7 @@ from torch import nn
 
 from graft.configuration import GraftConfig, dump_yaml
 from graft.errors import ConfigError
-from graft.io import atomic_write, read_json, sweep_temps, write_json, write_text
+from graft.io import _fsync_folder, atomic_write, read_json, sweep_temps, temp_owner, write_json, write_text
 
 from graft.engine import distributed
 from graft.engine.loop import Phase, phase_param_groups
@@ -48,7 +48,22 @@ def restart_snapshot(out: str | os.PathLike | None) -> Path | None:
 
 
 def holds_run(path: Path) -> bool:
-    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+    """A run, or what is left of one: a marker file, a snapshot, or an unfinished --overwrite. A
+    ``snapshots/`` folder with only a killed writer's temporary file in it holds nothing."""
+    if not path.is_dir():
+        return False
+    if (path / STAGING).is_dir():
+        return True
+    snapshots = path / "snapshots"
+    return any((path / m).exists() for m in RUN_MARKERS if m != "snapshots") or (snapshots.is_dir() and any(temp_owner(p.name) is None for p in snapshots.iterdir()))
+
+
+def newest_snapshot(run_dir: Path) -> Path | None:
+    """``snapshots/last``, else the newest numbered snapshot (a run killed between writing its
+    first snapshot and naming it ``last``), else None."""
+    from graft.engine.checkpoint import newest_snapshot as newest
+
+    return newest(Path(run_dir) / "snapshots")
 
 
 def clear_run(path: Path) -> None:
@@ -59,20 +74,26 @@ def clear_run(path: Path) -> None:
 
 
 REPLACED = ".replaced"  # where --overwrite keeps the previous run until the new one has finished
+STAGING = ".replacing"  # the previous run while it is being moved there, file by file
 
 
 def stash_run(path: Path) -> Path:
     """Move the run in ``path`` aside into ``path/.replaced`` instead of deleting it, so a replacement
-    that fails or is interrupted loses nothing. A stash left by an earlier failed replacement holds
-    the last finished run and is kept; the unfinished files above it are removed."""
-    stash = path / REPLACED
+    that fails or is interrupted loses nothing. The files move into ``.replacing`` first and that
+    folder is renamed at the end, so ``.replaced`` always holds a whole run: a move killed half way
+    is finished by the next --overwrite, not mistaken for a stash. A stash left by an earlier failed
+    replacement holds the last finished run and is kept; the unfinished files above it are removed."""
+    stash, staging = path / REPLACED, path / STAGING
     if stash.is_dir():
         clear_run(path)
         return stash
-    stash.mkdir()
+    staging.mkdir(exist_ok=True)
     for name in RUN_FILES:
         if (path / name).exists():
-            os.replace(path / name, stash / name)
+            os.replace(path / name, staging / name)
+    _fsync_folder(staging)
+    os.replace(staging, stash)
+    _fsync_folder(path)
     return stash
 
 
@@ -130,7 +151,7 @@ def write_weights_report(run_dir: Path, payload: dict[str, Any] | None, report: 
         write_json(run_dir / "weights_report.json", report.to_dict())
         say(report.summary())
     elif source_run is not None and (source_run / "weights_report.json").is_file() and not (run_dir / "weights_report.json").exists():
-        shutil.copyfile(source_run / "weights_report.json", run_dir / "weights_report.json")
+        atomic_write(run_dir / "weights_report.json", lambda tmp: shutil.copyfile(source_run / "weights_report.json", tmp))
 
 
 def record_start(run_dir: Path, cfg: GraftConfig, static: dict[str, Any], payload: dict[str, Any] | None, decision: Any) -> None:
