@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,9 +37,10 @@ LIMIT_S = 120  # a hang fails the test instead of the suite
 def torchrun(fault: str, *args: object, nproc: int = 2, launcher: tuple[str, ...] | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """``graft ARGS`` in ``nproc`` processes under ``python -m torch.distributed.run``."""
     launch = launcher or ("--standalone", f"--nproc-per-node={nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(DRIVER), fault, *map(str, args)]
     full_env = {**os.environ, "GRAFT_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=LIMIT_S, env=full_env)
+    with tempfile.TemporaryDirectory(prefix="graft-test-torchrun-") as logs:  # else a /tmp/torchelastic_* per launch, kept
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--log-dir={logs}", str(DRIVER), fault, *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=LIMIT_S, env=full_env)
 
 
 def one_process(*args: object) -> int:
@@ -234,7 +236,7 @@ def test_two_nodes_on_localhost(cls, tmp_path) -> None:
     port = _free_port()
     out = tmp_path / "nodes"
     cmd = lambda node: [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",  # noqa: E731
-                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=graft-test", str(DRIVER), "none",
+                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=graft-test", f"--log-dir={tmp_path / f'logs-{node}'}", str(DRIVER), "none",
                         "train", "--config", str(cls["config"]), "--data", str(cls["data"]), "--out", str(out), "--quiet"]
     env = {**os.environ, "GRAFT_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(cmd(n), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for n in (0, 1)]

@@ -16,7 +16,9 @@ Every function here is a no-op (or the identity) in a single process, so callers
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -313,11 +315,16 @@ def launch_here(processes: int, argv: list[str]) -> int:
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # the ranks speak for themselves
     logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
+    # torchrun's own folder (the ranks' error files); left to itself it makes a new
+    # /tmp/torchelastic_* per launch and never removes it.
+    logs = tempfile.mkdtemp(prefix="graft-torchrun-")
     try:
-        run(parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "graft", *argv]))
+        run(parse_args(["--standalone", f"--nproc-per-node={processes}", f"--log-dir={logs}", "-m", "graft", *argv]))
     except ChildFailedError as err:
         _, failure = err.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 1
     except (SignalException, KeyboardInterrupt):
         return 130
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
     return 0
