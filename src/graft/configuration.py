@@ -292,7 +292,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections (data, model, train, solver, expand)")
-    _check_expansion(data, path)
+    check_expansion(data, path)
     return data
 
 
@@ -301,7 +301,7 @@ YAML_MAX_VALUES = 10_000
 and nine nested aliases of nine (a "billion laughs") would otherwise make error messages of gigabytes."""
 
 
-def _check_expansion(data: Any, path: Path) -> None:
+def check_expansion(data: Any, path: Path) -> None:
     """ConfigError when ``data`` holds more than YAML_MAX_VALUES values counting every alias in
     full, or an alias inside its own anchor (which never ends)."""
     stack, count = [data], 0

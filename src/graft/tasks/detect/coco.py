@@ -5,7 +5,6 @@ id, ``[x, y, width, height]`` boxes; images found beside the files or under thei
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import numpy as np
 
 from graft.errors import DataError
 from graft.tasks.detect.boxes import RawImage
-from graft.tasks.detect.formats import Found, Source, is_coco_json, leaves_folder, split_of
+from graft.tasks.detect.formats import Found, Source, clipped, exists, is_coco_json, leaves_folder, number, shown, split_of
 
 
 def read_coco(root: Path) -> Found:
@@ -47,7 +46,12 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read: {e}") from None
-    if not isinstance(d, dict) or not isinstance(d.get("images"), list) or not isinstance(d.get("categories"), list):
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits())
+        raise DataError(f"{path}: holds a number too long to read ({str(e).split(';')[0]})") from None
+    lists = isinstance(d, dict) and isinstance(d.get("images"), list) and isinstance(d.get("categories"), list) and isinstance(d.get("annotations", []), list)
+    if not lists:
         raise DataError(f"{path}: not a COCO annotation file (it needs 'images', 'annotations' and 'categories' lists)")
     return d
 
@@ -59,14 +63,14 @@ def _coco_classes(loaded: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, 
         cats: dict[int, str] = {}
         for c in d["categories"]:
             if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
-                raise DataError(f"{path}: category {c!r} needs an integer 'id' and a 'name'")
+                raise DataError(f"{path}: category {shown(c)} needs an integer 'id' and a 'name'")
             if c["id"] in cats:
-                raise DataError(f"{path}: category id {c['id']} is defined twice ({cats[c['id']]!r} and {c['name']!r})")
+                raise DataError(f"{path}: category id {shown(c['id'])} is defined twice ({shown(cats[c['id']])} and {shown(c['name'])})")
             cats[c["id"]] = c["name"]
         names = list(cats.values())
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise DataError(f"{path}: category name {dup[0]!r} is used by two category ids; names must be unique")
+            raise DataError(f"{path}: category name {shown(dup[0])} is used by two category ids; names must be unique")
         pairs = sorted(cats.items())
         if not pairs:
             raise DataError(f"{path}: no categories")
@@ -85,14 +89,14 @@ def _coco_source(path: Path, d: dict[str, Any], split: str | None, base: Path, c
     missing: list[RawImage] = []
     homes: Counter[Path] = Counter()  # the folders the found images are in
     for img in d["images"]:
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-            src.problems.append(f"{path}: image entry {str(img)[:80]} needs an 'id' and a 'file_name'; left out")
+        if not isinstance(img, dict) or _id(img.get("id")) is None or not isinstance(img.get("file_name"), str):
+            src.problems.append(f"{path}: image entry {shown(img)} needs an 'id' (a number or a string) and a 'file_name'; left out")
             continue
         if leaves_folder(img["file_name"]):
-            src.problems.append(f"{path}: image id {img['id']}: file_name {img['file_name']!r} leaves the data folder (an absolute path or '..'); left out")
+            src.problems.append(f"{path}: image id {shown(img['id'])}: file_name {shown(img['file_name'])} leaves the data folder (an absolute path or '..'); left out")
             continue
         if img["id"] in by_id:
-            src.problems.append(f"{path}: image id {img['id']} appears twice ({by_id[img['id']].path.name} and {img['file_name']}); the second is left out")
+            src.problems.append(f"{path}: image id {shown(img['id'])} appears twice ({by_id[img['id']].path.name} and {clipped(img['file_name'])}); the second is left out")
             continue
         file = _resolve(img["file_name"], folders, homes)
         size = (int(img["width"]), int(img["height"])) if isinstance(img.get("width"), int) and isinstance(img.get("height"), int) else None
@@ -102,23 +106,23 @@ def _coco_source(path: Path, d: dict[str, Any], split: str | None, base: Path, c
     _place_missing(missing, homes, folders)
     boxes: dict[Any, list[tuple[list[float], int, str, bool]]] = {k: [] for k in by_id}
     for a in d.get("annotations", []):
-        aid = a.get("id", "?") if isinstance(a, dict) else "?"
-        where = f"annotation id {aid}"
+        where = f"annotation id {shown(a['id']) if isinstance(a, dict) and 'id' in a else '?'}"
         if not isinstance(a, dict):
             src.problems.append(f"{path}: {where}: not an object; left out")
             continue
-        if a.get("image_id") not in by_id:
-            src.problems.append(f"{path}: {where}: image id {a.get('image_id')!r} is not among the images; left out")
+        image_id, category_id = _id(a.get("image_id")), _id(a.get("category_id"))
+        if image_id not in by_id:
+            src.problems.append(f"{path}: {where}: image id {shown(a.get('image_id'))} is not among the images; left out")
             continue
-        if a.get("category_id") not in label_of:
-            src.problems.append(f"{path}: {where}: unknown category id {a.get('category_id')!r}; left out")
+        if category_id not in label_of:
+            src.problems.append(f"{path}: {where}: unknown category id {shown(a.get('category_id'))}; left out")
             continue
         bbox = a.get("bbox")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) or v is None for v in bbox)):
-            src.problems.append(f"{path}: {where}: 'bbox' must be [x, y, width, height], not {bbox!r}; left out")
+            src.problems.append(f"{path}: {where}: 'bbox' must be [x, y, width, height], not {shown(bbox)}; left out")
             continue
-        values = [math.nan if v is None else float(v) for v in bbox]
-        boxes[a["image_id"]].append((values, label_of[a["category_id"]], where, bool(a.get("iscrowd", 0))))
+        values = [number(v) for v in bbox]  # null, or an integer beyond float range: NaN, a box dropped by name
+        boxes[image_id].append((values, label_of[category_id], where, bool(a.get("iscrowd", 0))))
     for key, r in by_id.items():
         got = boxes[key]
         r.boxes = np.array([b for b, _, _, _ in got], dtype=np.float64).reshape(-1, 4)
@@ -127,6 +131,12 @@ def _coco_source(path: Path, d: dict[str, Any], split: str | None, base: Path, c
         r.crowd = np.array([c for _, _, _, c in got], dtype=bool)
         src.images.append(r)
     return src
+
+
+def _id(value: Any) -> int | float | str | None:
+    """An image or category id as a key: a JSON number or string; None for anything else (null,
+    a list, an object), which is no image's or category's id."""
+    return value if isinstance(value, (int, float, str)) else None
 
 
 def _coco_image_folders(path: Path, split: str | None, base: Path) -> list[Path]:
@@ -142,7 +152,7 @@ def _coco_image_folders(path: Path, split: str | None, base: Path) -> list[Path]
 def _resolve(name: str, folders: list[Path], homes: Counter[Path]) -> Path | None:
     for folder in folders:
         candidate = folder / name
-        if candidate.exists():
+        if exists(candidate):  # False for a name the OS cannot look up (too long): a missing image, skipped by name
             homes[folder] += 1
             return candidate.resolve()
     return None

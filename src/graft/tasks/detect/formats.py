@@ -12,9 +12,11 @@ id; ``strict`` turns them into errors later, in one place (``graft.tasks.detect.
 
 from __future__ import annotations
 
+import math
+import reprlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-
 
 from graft.data.samples import VAL_ALIASES
 from graft.tasks.detect.boxes import RawImage
@@ -84,3 +86,44 @@ def leaves_folder(name: str) -> bool:
     anyone."""
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     return posix.is_absolute() or bool(windows.drive) or windows.is_absolute() or ".." in posix.parts or ".." in windows.parts
+
+
+# Annotation files come from anyone: what the readers take from them is checked with these.
+
+QUOTE_MAX = 100  # characters of a file's text that a message quotes
+_quote = reprlib.Repr()
+_quote.maxlevel, _quote.maxstring, _quote.maxother = 3, QUOTE_MAX, QUOTE_MAX
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, at most QUOTE_MAX characters ("..." in place of the rest; a
+    nested list or object is cut short before it is written out): a name of a megabyte would
+    otherwise make a message of a megabyte."""
+    return clipped(_quote.repr(value))
+
+
+def clipped(text: str) -> str:
+    """``text`` for a message, at most QUOTE_MAX characters ("..." in place of the rest)."""
+    return text if len(text) <= QUOTE_MAX else text[: QUOTE_MAX - 3] + "..."
+
+
+def number(value: str | float | None) -> float:
+    """``value`` (a number or its text) as a float; NaN for what a float cannot hold (None, text
+    that is no number, an integer beyond float range), which the box checks drop by name."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return math.nan
+
+
+def exists(path: Path, kind: str = "") -> bool:
+    """Is there a file (``kind`` "file"), a folder ("dir") or either at ``path``? False, rather
+    than an OSError or ValueError, also for a name the OS cannot look up: longer than the file
+    system allows, a NUL in it, or in a folder graft may not search."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(mode) if kind == "file" else stat.S_ISDIR(mode) if kind == "dir" else True

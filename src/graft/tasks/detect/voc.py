@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from defusedxml import DefusedXmlException
@@ -13,7 +14,7 @@ import numpy as np
 
 from graft.errors import DataError
 from graft.tasks.detect.boxes import RawImage
-from graft.tasks.detect.formats import IMAGE_SUFFIXES, Found, Source, leaves_folder
+from graft.tasks.detect.formats import IMAGE_SUFFIXES, Found, Source, clipped, exists, leaves_folder, number, shown
 
 
 def read_voc(root: Path) -> Found:
@@ -35,13 +36,13 @@ def read_voc(root: Path) -> Found:
         src = Source(split, [], "xyxy", str(ann_dir), problems=list(problems) if not sources else [])
         for image_id in ids:
             if image_id not in parsed:
-                src.problems.append(f"{root / 'ImageSets' / 'Main'}: {split} lists {image_id!r}, which has no usable Annotations/{image_id}.xml; left out")
+                src.problems.append(f"{root / 'ImageSets' / 'Main'}: {split} lists {shown(image_id)}, which has no usable Annotations/{clipped(image_id)}.xml; left out")
                 continue
             path, objects, size = parsed[image_id]
             b = np.array([o[1] for o in objects], dtype=np.float64).reshape(-1, 4)
             b[:, :2] -= 1.0  # VOC pixels are 1-based (as detectron2 reads them)
             src.images.append(RawImage(
-                path, image_id, b, [index[o[0]] for o in objects], [f"Annotations/{image_id}.xml object {i + 1} ({o[0]})" for i, o in enumerate(objects)],
+                path, image_id, b, [index[o[0]] for o in objects], [f"Annotations/{image_id}.xml object {i + 1} ({clipped(o[0])})" for i, o in enumerate(objects)],
                 difficult=np.array([o[2] for o in objects], dtype=bool), size=size,
             ))
         sources.append(src)
@@ -60,19 +61,16 @@ def _voc_parse(path: Path, img_dir: Path, problems: list[str]) -> tuple[Path, li
         return None
     filename = (tree.findtext("filename") or "").strip()
     if filename and leaves_folder(filename):
-        problems.append(f"{path}: <filename> {filename!r} leaves the image folder (an absolute path or '..'); left out")
+        problems.append(f"{path}: <filename> {shown(filename)} leaves the image folder (an absolute path or '..'); left out")
         return None
     image = img_dir / filename if filename else None
-    if image is None or not image.exists():
+    if image is None or not exists(image):  # a name the OS cannot look up (too long) is not there either
         stem_matches = sorted(p for p in img_dir.glob(path.stem + ".*") if p.suffix.lower() in IMAGE_SUFFIXES) if img_dir.is_dir() else []
         image = stem_matches[0] if stem_matches else (image or img_dir / (path.stem + ".jpg"))
     size = None
-    w, h = tree.findtext("size/width"), tree.findtext("size/height")
-    try:
-        if w and h and int(float(w)) > 0 and int(float(h)) > 0:
-            size = (int(float(w)), int(float(h)))
-    except ValueError:
-        pass
+    w, h = number(tree.findtext("size/width")), number(tree.findtext("size/height"))
+    if math.isfinite(w) and math.isfinite(h) and int(w) > 0 and int(h) > 0:
+        size = (int(w), int(h))
     objects = []
     for i, obj in enumerate(tree.findall("object"), 1):
         name = (obj.findtext("name") or "").strip()
@@ -83,7 +81,7 @@ def _voc_parse(path: Path, img_dir: Path, problems: list[str]) -> tuple[Path, li
         try:
             values = [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
         except (TypeError, ValueError):
-            problems.append(f"{path}: object {i} ({name}): bndbox needs numeric xmin, ymin, xmax, ymax; left out")
+            problems.append(f"{path}: object {i} ({clipped(name)}): bndbox needs numeric xmin, ymin, xmax, ymax; left out")
             continue
         difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true")
         objects.append((name, values, difficult))
@@ -98,7 +96,11 @@ def _voc_image_sets(root: Path) -> list[tuple[str, list[str]]]:
     for name in ("train", "val", "trainval", "test"):
         f = main / f"{name}.txt"
         if f.is_file():
-            found[name] = [line.split()[0] for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise DataError(f"{f}: cannot read this image set: {e}") from None
+            found[name] = [line.split()[0] for line in text.splitlines() if line.strip()]
     if "train" in found:
         found.pop("trainval", None)
     elif "trainval" in found:
