@@ -336,7 +336,7 @@ class Scenario:
     pre: Path | None = None  # what ``out`` holds before the command (None: nothing)
     frozen: list[Path] = field(default_factory=list)  # folders that must not change (the expansion's source)
     kill_until: str | None = None  # kill only up to this write (a name pattern), inclusive: classify-overwrite
-    keeps_old: bool = False  # the run in ``pre`` must survive a kill whole (in place or in .replaced/): --overwrite
+    keeps_old: bool = False  # the run in ``pre`` must survive a kill whole (in place, or being moved aside in .replacing/, or in .replaced/): --overwrite
     # from the uninterrupted run
     writes: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -492,8 +492,8 @@ class Harness:
                 rel = os.path.relpath(path, s.out)
                 if rel.startswith(".."):
                     continue
-                if not any(p.is_file() and sha256(p) == digest for p in (s.out / rel, s.out / ".replaced" / rel)):
-                    rec["problems"].append(f"after the kill: the replaced run's {rel} is lost (neither in place nor in .replaced/)")
+                if not any(p.is_file() and sha256(p) == digest for p in (s.out / rel, s.out / ".replacing" / rel, s.out / ".replaced" / rel)):
+                    rec["problems"].append(f"after the kill: the replaced run's {rel} is lost (neither in place nor in .replacing/ or .replaced/)")
         for folder in s.frozen:
             now = manifest([folder])
             was = {k: v for k, v in before.items() if k.startswith(str(folder) + os.sep)}
