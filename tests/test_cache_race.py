@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from cache_race_driver import complete, race, start
 from helpers import make_class_folders, tiny_config
 
-RACERS = 3  # plus the writer that is killed: 4 processes on the one cache key
+RACERS = 2  # plus the writer that is killed: 3 processes on the one cache key (benchmarks/cache_race.py: 2, 4 and 8)
 
 
 def test_racing_runs_compute_the_entry_once_never_show_half_of_it_and_equal_a_run_alone(tmp_path: Path) -> None:

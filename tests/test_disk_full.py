@@ -30,7 +30,10 @@ def job(tmp_path_factory) -> dict:
     config.write_text(yaml.safe_dump(tiny_config(data, data={"augment": "none"}, train={"head_lr": 0.01})))
     from graft.cli import main
 
-    assert main(["train", "--config", str(config), "--out", str(root / "whole"), "--quiet"]) == 0
+    # A cache of its own: embeddings another test computed (in other batches) differ in the last bits.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRAFT_CACHE_DIR", str(root / "cache"))
+        assert main(["train", "--config", str(config), "--out", str(root / "whole"), "--quiet"]) == 0
     return {"config": config, "weights": load_file(str(root / "whole" / "model.safetensors"))}
 
 
@@ -48,8 +51,9 @@ def _temps(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_a_file_size_limit_at_a_snapshot_stops_the_run_cleanly_and_it_resumes_exactly(job, tmp_path, capsys) -> None:
+def test_a_file_size_limit_at_a_snapshot_stops_the_run_cleanly_and_it_resumes_exactly(job, tmp_path, capsys, monkeypatch) -> None:
     run = tmp_path / "run"
+    monkeypatch.setenv("GRAFT_CACHE_DIR", str(tmp_path / "cache"))  # the resume below reads the failed run's cache
     failed = _limited("epoch-0003", "train", "--config", job["config"], "--out", run, "--quiet", cache=tmp_path / "cache")
     assert failed.returncode == 2, failed.stderr
     err = failed.stderr.strip()
@@ -74,8 +78,9 @@ def test_a_cache_entry_that_cannot_be_written_is_not_cached_and_the_run_goes_on(
     assert _temps(cache) == [] and _temps(run) == []
 
 
-def test_a_full_disk_stops_the_run_with_the_space_it_needs_and_the_run_resumes_once_freed(job, small_disk, capsys) -> None:
+def test_a_full_disk_stops_the_run_with_the_space_it_needs_and_the_run_resumes_once_freed(job, small_disk, capsys, monkeypatch, tmp_path) -> None:
     run = small_disk / "run"
+    monkeypatch.setenv("GRAFT_CACHE_DIR", str(tmp_path / "cache"))
     code, _, err = run_cli(capsys, "train", "--config", job["config"], "--out", run, "--quiet")
     assert code == 2
     assert "no space left on the device (it needs about " in err and f"could not write {run}" in err

@@ -108,7 +108,7 @@ def test_corrupt_snapshot_is_a_clear_error(tmp_path):
     with pytest.raises(SnapshotError, match="snapshot not found: .*nothing-here"):
         checkpoint.load_snapshot(tmp_path / "nothing-here")
     (tmp_path / "empty-run").mkdir()
-    with pytest.raises(SnapshotError, match="without snapshots/last"):
+    with pytest.raises(SnapshotError, match="is a folder without snapshots; pass a snapshot file"):
         checkpoint.load_snapshot(tmp_path / "empty-run")
 
 
