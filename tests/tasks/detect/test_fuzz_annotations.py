@@ -316,6 +316,13 @@ def test_any_yolo_labels_read_with_every_left_out_line_named(folder, scenes, fir
     assert kept(outcome) + len(left_out) == lines
 
 
+def whole_pixel_box(draw, low: int, width: int, height: int) -> list[int]:
+    """[x1, y1, x2, y2] on whole pixels from ``low`` to the image's size, never empty."""
+    x1, x2 = sorted(draw(st.lists(st.integers(low, width), min_size=2, max_size=2, unique=True)))
+    y1, y2 = sorted(draw(st.lists(st.integers(low, height), min_size=2, max_size=2, unique=True)))
+    return [x1, y1, x2, y2]
+
+
 @st.composite
 def valid_yolo(draw):
     """Class names of any text, boxes on whole pixels of 64 x 32 images: every number the label
@@ -325,9 +332,7 @@ def valid_yolo(draw):
     for n in range(2):
         boxes = []
         for _ in range(draw(st.integers(0 if n else 1, 4))):
-            x1, x2 = sorted(draw(st.lists(st.integers(0, 64), min_size=2, max_size=2, unique=True)))
-            y1, y2 = sorted(draw(st.lists(st.integers(0, 32), min_size=2, max_size=2, unique=True)))
-            boxes.append(([float(x1), float(y1), float(x2), float(y2)], draw(st.integers(0, len(names) - 1))))
+            boxes.append(([float(v) for v in whole_pixel_box(draw, 0, 64, 32)], draw(st.integers(0, len(names) - 1))))
         scenes.append((f"img_{n:03d}", boxes))
     return names, scenes
 
@@ -499,9 +504,7 @@ def valid_voc(draw):
     for n in range(2):
         objects = []
         for _ in range(draw(st.integers(0 if n else 1, 4))):
-            x1, x2 = sorted(draw(st.lists(st.integers(1, 64), min_size=2, max_size=2, unique=True)))
-            y1, y2 = sorted(draw(st.lists(st.integers(1, 48), min_size=2, max_size=2, unique=True)))
-            objects.append((draw(name_text).strip() or "x", [x1, y1, x2, y2], draw(st.booleans())))
+            objects.append((draw(name_text).strip() or "x", whole_pixel_box(draw, 1, 64, 48), draw(st.booleans())))
         images.append((f"img_{n:03d}", objects))
     return images
 
