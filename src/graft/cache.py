@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 
 from graft.console import warn
 from graft.errors import ConfigError
-from graft.io import human_bytes, sweep_temps, temp_owner
+from graft.io import atomic_write, human_bytes, process_alive, sweep_temps, temp_owner
 
 # 10 GB holds the decoded images of about 40,000 photos at 224 px (the largest kind by far) or the
 # embeddings of millions; it is small beside a disk, and bounded, unlike the 74 GB of work folders
@@ -136,8 +136,6 @@ def entry_lock(path: str | os.PathLike, *, wait_s: float = LOCK_WAIT_S) -> Itera
 def store(path: str | os.PathLike, write: Callable[[Path], None], *, what: str, expected_bytes: int | None = None) -> bool:
     """Write a cache entry atomically (``write(tmp)``); False, with a warning, when it could not be
     written (the run goes on without it). Keeps the folder under its cap afterwards."""
-    from graft.io import atomic_write
-
     path = Path(path)
     try:
         atomic_write(path, write, expected_bytes=expected_bytes)
@@ -243,15 +241,7 @@ def _spill_in_use(path: Path) -> bool:
     if not name.startswith(SPILL_PREFIX):
         return False
     pid = name[len(SPILL_PREFIX):].split("-", 1)[0]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+    return pid.isdigit() and process_alive(int(pid))
 
 
 def sweep(root: str | os.PathLike, *, older_than_s: float = 24 * 3600) -> list[Path]:
@@ -277,11 +267,10 @@ def tidy(root: str | os.PathLike) -> None:
     root = Path(root)
     if not root.is_dir():
         return
-    swept = sweep(root)
+    sweep(root)
     evicted = prune(root, max_bytes())
     if evicted:
         warn(f"cache {root}: evicted {len(evicted)} least recently used entries ({human_bytes(sum(e.bytes for e in evicted))}) to stay under GRAFT_CACHE_MAX_GB")
-    del swept
 
 
 # ------------------------------------------------------------------ what `graft cache list` shows

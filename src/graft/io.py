@@ -61,7 +61,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, expe
         if no_room is not None:
             raise _no_room(path, no_room, expected_bytes, written) from err
         raise
-    _fsync_folder(path.parent)  # the rename itself survives a power cut only once the folder is synced
+    fsync_folder(path.parent)  # the rename itself survives a power cut only once the folder is synced
     return path
 
 
@@ -126,7 +126,8 @@ def temp_owner(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -152,7 +153,7 @@ def sweep_temps(folder: str | os.PathLike, *, recursive: bool = True, older_than
                 continue
             path = Path(dirpath) / name
             try:
-                stale = pid != os.getpid() and (not _alive(pid) or now - path.stat().st_mtime > older_than_s)
+                stale = pid != os.getpid() and (not process_alive(pid) or now - path.stat().st_mtime > older_than_s)
                 if stale:
                     path.unlink()
                     removed.append(path)
@@ -161,7 +162,7 @@ def sweep_temps(folder: str | os.PathLike, *, recursive: bool = True, older_than
     return removed
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a platform without folder handles (Windows): the rename is what it offers

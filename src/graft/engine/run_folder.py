@@ -19,7 +19,7 @@ from torch import nn
 
 from graft.configuration import GraftConfig, dump_yaml
 from graft.errors import ConfigError
-from graft.io import _fsync_folder, atomic_write, read_json, sweep_temps, temp_owner, write_json, write_text
+from graft.io import atomic_write, fsync_folder, read_json, sweep_temps, temp_owner, write_json, write_text
 
 from graft.engine import distributed
 from graft.engine.loop import Phase, phase_param_groups
@@ -58,14 +58,6 @@ def holds_run(path: Path) -> bool:
     return any((path / m).exists() for m in RUN_MARKERS if m != "snapshots") or (snapshots.is_dir() and any(temp_owner(p.name) is None for p in snapshots.iterdir()))
 
 
-def newest_snapshot(run_dir: Path) -> Path | None:
-    """``snapshots/last``, else the newest numbered snapshot (a run killed between writing its
-    first snapshot and naming it ``last``), else None."""
-    from graft.engine.checkpoint import newest_snapshot as newest
-
-    return newest(Path(run_dir) / "snapshots")
-
-
 def clear_run(path: Path) -> None:
     """Remove a run's own files (nothing else in the folder), so no stale plot survives."""
     for name in RUN_FILES:
@@ -91,9 +83,9 @@ def stash_run(path: Path) -> Path:
     for name in RUN_FILES:
         if (path / name).exists():
             os.replace(path / name, staging / name)
-    _fsync_folder(staging)
+    fsync_folder(staging)
     os.replace(staging, stash)
-    _fsync_folder(path)
+    fsync_folder(path)
     return stash
 
 

@@ -37,7 +37,7 @@ from graft.console import plural
 from graft.data.images import ImageError, load_image
 from graft.errors import ConfigError, ExportError
 from graft.exporting.exported import ExportedModel, sidecar_path
-from graft.io import _fsync_folder, file_digest, read_json, sweep_temps, write_json
+from graft.io import file_digest, fsync_folder, read_json, sweep_temps, write_json
 
 FORMATS = {"onnx": "onnx", "torchscript": "pt"}
 DEFAULT_OPSET = 17
@@ -133,7 +133,7 @@ def export_model(run: Any, run_dir: Path, spec: ExportSpec, fmt: str = "onnx", *
         with open(tmp, "rb+") as f:  # as atomic_write: the bytes on disk before the name points at them
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_folder(target.parent)
+        fsync_folder(target.parent)
     except ExportError:
         raise
     except Exception as err:

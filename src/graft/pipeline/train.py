@@ -18,7 +18,7 @@ from graft.engine import checkpoint
 from graft.engine.device import select_device
 from graft.console import progress, warn
 from graft.engine import distributed
-from graft.engine.run_folder import TrainResult, holds_run, newest_snapshot, restart_snapshot
+from graft.engine.run_folder import TrainResult, holds_run, restart_snapshot
 from graft.errors import ConfigError
 from graft.pipeline.registry import resolve_task
 
@@ -74,7 +74,7 @@ def train(
     if payload is not None and (note := distributed.resume_note(payload)):
         warn(note)
     if replace and not overwrite:
-        snapshot = newest_snapshot(run_dir) if payload is None else None
+        snapshot = checkpoint.newest_snapshot(run_dir / "snapshots") if payload is None else None
         hint = f", continue it with --resume {snapshot}," if snapshot is not None else ""
         raise ConfigError(f"{run_dir} already holds a run; choose another --out{hint} or pass --overwrite to replace it")
     return task.train(cfg, run_dir, payload, replace=replace, device=device, source_run=source_run, data_dir=data_dir, started=started, quiet=quiet, hooks=list(hooks))
