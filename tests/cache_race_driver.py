@@ -31,13 +31,12 @@ def start(mode: str, cache: Path, *args) -> subprocess.Popen:
 def complete(path: Path) -> bool:
     """The entry parses and its checksum covers its rows (what graft checks before using one)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from graft.tasks.classify.embeddings import FORMAT, _checksum
 
-    with safe_open(str(path), "pt") as f:
+    with safe_open(str(path), "pt") as f:  # one open: a second one could find the next version renamed in
         meta = f.metadata()
-    emb = load_file(str(path))["embeddings"]
+        emb = f.get_tensor("embeddings")
     return meta["format"] == FORMAT and meta["sha256"] == _checksum(meta["key"], json.loads(meta["digests"]), emb)
 
 

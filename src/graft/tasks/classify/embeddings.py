@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -72,10 +72,9 @@ class EmbeddingStore:
         try:
             from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as f:
+            with safe_open(str(path), "pt") as f:  # one open: metadata and rows of the same version, even if another process renames a new one in
                 meta = f.metadata() or {}
-            tensors = load_file(str(path))
-            emb = tensors["embeddings"]
+                emb = f.get_tensor("embeddings")
             digests = json.loads(meta["digests"])
             if meta.get("format") != FORMAT or meta.get("key") != key or len(digests) != len(emb) or meta.get("sha256") != _checksum(key, digests, emb):
                 raise ValueError("metadata does not match the contents")
