@@ -63,12 +63,13 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import work_folder  # benchmarks/work_folder.py, beside this script
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -757,9 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     names = args.scenarios or (["classify", "export", "expand", "detect"] if args.fast else list(SCENARIOS))
     started = time.monotonic()
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="graft-crash-", dir=args.work))  # a folder of its own, removed at the end (unless --keep)
+    work = work_folder.make("graft-crash-", args.work)  # a folder of its own, removed at the end (unless --keep)
     free = shutil.disk_usage(work).free
     if free < 2e9:
         raise SystemExit(f"only {free / 1e9:.1f} GB free in {work}: the harness needs about 1 GB")
@@ -794,10 +793,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({"seconds": seconds, "kills": h.records}, indent=1), encoding="utf-8")
         return 0 if all(r["survived"] for r in h.records) else 1
     finally:
-        if args.keep:
-            print(f"kept {work}", flush=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        work_folder.release(work, args.keep)
 
 
 if __name__ == "__main__":

@@ -24,15 +24,15 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import traceback
 from collections import Counter
 from pathlib import Path
+
+import work_folder  # benchmarks/work_folder.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fuzz.txt"
@@ -310,9 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_target:
         run_target(args.run_target, args.work, args.seconds)
         return 0
-    if args.work is not None:
-        args.work.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="graft-fuzz-", dir=args.work))  # a folder of its own, removed at the end (unless --keep)
+    work = work_folder.make("graft-fuzz-", args.work)  # a folder of its own, removed at the end (unless --keep)
     started = time.monotonic()
     try:
         results = []
@@ -329,10 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             args.results.write_text(text, encoding="utf-8")
         return 0 if all(r["done"] and not r["bugs"] for r in results) else 1
     finally:
-        if args.keep:
-            print(f"kept {work}", flush=True)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        work_folder.release(work, args.keep)
 
 
 if __name__ == "__main__":
